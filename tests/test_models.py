@@ -1,0 +1,152 @@
+"""Shapes and dtypes of V, M and C, and each loss decreasing on a small fixed batch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from training.config import parse_config
+from training.models.controller import Controller, gaussian_log_prob
+from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent
+from training.models.vae import ConvVAE, VectorVAE
+from training.models.world import Spaces, WorldModel, normalise, observation_stats
+from training.objectives import (
+    discounted_returns,
+    mdn_loss,
+    return_weights,
+    vae_loss,
+    weighted_bc_loss,
+)
+
+KEY = jax.random.key(0)
+
+
+def fit(loss_fn, params, steps=60, lr=3e-3):
+    """Adam on a fixed batch; returns the loss before and after."""
+    tx = optax.adam(lr)
+    opt_state = tx.init(params)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    first, _ = grad_fn(params)
+    for _ in range(steps):
+        loss, grads = grad_fn(params)
+        updates, opt_state = tx.update(grads, opt_state)
+        params = optax.apply_updates(params, updates)
+    return float(first), float(grad_fn(params)[0])
+
+
+def test_vector_vae_shapes_and_loss_decreases():
+    vae = VectorVAE(obs_dim=4, latent_dim=3, hidden=(16,))
+    x = jax.random.normal(KEY, (16, 4))
+    params = vae.init(KEY, x, KEY)["params"]
+    recon, mu, logvar, z = vae.apply({"params": params}, x, KEY)
+    assert recon.shape == (16, 4) and mu.shape == logvar.shape == z.shape == (16, 3)
+    assert recon.dtype == mu.dtype == jnp.float32
+    seq = jnp.zeros((2, 5, 4))
+    assert vae.apply({"params": params}, seq, method="encode")[0].shape == (2, 5, 3)
+
+    def loss(p):
+        r, m, lv, _ = vae.apply({"params": p}, x, jax.random.key(1))
+        return vae_loss(r, x, m, lv, kl_tolerance=0.0)[0]
+
+    before, after = fit(loss, params)
+    assert after < 0.7 * before
+
+
+def test_conv_vae_shapes_and_loss_decreases():
+    vae = ConvVAE(latent_dim=8, channels=(4, 8, 8, 16))
+    ramp = jnp.linspace(0.0, 1.0, 64)[None, :, None, None]
+    colours = jnp.array([[0.1, 0.9, 0.2], [0.8, 0.1, 0.1], [0.0, 0.3, 1.0], [0.9, 0.9, 0.0]])
+    x = jnp.broadcast_to(ramp * colours[:, None, None, :], (4, 64, 64, 3))  # distinct gradients
+    params = vae.init(KEY, x, KEY)["params"]
+    recon, mu, logvar, z = vae.apply({"params": params}, x, KEY)
+    assert recon.shape == (4, 64, 64, 3) and mu.shape == (4, 8)
+    assert float(recon.min()) >= 0.0 and float(recon.max()) <= 1.0
+    assert vae.apply({"params": params}, x[None], method="encode")[0].shape == (1, 4, 8)
+
+    def loss(p):
+        r, m, lv, _ = vae.apply({"params": p}, x, jax.random.key(1))
+        return vae_loss(r, x, m, lv, kl_tolerance=0.0)[0]
+
+    before, after = fit(loss, params, steps=30)
+    assert after < 0.5 * before
+
+
+def test_mdn_rnn_shapes_sampling_and_loss_decreases():
+    mdn = MDNRNN(latent_dim=3, hidden=16, n_mixtures=4)
+    batch, steps = 4, 6
+    zs = jax.random.normal(KEY, (batch, steps + 1, 3))
+    actions = jax.random.uniform(jax.random.key(2), (batch, steps, 2))
+    rewards = jnp.sin(jnp.arange(steps, dtype=jnp.float32))[None].repeat(batch, 0)
+    dones = jnp.zeros((batch, steps)).at[:, -1].set(1.0)
+    mask = jnp.ones((batch, steps)).at[0, -2:].set(0.0)
+    state = initial_state((batch,), 16)
+    params = mdn.init(KEY, state, zs[:, 0], actions[:, 0], method=MDNRNN.step)["params"]
+    final, hs, out = mdn.apply({"params": params}, state, zs[:, :-1], actions)
+    assert final[0].shape == final[1].shape == (batch, 16)
+    assert hs.shape == (batch, steps, 16)
+    assert np.all(np.asarray(hs[:, 0]) == 0.0)  # h before the first step is the initial state
+    assert out.logits.shape == (batch, steps, 4) and out.mu.shape == (batch, steps, 4, 3)
+    assert out.reward.shape == out.done_logit.shape == (batch, steps)
+    z_next = sample_next_latent(KEY, jax.tree.map(lambda x: x[:, 0], out), temperature=0.5)
+    assert z_next.shape == (batch, 3)
+
+    def loss(p):
+        _, _, o = mdn.apply({"params": p}, state, zs[:, :-1], actions)
+        return mdn_loss(o, zs[:, 1:], rewards, dones, mask)[0]
+
+    before, after = fit(loss, params)
+    assert after < before - 0.5
+
+
+def test_controller_bounds_and_weighted_cloning_decreases():
+    low, high = (-1.0, 0.0), (1.0, 2.0)
+    for hidden in (0, 8):
+        ctrl = Controller(low, high, hidden=hidden)
+        z, h = jax.random.normal(KEY, (32, 3)) * 10, jax.random.normal(KEY, (32, 5))
+        params = ctrl.init(KEY, z, h)["params"]
+        mean, log_std = ctrl.apply({"params": params}, z, h)
+        assert mean.shape == log_std.shape == (32, 2)
+        assert np.all(np.asarray(mean) >= np.array(low)) and np.all(
+            np.asarray(mean) <= np.array(high)
+        )
+    target = jnp.stack([jnp.tanh(z[:, 0]), 1.0 + 0.5 * jnp.tanh(h[:, 1])], -1)
+    weights, mask = jnp.ones(32), jnp.ones(32)
+
+    def loss(p):
+        m, ls = ctrl.apply({"params": p}, z, h)
+        return weighted_bc_loss(m, ls, target, weights, mask)[0]
+
+    before, after = fit(loss, params, steps=100, lr=1e-2)
+    assert after < before - 0.5
+
+
+def test_gaussian_log_prob_matches_closed_form():
+    x, mean, log_std = jnp.array([[0.5, -1.0]]), jnp.zeros((1, 2)), jnp.log(jnp.array([[1.0, 2.0]]))
+    expected = -0.5 * (0.25 + 0.25) - np.log(2.0) - np.log(2 * np.pi)
+    assert float(gaussian_log_prob(x, mean, log_std)[0]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_discounted_returns_stop_at_episode_end():
+    rewards = jnp.array([[1.0, 1.0, 1.0, 1.0]])
+    dones = jnp.array([[0.0, 1.0, 0.0, 0.0]])
+    g = np.asarray(discounted_returns(rewards, dones, 0.5))
+    np.testing.assert_allclose(g, [[1.5, 1.0, 1.5, 1.0]])
+    w = return_weights(jnp.asarray(g), jnp.ones_like(rewards), 1.0)
+    assert float(w[0, 0]) > float(w[0, 1])
+
+
+def test_world_model_init_and_normaliser():
+    config = parse_config(
+        {"env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8}}
+    )
+    spaces = Spaces((3,), "vector", (-2.0,), (2.0,))
+    params = WorldModel.build(config, spaces).init(KEY)
+    assert set(params) == {"vae", "mdn", "controller"}
+    frames = np.random.default_rng(0).normal(5.0, 3.0, (500, 3)).astype(np.float32)
+    stats = observation_stats(frames, "vector")
+    z = np.asarray(normalise(jnp.asarray(frames), stats))
+    np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(z.std(0), 1.0, atol=1e-3)
+    pixels = observation_stats(np.zeros((2, 64, 64, 3), np.uint8), "pixels")
+    assert float(normalise(jnp.full((64, 64, 3), 255, jnp.uint8), pixels).max()) == 1.0

@@ -1,0 +1,126 @@
+"""The model bundle <-> an Orbax CheckpointManager directory.
+
+Each saved step holds three items:
+- `params`: the parameters of every model plus the arrays that go with them
+  (observation normalisation), everything needed to act;
+- `opt_state`: the optimiser states, needed only to resume training;
+- `metadata`: JSON with the config, the environment and its spaces, sizes, versions,
+  the step and a summary of the run.
+Restoring a bundle needs nothing but the directory: the metadata says how to rebuild the
+models, whose abstract parameters then guide the restore onto the local device.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from training.config import Config, parse_config
+from training.models.world import Spaces, WorldModel
+
+ITEMS = ("params", "opt_state", "metadata")
+
+
+def open_manager(run_dir: str | Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)
+    return ocp.CheckpointManager(Path(run_dir).absolute(), options=options, item_names=ITEMS)
+
+
+def library_versions() -> dict[str, str]:
+    names = ("worldplan", "jax", "flax", "optax", "orbax-checkpoint", "gymnasium", "minari")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "unknown"
+    return versions
+
+
+def save(
+    manager: ocp.CheckpointManager, step: int, params: dict, opt_state, metadata: dict
+) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            metadata=ocp.args.JsonSave({**metadata, "step": step}),
+        ),
+        force=True,
+    )
+
+
+def latest_step(run_dir: str | Path) -> int | None:
+    if not Path(run_dir).exists():
+        return None
+    with open_manager(run_dir) as manager:
+        return manager.latest_step()
+
+
+def restore_item(manager: ocp.CheckpointManager, step: int, name: str, target=None):
+    """One item of a saved step; `target` (a pytree of arrays or ShapeDtypeStructs) sets
+    structure, dtypes and placement."""
+    if name == "metadata":
+        arg = ocp.args.JsonRestore()
+    else:
+        arg = ocp.args.StandardRestore(target)
+    return manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A restored model: its parameters, the models they belong to, and the metadata."""
+
+    params: dict
+    metadata: dict
+    config: Config
+    model: WorldModel
+    step: int
+
+    @property
+    def env_id(self) -> str:
+        return self.metadata["env"]
+
+
+def abstract_params(model: WorldModel, obs_shape: tuple[int, ...]) -> dict:
+    """Shapes and dtypes of a bundle's `params` item, placed on the default device."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    stats = jax.ShapeDtypeStruct(obs_shape, jax.numpy.float32)
+    shapes = {
+        **jax.eval_shape(model.init, jax.random.key(0)),
+        "normaliser": {"mean": stats, "std": stats},
+    }
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def restore_bundle(run_dir: str | Path, step: int | None = None) -> Bundle:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"no model bundle at {run_dir}")
+    with open_manager(run_dir) as manager:
+        step = manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"{run_dir} holds no saved step")
+        metadata = restore_item(manager, step, "metadata")
+        config = parse_config(metadata["config"], f"{run_dir} metadata")
+        spaces = Spaces.from_json(metadata["spaces"])
+        model = WorldModel.build(config, spaces)
+        params = restore_item(manager, step, "params", abstract_params(model, spaces.obs_shape))
+    return Bundle(params=params, metadata=metadata, config=config, model=model, step=step)
+
+
+def params_digest(params: dict) -> str:
+    """SHA-256 over every leaf's path, dtype, shape and bytes: equal digests, identical params."""
+    digest = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        array = np.asarray(leaf)
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()

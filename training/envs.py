@@ -1,0 +1,306 @@
+"""Named environments, each exactly as its datasets store it, and their behaviour policies."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import gymnasium as gym
+import gymnasium_robotics
+import numpy as np
+from PIL import Image
+
+gym.register_envs(gymnasium_robotics)
+
+Cell = tuple[int, int]
+FRAME_SIZE = 64
+
+
+@dataclass(frozen=True)
+class EnvSpec:
+    name: str
+    gym_id: str
+    kind: str  # "vector" or "pixels"
+    obs_key: str | None  # key of the observation array inside dict observations
+    default_episode_steps: int
+
+
+ENVIRONMENTS: dict[str, EnvSpec] = {
+    spec.name: spec
+    for spec in (
+        EnvSpec("pointmaze-umaze", "PointMaze_UMaze-v3", "vector", "observation", 300),
+        EnvSpec("pointmaze-medium", "PointMaze_Medium-v3", "vector", "observation", 600),
+        EnvSpec("pendulum", "Pendulum-v1", "vector", None, 200),
+        EnvSpec("carracing", "CarRacing-v3", "pixels", None, 1000),
+    )
+}
+
+
+def get_env_spec(name: str) -> EnvSpec:
+    try:
+        return ENVIRONMENTS[name]
+    except KeyError:
+        known = ", ".join(sorted(ENVIRONMENTS))
+        raise ValueError(f"unknown environment {name!r}; known environments: {known}") from None
+
+
+def select_observation(obs: Any, obs_key: str | None) -> Any:
+    """The array part of an observation: obs[obs_key] for dict observations, else obs."""
+    return obs if obs_key is None else obs[obs_key]
+
+
+class ResizeFrames(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
+    """Downsamples RGB frames to size x size uint8 with area averaging.
+
+    Recording the constructor args puts the wrapper into the env spec, so a dataset's
+    recovered environment produces the same frames the dataset holds.
+    """
+
+    def __init__(self, env: gym.Env, size: int = FRAME_SIZE):
+        gym.utils.RecordConstructorArgs.__init__(self, size=size)
+        gym.ObservationWrapper.__init__(self, env)
+        self.size = size
+        channels = env.observation_space.shape[-1]
+        self.observation_space = gym.spaces.Box(0, 255, (size, size, channels), np.uint8)
+
+    def observation(self, observation: np.ndarray) -> np.ndarray:
+        return resize_frame(observation, self.size)
+
+
+def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
+    image = Image.fromarray(np.asarray(frame, dtype=np.uint8))
+    return np.asarray(image.resize((size, size), Image.Resampling.BOX), dtype=np.uint8)
+
+
+def make_env(name: str, max_episode_steps: int | None = None, **kwargs: Any) -> gym.Env:
+    """The environment as datasets store it (CarRacing frames at 64x64x3 uint8)."""
+    spec = get_env_spec(name)
+    steps = max_episode_steps or spec.default_episode_steps
+    env = gym.make(spec.gym_id, max_episode_steps=steps, **kwargs)
+    if spec.kind == "pixels":
+        env = ResizeFrames(env, FRAME_SIZE)
+    return env
+
+
+class BehaviourPolicy(Protocol):
+    def reset_options(self) -> dict | None: ...
+
+    def reset(self, obs: Any, info: dict) -> None: ...
+
+    def act(self, obs: Any) -> np.ndarray: ...
+
+
+def make_behaviour_policy(
+    name: str, env: gym.Env, rng: np.random.Generator, skew: float = 0.0
+) -> BehaviourPolicy:
+    spec = get_env_spec(name)
+    if name.startswith("pointmaze"):
+        return MazeWaypointPolicy(env.unwrapped.maze, env.action_space, rng, skew=skew)
+    if skew:
+        raise ValueError(f"skew only applies to the pointmaze environments, not {name!r}")
+    if spec.name == "pendulum":
+        return UniformRandomPolicy(env.action_space, rng)
+    if spec.name == "carracing":
+        return BrownianDrivingPolicy(env.action_space, rng)
+    raise ValueError(f"no behaviour policy for environment {name!r}")
+
+
+# ----- maze geometry (pure functions over a maze map: 1 = wall, anything else free) -----
+
+
+def free_cells(maze_map: Sequence[Sequence[Any]]) -> list[Cell]:
+    """Free cells in row-major order."""
+    return [(r, c) for r, row in enumerate(maze_map) for c, value in enumerate(row) if value != 1]
+
+
+def bfs_path(maze_map: Sequence[Sequence[Any]], start: Cell, goal: Cell) -> list[Cell]:
+    """Shortest 4-neighbour path of free cells from start to goal, both included."""
+    start, goal = _as_cell(start), _as_cell(goal)
+    free = set(free_cells(maze_map))
+    for cell in (start, goal):
+        if cell not in free:
+            raise ValueError(f"cell {cell} is not a free cell of the maze")
+    parents: dict[Cell, Cell | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        cell = queue.popleft()
+        if cell == goal:
+            break
+        r, c = cell
+        for nxt in ((r - 1, c), (r + 1, c), (r, c - 1), (r, c + 1)):
+            if nxt in free and nxt not in parents:
+                parents[nxt] = cell
+                queue.append(nxt)
+    if goal not in parents:
+        raise ValueError(f"no path from {start} to {goal}")
+    path = [goal]
+    while (parent := parents[path[-1]]) is not None:
+        path.append(parent)
+    return path[::-1]
+
+
+def rare_cells(maze_map: Sequence[Sequence[Any]], skew: float) -> list[Cell]:
+    """The fraction `skew` of free cells farthest (in BFS steps) from the first free cell,
+    farthest first, ties broken by row then column.
+
+    The farthest cells are a far end of the maze that few shortest paths between the other
+    cells cross, so keeping starts and behaviour goals off them leaves them rarely visited.
+    At least one cell when skew > 0, and at least two free cells are always left over so the
+    behaviour still has somewhere to go.
+    """
+    if not 0.0 <= skew < 1.0:
+        raise ValueError(f"skew must lie in [0, 1), got {skew}")
+    if skew == 0.0:
+        return []
+    cells = free_cells(maze_map)
+    if len(cells) < 3:
+        raise ValueError("the maze has too few free cells to set any aside as rare")
+    count = min(max(1, int(skew * len(cells) + 0.5)), len(cells) - 2)
+    distance = {cell: len(bfs_path(maze_map, cells[0], cell)) - 1 for cell in cells}
+    return sorted(cells, key=lambda rc: (-distance[rc], rc))[:count]
+
+
+def _as_cell(cell: Any) -> Cell:
+    return int(cell[0]), int(cell[1])
+
+
+# ----- behaviour policies -----
+
+
+class MazeWaypointPolicy:
+    """Wanders a PointMaze: BFS to a random goal cell, PD-steering through cell centres.
+
+    Goals and reset cells avoid the rare cells, which the point then only crosses in transit.
+    """
+
+    def __init__(
+        self,
+        maze: Any,
+        action_space: gym.spaces.Box,
+        rng: np.random.Generator,
+        skew: float = 0.0,
+        kp: float = 10.0,
+        kd: float = 1.0,
+        noise: float = 0.2,
+        waypoint_reach: float = 0.3,
+        goal_reach: float = 0.15,
+    ):
+        self.maze = maze
+        self.low, self.high = action_space.low, action_space.high
+        self.rng = rng
+        self.kp, self.kd, self.noise = kp, kd, noise
+        scale = float(maze.maze_size_scaling)
+        self.waypoint_reach, self.goal_reach = waypoint_reach * scale, goal_reach * scale
+        self.rare = rare_cells(maze.maze_map, skew)
+        rare = set(self.rare)
+        self.candidates = [cell for cell in free_cells(maze.maze_map) if cell not in rare]
+        self._pending_goal: Cell | None = None
+        self._path: list[Cell] = []
+        self._index = 0
+
+    @property
+    def goal(self) -> Cell | None:
+        """The behaviour goal cell currently steered for."""
+        return self._path[-1] if self._path else None
+
+    def reset_options(self) -> dict:
+        start = self._pick_cell(exclude=None)
+        goal = self._pick_cell(exclude=start)
+        self._pending_goal = goal
+        return {"reset_cell": np.array(start), "goal_cell": np.array(goal)}
+
+    def reset(self, obs: Any, info: dict) -> None:
+        cell = self._cell(obs["observation"][:2])
+        goal = self._pending_goal or self._pick_cell(exclude=cell)
+        self._pending_goal = None
+        self._plan(cell, goal)
+
+    def act(self, obs: Any) -> np.ndarray:
+        pos, vel = obs["observation"][:2], obs["observation"][2:4]
+        cell = self._cell(pos)
+        if not self._path or cell not in self._path[max(self._index - 1, 0) : self._index + 1]:
+            # Knocked off the planned corridor (or never planned): replan from here.
+            self._plan(cell, self._path[-1] if self._path else self._pick_cell(exclude=cell))
+        last = len(self._path) - 1
+        while self._index < last and self._dist(pos, self._path[self._index]) < self.waypoint_reach:
+            self._index += 1
+        if self._index == last and self._dist(pos, self._path[last]) < self.goal_reach:
+            self._plan(cell, self._pick_cell(exclude=cell))
+        target = self._centre(self._path[self._index])
+        action = self.kp * (target - pos) - self.kd * vel
+        action = action + self.rng.normal(0.0, self.noise, size=action.shape)
+        return np.clip(action, self.low, self.high).astype(np.float32)
+
+    def _plan(self, start: Cell, goal: Cell) -> None:
+        self._path = bfs_path(self.maze.maze_map, start, goal)
+        self._index = min(1, len(self._path) - 1)
+
+    def _pick_cell(self, exclude: Cell | None) -> Cell:
+        options = [cell for cell in self.candidates if cell != exclude] or self.candidates
+        return options[int(self.rng.integers(len(options)))]
+
+    def _cell(self, pos: np.ndarray) -> Cell:
+        cell = _as_cell(self.maze.cell_xy_to_rowcol(np.asarray(pos)))
+        if self.maze.maze_map[cell[0]][cell[1]] == 1:
+            # Contact can push the centre a hair into a wall cell; use the nearest free cell.
+            cell = min(free_cells(self.maze.maze_map), key=lambda rc: self._dist(pos, rc))
+        return cell
+
+    def _centre(self, cell: Cell) -> np.ndarray:
+        return np.asarray(self.maze.cell_rowcol_to_xy(np.array(cell)), dtype=np.float64)
+
+    def _dist(self, pos: np.ndarray, cell: Cell) -> float:
+        return float(np.linalg.norm(self._centre(cell) - pos))
+
+
+class UniformRandomPolicy:
+    def __init__(self, action_space: gym.spaces.Box, rng: np.random.Generator):
+        self.low, self.high = action_space.low, action_space.high
+        self.rng = rng
+
+    def reset_options(self) -> None:
+        return None
+
+    def reset(self, obs: Any, info: dict) -> None:
+        pass
+
+    def act(self, obs: Any) -> np.ndarray:
+        return self.rng.uniform(self.low, self.high).astype(np.float32)
+
+
+class BrownianDrivingPolicy:
+    """CarRacing actions as a clipped random walk: [steer, gas, brake].
+
+    Gas drifts up and brake drifts down so the car keeps moving; steering decays towards
+    straight so it does not sit at full lock and spin.
+    """
+
+    def __init__(
+        self,
+        action_space: gym.spaces.Box,
+        rng: np.random.Generator,
+        step_std: float = 0.1,
+        steer_decay: float = 0.9,
+        gas_drift: float = 0.03,
+        brake_drift: float = -0.05,
+    ):
+        self.low, self.high = action_space.low, action_space.high
+        self.rng = rng
+        self.step_std = step_std
+        self.steer_decay = steer_decay
+        self.drift = np.array([0.0, gas_drift, brake_drift])
+        self._action = np.zeros(3)
+
+    def reset_options(self) -> None:
+        return None
+
+    def reset(self, obs: Any, info: dict) -> None:
+        self._action = np.array([0.0, 0.5, 0.0])
+
+    def act(self, obs: Any) -> np.ndarray:
+        step = self.rng.normal(0.0, self.step_std, size=3) + self.drift
+        action = self._action * np.array([self.steer_decay, 1.0, 1.0]) + step
+        self._action = np.clip(action, self.low, self.high)
+        return self._action.astype(np.float32)
