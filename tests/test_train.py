@@ -82,7 +82,9 @@ def test_round_trip_is_bit_identical_in_another_process(trained):
     assert {"jax", "flax", "orbax-checkpoint"} <= set(meta["versions"])
     assert set(meta["summary"]) == {"vae", "mdn", "controller"}
 
-    code = "import sys; from tests.test_train import probe_outputs; print(probe_outputs(sys.argv[1]))"
+    code = (
+        "import sys; from tests.test_train import probe_outputs; print(probe_outputs(sys.argv[1]))"
+    )
     other = subprocess.run(
         [sys.executable, "-c", code, str(trained.run_dir)],
         capture_output=True,
@@ -118,7 +120,7 @@ def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "training.cli", "train", "--config", str(config_path)]
-    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", "60", "--quiet"]
+    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", "30", "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(p.name.isdigit() for p in run_dir.glob("*")):
@@ -128,12 +130,14 @@ def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    resumed = train(with_steps(parse_config(config), 60), umaze_data, run_dir, progress=False)
-    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 180
-    whole = train(with_steps(parse_config(config), 60), umaze_data, tmp_path / "whole", False)
+    resumed = train(with_steps(parse_config(config), 30), umaze_data, run_dir, progress=False)
+    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 90
+    # Checkpointing does not change the result: the reference run saves only at stage ends.
+    rarely_saved = dict(config, train={**config["train"], "checkpoint_every": 1000})
+    whole = train(with_steps(parse_config(rarely_saved), 30), umaze_data, tmp_path / "whole", False)
     assert params_digest(resumed.params) == params_digest(whole.params)
     logged = [m["step"] for m in read_metrics(run_dir)]
-    assert logged == list(range(2, 181, 2))
+    assert logged == list(range(2, 91, 2))
 
 
 def test_resume_with_another_config_is_refused(trained, umaze_data):

@@ -67,10 +67,7 @@ def latest_step(run_dir: str | Path) -> int | None:
 def restore_item(manager: ocp.CheckpointManager, step: int, name: str, target=None):
     """One item of a saved step; `target` (a pytree of arrays or ShapeDtypeStructs) sets
     structure, dtypes and placement."""
-    if name == "metadata":
-        arg = ocp.args.JsonRestore()
-    else:
-        arg = ocp.args.StandardRestore(target)
+    arg = ocp.args.JsonRestore() if name == "metadata" else ocp.args.StandardRestore(target)
     return manager.restore(step, args=ocp.args.Composite(**{name: arg}))[name]
 
 

@@ -17,14 +17,16 @@ def cmd_collect(args: argparse.Namespace) -> None:
     path = collect(
         args.env,
         args.episodes,
-        args.out,
+        args.out or f"data/{args.env}",
         seed=args.seed,
         skew=args.skew,
         max_episode_steps=args.max_episode_steps,
         progress=not args.quiet,
     )
-    print(f"wrote {args.episodes} episodes of {args.env} to {path} in "
-          f"{time.perf_counter() - started:.1f} s")
+    print(
+        f"wrote {args.episodes} episodes of {args.env} to {path} in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -71,7 +73,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("collect", help="collect a Minari dataset from a simulator")
     p.add_argument("env", help="environment name, e.g. pointmaze-umaze, pendulum, carracing")
     p.add_argument("--episodes", type=int, required=True)
-    p.add_argument("--out", required=True, help="directory the dataset is written to")
+    p.add_argument("--out", help="directory the dataset is written to (default: data/ENV)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--skew",

@@ -7,10 +7,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import farama_notifications
 import gymnasium as gym
-import gymnasium_robotics
 import numpy as np
 from PIL import Image
+
+# gymnasium_robotics prints a notice about its Adroit environments on import; worldplan
+# uses none of them, so drop the notice before importing it.
+farama_notifications.notifications.pop("gymnasium_robotics", None)
+import gymnasium_robotics  # noqa: E402
 
 gym.register_envs(gymnasium_robotics)
 

@@ -78,7 +78,8 @@ class MDNRNN(nn.Module):
 
 
 def sample_next_latent(key: jax.Array, out: MDNOutput, temperature: float = 1.0) -> jax.Array:
-    """Draws z_{t+1}: a component from softmax(logits / tau), then a Gaussian widened by sqrt(tau)."""
+    """Draws z_{t+1}: a component from softmax(logits / tau), then its Gaussian
+    widened by sqrt(tau)."""
     k_mix, k_noise = jax.random.split(key)
     component = jax.random.categorical(k_mix, out.logits / temperature, axis=-1)
     pick = lambda x: jnp.take_along_axis(x, component[..., None, None], axis=-2)[..., 0, :]  # noqa: E731
