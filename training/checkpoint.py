@@ -86,14 +86,10 @@ class Bundle:
         return self.metadata["env"]
 
 
-def abstract_params(model: WorldModel, obs_shape: tuple[int, ...]) -> dict:
+def abstract_params(model: WorldModel) -> dict:
     """Shapes and dtypes of a bundle's `params` item, placed on the default device."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    stats = jax.ShapeDtypeStruct(obs_shape, jax.numpy.float32)
-    shapes = {
-        **jax.eval_shape(model.init, jax.random.key(0)),
-        "normaliser": {"mean": stats, "std": stats},
-    }
+    shapes = jax.eval_shape(model.init, jax.random.key(0))
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
@@ -109,7 +105,7 @@ def restore_bundle(run_dir: str | Path, step: int | None = None) -> Bundle:
         config = parse_config(metadata["config"], f"{run_dir} metadata")
         spaces = Spaces.from_json(metadata["spaces"])
         model = WorldModel.build(config, spaces)
-        params = restore_item(manager, step, "params", abstract_params(model, spaces.obs_shape))
+        params = restore_item(manager, step, "params", abstract_params(model))
     return Bundle(params=params, metadata=metadata, config=config, model=model, step=step)
 
 

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
 
 
 class Strict(BaseModel):
@@ -42,19 +43,71 @@ class ControllerConfig(Strict):
     gamma: float = Field(0.99, gt=0.0, le=1.0)
 
 
+class SuccessorConfig(Strict):
+    cumulant_input: Literal["observation", "latent"] = Field(
+        "observation", description="phi reads the normalised observation, or V's mean latent"
+    )
+    feature_dims: tuple[int, ...] | None = Field(
+        None, description="observation dimensions phi reads (all when unset)"
+    )
+    n_features: int = Field(64, gt=0, le=4096, description="random Fourier features (+1 bias)")
+    lengthscale: float = Field(0.5, gt=0.0)
+    gamma: float = Field(0.99, gt=0.0, lt=1.0)
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(3, gt=0)
+    diffusion_steps: int = Field(1000, gt=1, description="noise levels of the VP schedule")
+    target_sample_steps: int = Field(5, gt=0, description="DDIM steps for Bellman targets")
+    ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
+    batch_size: int = Field(256, gt=0, description="batch of the psi, readout and value stages")
+
+
+class ReadoutConfig(Strict):
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(2, gt=0)
+
+
+class ValueConfig(Strict):
+    goal_dims: tuple[int, ...] | None = Field(
+        None, description="observation dimensions a goal names; unset: no goal tasks"
+    )
+    goal_sigma: float = Field(0.5, gt=0.0, description="width of the goal reward")
+    goal_noise: float = Field(0.25, ge=0.0, description="jitter of training goals")
+    hidden: int = Field(256, gt=0)
+
+
+class PlanningConfig(Strict):
+    planner: Literal["controller", "random_shooting", "guided_diffusion", "online_adaptation"] = (
+        "online_adaptation"
+    )
+    sample_steps: int = Field(10, gt=0, le=100, description="DDIM steps at decision time")
+    n_samples: int = Field(32, gt=0, le=4096, description="psi samples to choose from")
+    guidance_scale: float = Field(1.0, ge=0.0)
+    delta_phi_lr: float = Field(1e-3, gt=0.0, lt=1.0)
+    adaptation_steps: int = Field(10, ge=0, le=1000)
+    kl_coef: float = Field(1.0, ge=0.0)
+    n_adaptation_samples: int = Field(32, gt=0, le=4096)
+
+
 class TrainConfig(Strict):
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0)
     vae_steps: int = Field(2000, ge=0)
     mdn_steps: int = Field(2000, ge=0)
     controller_steps: int = Field(1000, ge=0)
+    psi_steps: int = Field(4000, ge=0)
+    readout_steps: int = Field(2000, ge=0)
+    value_steps: int = Field(0, ge=0)
     checkpoint_every: int = Field(500, gt=0)
     log_every: int = Field(50, gt=0)
     max_grad_norm: float = Field(1.0, gt=0.0)
 
+    def stage_steps(self) -> dict[str, int]:
+        """Steps of each stage, in training order."""
+        return {stage: getattr(self, f"{stage}_steps") for stage in STAGES}
+
     @property
     def total_steps(self) -> int:
-        return self.vae_steps + self.mdn_steps + self.controller_steps
+        return sum(self.stage_steps().values())
 
 
 class Config(Strict):
@@ -64,14 +117,20 @@ class Config(Strict):
     vae: VAEConfig = VAEConfig()
     mdn: MDNConfig = MDNConfig()
     controller: ControllerConfig = ControllerConfig()
+    successor: SuccessorConfig = SuccessorConfig()
+    readout: ReadoutConfig = ReadoutConfig()
+    value: ValueConfig = ValueConfig()
+    planning: PlanningConfig = PlanningConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
-    def _known_env(self) -> Config:
+    def _consistent(self) -> Config:
         from training.envs import ENVIRONMENTS
 
         if self.env not in ENVIRONMENTS:
             raise ValueError(f"unknown env {self.env!r}; known: {', '.join(sorted(ENVIRONMENTS))}")
+        if self.train.value_steps and self.value.goal_dims is None:
+            raise ValueError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
         return self
 
 
@@ -120,9 +179,7 @@ def with_steps(config: Config, steps: int | None) -> Config:
         raise ConfigError("--steps must be positive")
     train = config.train.model_copy(
         update={
-            "vae_steps": steps if config.train.vae_steps else 0,
-            "mdn_steps": steps if config.train.mdn_steps else 0,
-            "controller_steps": steps if config.train.controller_steps else 0,
+            f"{stage}_steps": steps if n else 0 for stage, n in config.train.stage_steps().items()
         }
     )
     return config.model_copy(update={"train": train})

@@ -227,6 +227,7 @@ class Sequences:
     rewards: np.ndarray  # [N, L] float32
     dones: np.ndarray  # [N, L] float32, 1.0 where the episode terminated (not truncated)
     mask: np.ndarray  # [N, L] float32, 1.0 for real steps, 0.0 for padding
+    episode: np.ndarray  # [N] int64: the window's episode; an episode's windows are consecutive
 
     def __len__(self) -> int:
         return len(self.rewards)
@@ -254,8 +255,9 @@ def load_sequences(
             np.asarray(ep.rewards),
             np.asarray(ep.terminations),
             seq_len,
+            episode=index,
         )
-        for ep in dataset.iterate_episodes()
+        for index, ep in enumerate(dataset.iterate_episodes())
     ]
     windows = [w for w in windows if len(w)]
     if not windows:
@@ -288,6 +290,7 @@ def episode_windows(
     rewards: np.ndarray,
     terminations: np.ndarray,
     seq_len: int,
+    episode: int = 0,
 ) -> Sequences:
     """One episode (T transitions, T+1 observations) as ceil(T / seq_len) padded windows."""
     steps = len(rewards)
@@ -311,4 +314,5 @@ def episode_windows(
         rewards=pad(rewards.astype(np.float32), padded).reshape(count, seq_len),
         dones=pad(terminations.astype(np.float32), padded).reshape(count, seq_len),
         mask=pad(np.ones(steps, np.float32), padded).reshape(count, seq_len),
+        episode=np.full(count, episode, np.int64),
     )

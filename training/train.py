@@ -12,7 +12,6 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,11 +22,20 @@ import optax
 from tqdm.auto import tqdm
 
 from training import checkpoint
-from training.config import Config, ConfigError
+from training.config import STAGES, Config, ConfigError
 from training.data import Sequences, load_sequences, open_dataset
+from training.diffusion import eps_loss
 from training.envs import get_env_spec
 from training.models.mdn_rnn import initial_state
-from training.models.world import Spaces, WorldModel, normalise, observation_stats
+from training.models.successor import ema_update
+from training.models.value import goal_reward
+from training.models.world import (
+    Spaces,
+    WorldModel,
+    denormalise,
+    normalise,
+    observation_stats,
+)
 from training.objectives import (
     discounted_returns,
     mdn_loss,
@@ -37,16 +45,17 @@ from training.objectives import (
 )
 from training.plots import plot_loss_curves
 
-STAGES = ("vae", "mdn", "controller")
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
 
 
 def stage_bounds(config: Config) -> dict[str, tuple[int, int]]:
     """[start, end) of each stage on the global step counter."""
-    lengths = (config.train.vae_steps, config.train.mdn_steps, config.train.controller_steps)
-    ends = np.cumsum(lengths)
-    return {s: (int(e - n), int(e)) for s, n, e in zip(STAGES, lengths, ends, strict=True)}
+    bounds, start = {}, 0
+    for stage, steps in config.train.stage_steps().items():
+        bounds[stage] = (start, start + steps)
+        start += steps
+    return bounds
 
 
 def stage_at(config: Config, step: int) -> str:
@@ -99,109 +108,236 @@ def spaces_of(dataset, seqs: Sequences) -> Spaces:
     )
 
 
-# --- one update per stage: pure functions of (params, opt_state, data, key) -------------
+# --- the losses of the stages: pure functions of (params, inputs, key) -----------------
+# Each reads the whole parameter tree; the stage's own entry is the one differentiated.
+
+
+class Transitions(NamedTuple):
+    """Every real transition of the dataset, flattened, as the later stages read them."""
+
+    states: jax.Array  # [M, S] planning state s_t = [z_t, h_t]
+    next_states: jax.Array  # [M, S]
+    phi: jax.Array  # [M, P] cumulants of s_t
+    dones: jax.Array  # [M]
+    actions: jax.Array  # [M, A]
+    weights: jax.Array  # [M] return weights for cloning
+    positions: jax.Array  # [M, G] the observation's goal dimensions (G = 0 without goals)
 
 
 def sample_rows(key: jax.Array, n: int, batch_size: int) -> jax.Array:
     return jax.random.randint(key, (batch_size,), 0, n)
 
 
-def vae_update(model, config, tx, params, opt_state, frames, stats, key):
+def vae_objective(model: WorldModel, params, inputs, key):
+    (frames,) = inputs
     k_rows, k_z = jax.random.split(key)
-    x = normalise(frames[sample_rows(k_rows, frames.shape[0], config.train.batch_size)], stats)
-
-    def loss_fn(p):
-        recon, mu, logvar, _ = model.vae.apply({"params": p}, x, k_z)
-        return vae_loss(recon, x, mu, logvar, config.vae.kl_tolerance, config.vae.beta)
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
+    rows = sample_rows(k_rows, frames.shape[0], model.config.train.batch_size)
+    x = normalise(frames[rows], params["normaliser"])
+    recon, mu, logvar, _ = model.vae.apply({"params": params["vae"]}, x, k_z)
+    return vae_loss(recon, x, mu, logvar, model.config.vae.kl_tolerance, model.config.vae.beta)
 
 
-def mdn_update(model, config, tx, params, opt_state, latents, data: DeviceData, key):
+def mdn_objective(model: WorldModel, params, inputs, key):
+    mu, logvar, actions, rewards, dones, mask = inputs
     k_rows, k_z = jax.random.split(key)
-    rows = sample_rows(k_rows, data.actions.shape[0], config.train.batch_size)
-    mu, logvar = latents[0][rows], latents[1][rows]
-    z = mu + jnp.exp(0.5 * logvar) * jax.random.normal(k_z, mu.shape)
-    state = initial_state((rows.shape[0],), config.mdn.hidden)
-
-    def loss_fn(p):
-        _, _, out = model.mdn.apply({"params": p}, state, z[:, :-1], data.actions[rows])
-        return mdn_loss(
-            out,
-            z[:, 1:],
-            data.rewards[rows],
-            data.dones[rows],
-            data.mask[rows],
-            config.mdn.reward_weight,
-            config.mdn.done_weight,
-        )
-
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
+    rows = sample_rows(k_rows, actions.shape[0], model.config.train.batch_size)
+    z = mu[rows] + jnp.exp(0.5 * logvar[rows]) * jax.random.normal(k_z, mu[rows].shape)
+    state = initial_state((rows.shape[0],), model.mdn.hidden)
+    _, _, out = model.mdn.apply({"params": params["mdn"]}, state, z[:, :-1], actions[rows])
+    cfg = model.config.mdn
+    return mdn_loss(
+        out, z[:, 1:], rewards[rows], dones[rows], mask[rows], cfg.reward_weight, cfg.done_weight
+    )
 
 
-def controller_update(model, config, tx, params, opt_state, inputs, data: DeviceData, key):
-    zs, hs, weights = inputs
-    rows = sample_rows(key, data.actions.shape[0], config.train.batch_size)
+def controller_objective(model: WorldModel, params, trans: Transitions, key):
+    rows = sample_rows(key, trans.actions.shape[0], model.config.train.batch_size)
+    z, h = jnp.split(trans.states[rows], [model.latent_dim], axis=-1)
+    mean, log_std = model.controller.apply({"params": params["controller"]}, z, h)
+    ones = jnp.ones(rows.shape)
+    return weighted_bc_loss(mean, log_std, trans.actions[rows], trans.weights[rows], ones)
 
-    def loss_fn(p):
-        mean, log_std = model.controller.apply({"params": p}, zs[rows], hs[rows])
-        return weighted_bc_loss(mean, log_std, data.actions[rows], weights[rows], data.mask[rows])
 
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {"loss": loss, **metrics}
+def bellman_target(model: WorldModel, params, trans: Transitions, rows, key):
+    """Normalised psi = phi(s) + gamma (1 - done) psi', psi' drawn from the EMA model at s'."""
+    sf = model.config.successor
+    noise = jax.random.normal(key, (rows.shape[0], model.psi_dim))
+    psi_next = model.sample_psi(
+        params["psi_ema"], trans.next_states[rows], noise, sf.target_sample_steps
+    )
+    psi_next = denormalise(psi_next, params["psi_norm"])
+    target = trans.phi[rows] + sf.gamma * (1.0 - trans.dones[rows])[:, None] * psi_next
+    return jax.lax.stop_gradient(normalise(target, params["psi_norm"]))
+
+
+def psi_objective(model: WorldModel, params, trans: Transitions, key):
+    k_rows, k_target, k_loss = jax.random.split(key, 3)
+    rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
+    x0 = bellman_target(model, params, trans, rows, k_target)
+    loss = eps_loss(model.eps, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
+    return loss, {"eps_mse": loss, "target_abs": jnp.mean(jnp.abs(x0))}
+
+
+def readout_objective(model: WorldModel, params, trans: Transitions, key):
+    k_rows, k_target = jax.random.split(key)
+    rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
+    psi = bellman_target(model, params, trans, rows, k_target)
+    action = model.readout.apply({"params": params["readout"]}, trans.states[rows], psi)
+    mse = jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1))
+    return mse, {"action_mse": mse}
+
+
+def value_objective(model: WorldModel, params, trans: Transitions, key):
+    """phi(s) . w(g) regressed on the goal reward, for dataset states and jittered goals."""
+    k_rows, k_goals, k_noise = jax.random.split(key, 3)
+    cfg, n = model.config, trans.states.shape[0]
+    rows = sample_rows(k_rows, n, cfg.successor.batch_size)
+    goals = trans.positions[sample_rows(k_goals, n, cfg.successor.batch_size)]
+    goals = goals + cfg.value.goal_noise * jax.random.normal(k_noise, goals.shape)
+    weights = model.goal_decoder.apply({"params": params["value"]}, goals)  # [B, P]
+    predicted = trans.phi[rows] @ weights.T  # [states, goals]
+    reward = goal_reward(trans.positions[rows][:, None], goals[None], cfg.value.goal_sigma)
+    mse = jnp.mean(jnp.square(predicted - reward))
+    return mse, {"reward_mse": mse, "reward_mean": jnp.mean(reward)}
+
+
+OBJECTIVES = {
+    "vae": vae_objective,
+    "mdn": mdn_objective,
+    "controller": controller_objective,
+    "psi": psi_objective,
+    "readout": readout_objective,
+    "value": value_objective,
+}
+
+
+def stage_update(stage: str, model: WorldModel, tx) -> Callable:
+    """The jitted update of one stage: (params, opt_state, inputs, key) -> the same, + metrics."""
+    objective = OBJECTIVES[stage]
+
+    def update(params, opt_state, inputs, key):
+        def loss_fn(own):
+            return objective(model, {**params, stage: own}, inputs, key)
+
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[stage])
+        updates, opt_state = tx.update(grads, opt_state, params[stage])
+        new = {**params, stage: optax.apply_updates(params[stage], updates)}
+        if stage == "psi":
+            decay = model.config.successor.ema_decay
+            new["psi_ema"] = ema_update(params["psi_ema"], new["psi"], decay)
+        return new, opt_state, {"loss": loss, **metrics}
+
+    return jax.jit(update)
 
 
 # --- what each stage needs from the stages before it ------------------------------------
 
 
-def encode_sequences(model: WorldModel, params: dict, observations, chunk: int = 256):
+def in_chunks(fn: Callable, arrays: tuple, chunk: int = 256):
+    """fn over the leading axis in fixed-size (zero-padded) chunks: one compilation."""
+    n = arrays[0].shape[0]
+    outputs = []
+    for i in range(0, n, chunk):
+        part = [a[i : i + chunk] for a in arrays]
+        pad = chunk - part[0].shape[0]
+        part = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in part]
+        out = fn(*part)
+        outputs.append(jax.tree.map(lambda x, keep=chunk - pad: x[:keep], out))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
+
+
+def encode_sequences(model: WorldModel, params: dict, observations):
     """(mu, logvar) of V for every observation of every window, [N, L+1, Z] each."""
     encode = jax.jit(
-        lambda p, s, x: model.vae.apply({"params": p}, normalise(x, s), method="encode")
+        lambda x: model.vae.apply(
+            {"params": params["vae"]}, normalise(x, params["normaliser"]), method="encode"
+        )
     )
-    parts = [
-        encode(params["vae"], params["normaliser"], observations[i : i + chunk])
-        for i in range(0, observations.shape[0], chunk)
-    ]
-    return tuple(jnp.concatenate([p[i] for p in parts]) for i in range(2))
+    return in_chunks(encode, (observations,))
 
 
-def unroll_sequences(model: WorldModel, params: dict, zs, actions, chunk: int = 256):
-    """M's state h_t before each step, [N, L, H], driven by the mean latents."""
+def window_positions(episode: np.ndarray) -> np.ndarray:
+    """0 for an episode's first window, 1 for its second, ..."""
+    index = np.arange(len(episode))
+    starts = np.r_[True, episode[1:] != episode[:-1]]
+    return index - np.maximum.accumulate(np.where(starts, index, 0))
+
+
+def unroll_episodes(model: WorldModel, params: dict, zs, actions, episode: np.ndarray):
+    """M's state h before each observation, [N, L+1, H], driven by the mean latents, with
+    the state carried from each window of an episode into the next, as when acting."""
     unroll = jax.jit(
-        lambda p, z, a: model.mdn.apply(
-            {"params": p}, initial_state((z.shape[0],), model.mdn.hidden), z, a
-        )[1]
+        lambda c, h, z, a: model.mdn.apply({"params": params["mdn"]}, (c, h), z, a)[:2]
     )
-    return jnp.concatenate(
-        [
-            unroll(params["mdn"], zs[i : i + chunk], actions[i : i + chunk])
-            for i in range(0, zs.shape[0], chunk)
-        ]
-    )
+    n, hidden = actions.shape[0], model.mdn.hidden
+    positions = window_positions(episode)
+    final_c, final_h = jnp.zeros((n, hidden)), jnp.zeros((n, hidden))
+    hs = jnp.zeros((n, actions.shape[1] + 1, hidden))
+    for k in range(int(positions.max()) + 1):
+        rows = np.flatnonzero(positions == k)
+        if k:
+            start_c, start_h = final_c[rows - 1], final_h[rows - 1]
+        else:
+            start_c = start_h = jnp.zeros((len(rows), hidden))
+        (c, h), window_hs = in_chunks(unroll, (start_c, start_h, zs[rows], actions[rows]))
+        final_c, final_h = final_c.at[rows].set(c), final_h.at[rows].set(h)
+        hs = hs.at[rows].set(jnp.concatenate([window_hs, h[:, None]], axis=1))
+    return hs
 
 
-def stage_inputs(stage: str, model: WorldModel, config: Config, params: dict, data: DeviceData):
+def psi_statistics(phi, mask, dones, episode: np.ndarray, gamma: float) -> dict:
+    """Mean and std of the discounted sums of future cumulants along whole episodes."""
+    phi, mask, dones = np.asarray(phi), np.asarray(mask) > 0, np.asarray(dones)
+    sums = []
+    for ep in np.unique(episode):
+        rows = episode == ep
+        steps_phi, steps_done = phi[rows][mask[rows]], dones[rows][mask[rows]]
+        running = np.zeros(phi.shape[-1])
+        for t in range(len(steps_phi) - 1, -1, -1):
+            running = steps_phi[t] + gamma * (1.0 - steps_done[t]) * running
+            sums.append(running)
+    sums = np.stack(sums)
+    return {
+        "mean": jnp.asarray(sums.mean(0), jnp.float32),
+        "std": jnp.asarray(np.maximum(sums.std(0), 1e-2), jnp.float32),
+    }
+
+
+def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode: np.ndarray):
+    cfg = model.config
+    mu, _ = encode_sequences(model, params, data.observations)
+    hs = unroll_episodes(model, params, mu[:, :-1], data.actions, episode)
+    states = jnp.concatenate([mu, hs], axis=-1)
+    phi = model.phi(params, data.observations[:, :-1], mu[:, :-1])
+    returns = discounted_returns(data.rewards, data.dones, cfg.controller.gamma)
+    weights = return_weights(returns, data.mask, cfg.controller.return_temperature)
+    goal_dims = list(cfg.value.goal_dims or [])
+    positions = data.observations[:, :-1][..., goal_dims]
+    valid = np.asarray(data.mask) > 0
+    trans = Transitions(
+        states[:, :-1][valid],
+        states[:, 1:][valid],
+        phi[valid],
+        data.dones[valid],
+        data.actions[valid],
+        weights[valid],
+        positions[valid].astype(jnp.float32),
+    )
+    return trans, phi
+
+
+def prepare_stage(stage: str, model: WorldModel, params: dict, data: DeviceData, episode):
+    """(params, inputs) for a stage; the psi stage also sets the psi normalisation."""
     if stage == "vae":
-        return data.frames, params["normaliser"]
-    mu, logvar = encode_sequences(model, params, data.observations)
+        return params, (data.frames,)
     if stage == "mdn":
-        return ((mu, logvar), data)
-    zs = mu[:, :-1]
-    hs = unroll_sequences(model, params, zs, data.actions)
-    returns = discounted_returns(data.rewards, data.dones, config.controller.gamma)
-    weights = return_weights(returns, data.mask, config.controller.return_temperature)
-    return ((zs, hs, weights), data)
-
-
-def stage_update(stage: str, model: WorldModel, config: Config, tx) -> Callable:
-    update = {"vae": vae_update, "mdn": mdn_update, "controller": controller_update}[stage]
-    return jax.jit(partial(update, model, config, tx))
+        mu, logvar = encode_sequences(model, params, data.observations)
+        return params, (mu, logvar, data.actions, data.rewards, data.dones, data.mask)
+    trans, phi = build_transitions(model, params, data, episode)
+    if stage == "psi":
+        stats = psi_statistics(phi, data.mask, data.dones, episode, model.config.successor.gamma)
+        params = {**params, "psi_norm": stats}
+    return params, trans
 
 
 # --- the run -----------------------------------------------------------------------------
@@ -229,6 +365,8 @@ def run_metadata(config: Config, spaces: Spaces, data_path: str, stage: str, sum
             "lstm_hidden": config.mdn.hidden,
             "n_mixtures": config.mdn.n_mixtures,
             "action_dim": spaces.action_dim,
+            "n_cumulants": config.successor.n_features + 1,
+            "state_dim": config.vae.latent_dim + config.mdn.hidden,
         },
         "dataset": data_path,
         "stage": stage,
@@ -290,11 +428,9 @@ def train(
     model = WorldModel.build(config, spaces)
     tx = make_optimizer(config)
     init_key, seed_key = jax.random.split(jax.random.key(config.seed))
-    params = {
-        **model.init(init_key),
-        "normaliser": observation_stats(real_frames(seqs), spaces.obs_kind),
-    }
-    opt_states = {stage: tx.init(params[stage]) for stage in STAGES}
+    params = model.init(init_key)
+    params["normaliser"] = observation_stats(real_frames(seqs), spaces.obs_kind)
+    opt_states = {stage: tx.init(params[stage]) for stage in STAGES if stage in params}
 
     manager = checkpoint.open_manager(run_dir)
     start = manager.latest_step() or 0
@@ -318,12 +454,10 @@ def train(
         for step in range(start, total):
             if stage_at(config, step) != stage:
                 stage = stage_at(config, step)
-                update = stage_update(stage, model, config, tx)
-                inputs = stage_inputs(stage, model, config, params, data)
+                update = stage_update(stage, model, tx)
+                params, inputs = prepare_stage(stage, model, params, data, seqs.episode)
             key = jax.random.fold_in(seed_key, step)
-            params[stage], opt_states[stage], metrics = update(
-                params[stage], opt_states[stage], *inputs, key
-            )
+            params, opt_states[stage], metrics = update(params, opt_states[stage], inputs, key)
             window.append(metrics)
             done = step + 1
             stage_end = stage_bounds(config)[stage][1]

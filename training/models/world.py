@@ -1,5 +1,16 @@
-"""The V-M-C world model as one object: its modules, their parameter initialisation, and
-the observation normalisation that sits in front of V."""
+"""The whole model as one object: V, M and C, the successor-feature psi-model with its
+readout policy and goal decoder, their parameter initialisation, and the normalisations
+that sit in front of V (observations) and around the psi-model (psi).
+
+The parameter tree of a bundle:
+    vae, mdn, controller         the world model
+    psi, psi_ema                 the psi noise model and its EMA (the EMA plans)
+    readout                      pi(a | s, psi)
+    value                        the goal decoder (only with goal tasks)
+    cumulants                    the fixed random Fourier projection {W, b}
+    normaliser                   observation {mean, std}
+    psi_norm                     psi {mean, std}
+"""
 
 from __future__ import annotations
 
@@ -10,9 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from training.config import Config
+from training.diffusion import Schedule, cosine_schedule, ddim_sample
 from training.models.controller import Controller
 from training.models.mdn_rnn import MDNRNN
+from training.models.readout import Readout
+from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.vae import ConvVAE, VectorVAE
+from training.models.value import GoalDecoder
 
 
 @dataclass(frozen=True)
@@ -48,35 +63,129 @@ class Spaces:
 
 @dataclass(frozen=True)
 class WorldModel:
+    config: Config
+    spaces: Spaces
     vae: VectorVAE | ConvVAE
     mdn: MDNRNN
     controller: Controller
-    spaces: Spaces
+    psi_net: PsiNoiseModel
+    readout: Readout
+    goal_decoder: GoalDecoder | None
 
     @classmethod
     def build(cls, config: Config, spaces: Spaces) -> WorldModel:
         if spaces.obs_kind == "pixels":
+            if config.successor.cumulant_input != "latent":
+                raise ValueError("pixel observations need successor.cumulant_input: latent")
             vae = ConvVAE(latent_dim=config.vae.latent_dim)
         else:
             (obs_dim,) = spaces.obs_shape
             vae = VectorVAE(obs_dim, config.vae.latent_dim, tuple(config.vae.hidden))
         mdn = MDNRNN(config.vae.latent_dim, config.mdn.hidden, config.mdn.n_mixtures)
         hidden = config.controller.hidden if config.controller.kind == "mlp" else 0
-        controller = Controller(spaces.action_low, spaces.action_high, hidden)
-        return cls(vae, mdn, controller, spaces)
+        sf = config.successor
+        goals = config.value.goal_dims is not None
+        return cls(
+            config=config,
+            spaces=spaces,
+            vae=vae,
+            mdn=mdn,
+            controller=Controller(spaces.action_low, spaces.action_high, hidden),
+            psi_net=PsiNoiseModel(sf.n_features + 1, sf.hidden, sf.depth),
+            readout=Readout(
+                spaces.action_low, spaces.action_high, config.readout.hidden, config.readout.depth
+            ),
+            goal_decoder=GoalDecoder(sf.n_features + 1, config.value.hidden) if goals else None,
+        )
+
+    # --- sizes --------------------------------------------------------------------------
+
+    @property
+    def latent_dim(self) -> int:
+        return self.config.vae.latent_dim
+
+    @property
+    def state_dim(self) -> int:
+        """Size of the planning state s = [z, h]."""
+        return self.config.vae.latent_dim + self.config.mdn.hidden
+
+    @property
+    def psi_dim(self) -> int:
+        return self.config.successor.n_features + 1
+
+    @property
+    def cumulant_in_dim(self) -> int:
+        sf = self.config.successor
+        if sf.cumulant_input == "latent":
+            return self.latent_dim
+        return len(sf.feature_dims) if sf.feature_dims else self.spaces.obs_shape[0]
+
+    @property
+    def schedule(self) -> Schedule:
+        return cosine_schedule(self.config.successor.diffusion_steps)
+
+    # --- parameters ---------------------------------------------------------------------
 
     def init(self, key: jax.Array) -> dict:
-        """Fresh parameters for V, M and C."""
-        k_v, k_m, k_c, k_s = jax.random.split(key, 4)
+        """Fresh parameters for every model; normalisations start as the identity."""
+        keys = jax.random.split(key, 8)
         obs = jnp.zeros((1, *self.spaces.obs_shape), jnp.float32)
-        z = jnp.zeros((1, self.vae.latent_dim))
+        z = jnp.zeros((1, self.latent_dim))
         a = jnp.zeros((1, self.spaces.action_dim))
-        state = (jnp.zeros((1, self.mdn.hidden)),) * 2
-        return {
-            "vae": self.vae.init(k_v, obs, k_s)["params"],
-            "mdn": self.mdn.init(k_m, state, z, a, method=MDNRNN.step)["params"],
-            "controller": self.controller.init(k_c, z, state[1])["params"],
+        s = jnp.zeros((1, self.state_dim))
+        psi = jnp.zeros((1, self.psi_dim))
+        lstm = (jnp.zeros((1, self.mdn.hidden)),) * 2
+        psi_params = self.psi_net.init(keys[3], psi, jnp.ones((1,)), s)["params"]
+        params = {
+            "vae": self.vae.init(keys[0], obs, keys[7])["params"],
+            "mdn": self.mdn.init(keys[1], lstm, z, a, method=MDNRNN.step)["params"],
+            "controller": self.controller.init(keys[2], z, lstm[1])["params"],
+            "psi": psi_params,
+            "psi_ema": psi_params,
+            "readout": self.readout.init(keys[4], s, psi)["params"],
+            "cumulants": random_fourier_projection(
+                keys[5],
+                self.cumulant_in_dim,
+                self.config.successor.n_features,
+                self.config.successor.lengthscale,
+            ),
+            "normaliser": {
+                "mean": jnp.zeros(self.spaces.obs_shape),
+                "std": jnp.ones(self.spaces.obs_shape),
+            },
+            "psi_norm": {"mean": jnp.zeros(self.psi_dim), "std": jnp.ones(self.psi_dim)},
         }
+        if self.goal_decoder is not None:
+            goal = jnp.zeros((1, len(self.config.value.goal_dims)))
+            params["value"] = self.goal_decoder.init(keys[6], goal)["params"]
+        return params
+
+    # --- pure functions of (params, inputs) ---------------------------------------------
+
+    def encode(self, params: dict, obs: jax.Array) -> jax.Array:
+        """V's mean latent of a raw observation."""
+        x = normalise(obs, params["normaliser"])
+        return self.vae.apply({"params": params["vae"]}, x, method="encode")[0]
+
+    def cumulant_input(self, params: dict, obs: jax.Array, z: jax.Array) -> jax.Array:
+        """What phi reads: V's latent, or (vector observations) the normalised observation."""
+        sf = self.config.successor
+        if sf.cumulant_input == "latent":
+            return z
+        x = normalise(obs, params["normaliser"])
+        return x[..., list(sf.feature_dims)] if sf.feature_dims else x
+
+    def phi(self, params: dict, obs: jax.Array, z: jax.Array) -> jax.Array:
+        return cumulants(params["cumulants"], self.cumulant_input(params, obs, z))
+
+    def eps(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
+        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state)
+
+    def sample_psi(self, psi_params, state, noise, n_steps, guide_fn=None, guidance_scale=0.0):
+        """Normalised psi samples for `noise` [..., P] at planning states [..., S]."""
+        return ddim_sample(
+            self.eps, psi_params, self.schedule, state, noise, n_steps, guide_fn, guidance_scale
+        )
 
 
 def observation_stats(frames: np.ndarray, obs_kind: str) -> dict[str, np.ndarray]:
@@ -94,3 +203,7 @@ def observation_stats(frames: np.ndarray, obs_kind: str) -> dict[str, np.ndarray
 
 def normalise(obs: jax.Array, stats: dict) -> jax.Array:
     return (obs.astype(jnp.float32) - stats["mean"]) / stats["std"]
+
+
+def denormalise(x: jax.Array, stats: dict) -> jax.Array:
+    return x * stats["std"] + stats["mean"]
