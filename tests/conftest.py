@@ -21,6 +21,7 @@ TINY = {
         "depth": 1,
         "batch_size": 32,
         "diffusion_steps": 100,
+        "mc_warmup_steps": 10,
     },
     "readout": {"hidden": 32},
     "value": {"goal_dims": [0, 1], "hidden": 32},

@@ -57,6 +57,9 @@ class SuccessorConfig(Strict):
     depth: int = Field(3, gt=0)
     diffusion_steps: int = Field(1000, gt=1, description="noise levels of the VP schedule")
     target_sample_steps: int = Field(5, gt=0, description="DDIM steps for Bellman targets")
+    mc_warmup_steps: int = Field(
+        2000, ge=0, description="first psi steps fit the data's discounted sums, not Bellman"
+    )
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     batch_size: int = Field(256, gt=0, description="batch of the psi, readout and value stages")
 

@@ -71,6 +71,7 @@ class Plan(NamedTuple):
     action: jax.Array  # [A]
     value: jax.Array  # V of the chosen outcome
     objective: jax.Array  # [K + 1]: the adaptation objective at Δφ start, after 1 ... K steps
+    kept_step: jax.Array  # which of those iterates was kept (the one of highest objective)
     kl: jax.Array  # the KL term after adaptation
     value_before: jax.Array  # mean V of the samples before adaptation
     value_after: jax.Array  # mean V of the samples after adaptation
@@ -105,7 +106,7 @@ def plan_controller(model: WorldModel, shape: PlanShape, params, state, weights,
     z, h = jnp.split(state, [model.latent_dim])
     action, _ = model.controller.apply({"params": params["controller"]}, z, h)
     zero = jnp.float32(0.0)
-    return Plan(action, zero, jnp.zeros(1), zero, zero, zero, None)
+    return Plan(action, zero, jnp.zeros(1), 0, zero, zero, zero, None)
 
 
 def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -115,7 +116,7 @@ def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, k
     action, best, mean = choose_and_read_out(
         model, params, params["psi_ema"], state, weights, noise, shape.sample_steps
     )
-    return Plan(action, best, mean[None], jnp.float32(0.0), mean, mean, None)
+    return Plan(action, best, mean[None], 0, jnp.float32(0.0), mean, mean, None)
 
 
 def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -137,7 +138,7 @@ def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, 
     best = jnp.argmax(values)
     action = model.readout.apply({"params": params["readout"]}, state, psi[best])
     mean = jnp.mean(values)
-    return Plan(action, values[best], mean[None], jnp.float32(0.0), mean, mean, None)
+    return Plan(action, values[best], mean[None], 0, jnp.float32(0.0), mean, mean, None)
 
 
 def adapt_delta(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -145,8 +146,12 @@ def adapt_delta(model: WorldModel, shape: PlanShape, params, state, weights, key
     KL = 0.5 Σ Δφ² + 0.1 mean((V_adapted - V_prior)²).
 
     The same reparameterised noise serves every step (common random numbers), so the
-    objective's trace shows the adaptation rather than the sampling noise.
-    Returns (Δφ, objective trace [K + 1], KL, mean V before, mean V after).
+    objectives of the iterates compare fairly; the iterate with the highest objective,
+    the starting one included, is kept. Adam's steps have the size of the learning rate
+    whatever the gradient's scale, so with a large λ the later iterates oscillate around
+    Δφ = 0 at a cost in KL: keeping the best one returns the start instead.
+    Returns (Δφ, objective trace [K + 1], index of the kept iterate, its KL, mean V
+    before adaptation, mean V of the kept iterate).
     """
     base = params["psi_ema"]
     noise = jax.random.normal(key, (shape.n_adaptation_samples, model.psi_dim))
@@ -166,23 +171,29 @@ def adapt_delta(model: WorldModel, shape: PlanShape, params, state, weights, key
 
     tx = optax.adam(knobs.delta_phi_lr)
 
-    def step(carry, _):
-        d, opt_state = carry
-        (obj, _), grads = jax.value_and_grad(objective, has_aux=True)(d)
+    def keep_better(best, candidate):
+        better = candidate[1] > best[1]
+        return jax.tree.map(lambda b, c: jnp.where(better, c, b), best, candidate)
+
+    def step(carry, k):
+        d, opt_state, best = carry
+        (obj, aux), grads = jax.value_and_grad(objective, has_aux=True)(d)
+        best = keep_better(best, (d, obj, aux, k))
         ascent = jax.tree.map(jnp.negative, grads)
         updates, opt_state = tx.update(ascent, opt_state, d)
-        return (optax.apply_updates(d, updates), opt_state), obj
+        return (optax.apply_updates(d, updates), opt_state, best), obj
 
-    (delta, _), trace = jax.lax.scan(
-        step, (delta, tx.init(delta)), None, length=shape.adaptation_steps
-    )
-    final, (kl, v_after) = objective(delta)
-    return delta, jnp.append(trace, final), kl, jnp.mean(v_prior), v_after
+    start = (delta, jnp.float32(-jnp.inf), (jnp.float32(0.0), jnp.float32(0.0)), 0)
+    steps = jnp.arange(shape.adaptation_steps)
+    (last, _, best), trace = jax.lax.scan(step, (delta, tx.init(delta), start), steps)
+    final, aux = objective(last)
+    kept, _, (kl, v_after), index = keep_better(best, (last, final, aux, shape.adaptation_steps))
+    return kept, jnp.append(trace, final), index, kl, jnp.mean(v_prior), v_after
 
 
 def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
     k_adapt, k_choose = jax.random.split(key)
-    delta, trace, kl, v_before, v_after = adapt_delta(
+    delta, trace, kept, kl, v_before, v_after = adapt_delta(
         model, shape, params, state, weights, k_adapt, knobs, delta
     )
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
@@ -190,7 +201,7 @@ def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key,
     action, best, _ = choose_and_read_out(
         model, params, adapted, state, weights, noise, shape.sample_steps
     )
-    return Plan(action, best, trace, kl, v_before, v_after, delta)
+    return Plan(action, best, trace, kept, kl, v_before, v_after, delta)
 
 
 PLANNER_FNS = {

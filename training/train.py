@@ -122,13 +122,14 @@ class Transitions(NamedTuple):
     actions: jax.Array  # [M, A]
     weights: jax.Array  # [M] return weights for cloning
     positions: jax.Array  # [M, G] the observation's goal dimensions (G = 0 without goals)
+    mc_psi: jax.Array  # [M, P] discounted sum of the cumulants that followed, in the data
 
 
 def sample_rows(key: jax.Array, n: int, batch_size: int) -> jax.Array:
     return jax.random.randint(key, (batch_size,), 0, n)
 
 
-def vae_objective(model: WorldModel, params, inputs, key):
+def vae_objective(model: WorldModel, params, inputs, key, step):
     (frames,) = inputs
     k_rows, k_z = jax.random.split(key)
     rows = sample_rows(k_rows, frames.shape[0], model.config.train.batch_size)
@@ -137,7 +138,7 @@ def vae_objective(model: WorldModel, params, inputs, key):
     return vae_loss(recon, x, mu, logvar, model.config.vae.kl_tolerance, model.config.vae.beta)
 
 
-def mdn_objective(model: WorldModel, params, inputs, key):
+def mdn_objective(model: WorldModel, params, inputs, key, step):
     mu, logvar, actions, rewards, dones, mask = inputs
     k_rows, k_z = jax.random.split(key)
     rows = sample_rows(k_rows, actions.shape[0], model.config.train.batch_size)
@@ -150,7 +151,7 @@ def mdn_objective(model: WorldModel, params, inputs, key):
     )
 
 
-def controller_objective(model: WorldModel, params, trans: Transitions, key):
+def controller_objective(model: WorldModel, params, trans: Transitions, key, step):
     rows = sample_rows(key, trans.actions.shape[0], model.config.train.batch_size)
     z, h = jnp.split(trans.states[rows], [model.latent_dim], axis=-1)
     mean, log_std = model.controller.apply({"params": params["controller"]}, z, h)
@@ -170,15 +171,24 @@ def bellman_target(model: WorldModel, params, trans: Transitions, rows, key):
     return jax.lax.stop_gradient(normalise(target, params["psi_norm"]))
 
 
-def psi_objective(model: WorldModel, params, trans: Transitions, key):
+def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
+    """Diffusion loss on distributional Bellman targets. The first `mc_warmup_steps` fit
+    the data's own discounted sums instead: bootstrapping from an untrained model would
+    take hundreds of rounds of gamma-contraction to forget its start."""
     k_rows, k_target, k_loss = jax.random.split(key, 3)
-    rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
-    x0 = bellman_target(model, params, trans, rows, k_target)
+    sf = model.config.successor
+    rows = sample_rows(k_rows, trans.states.shape[0], sf.batch_size)
+    warmup = step < stage_bounds(model.config)["psi"][0] + sf.mc_warmup_steps
+    x0 = jnp.where(
+        warmup,
+        normalise(trans.mc_psi[rows], params["psi_norm"]),
+        bellman_target(model, params, trans, rows, k_target),
+    )
     loss = eps_loss(model.eps, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
     return loss, {"eps_mse": loss, "target_abs": jnp.mean(jnp.abs(x0))}
 
 
-def readout_objective(model: WorldModel, params, trans: Transitions, key):
+def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
     k_rows, k_target = jax.random.split(key)
     rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
     psi = bellman_target(model, params, trans, rows, k_target)
@@ -187,7 +197,7 @@ def readout_objective(model: WorldModel, params, trans: Transitions, key):
     return mse, {"action_mse": mse}
 
 
-def value_objective(model: WorldModel, params, trans: Transitions, key):
+def value_objective(model: WorldModel, params, trans: Transitions, key, step):
     """phi(s) . w(g) regressed on the goal reward, for dataset states and jittered goals."""
     k_rows, k_goals, k_noise = jax.random.split(key, 3)
     cfg, n = model.config, trans.states.shape[0]
@@ -212,12 +222,13 @@ OBJECTIVES = {
 
 
 def stage_update(stage: str, model: WorldModel, tx) -> Callable:
-    """The jitted update of one stage: (params, opt_state, inputs, key) -> the same, + metrics."""
+    """The jitted update of one stage: (params, opt_state, inputs, key, step) -> (params,
+    opt_state, metrics)."""
     objective = OBJECTIVES[stage]
 
-    def update(params, opt_state, inputs, key):
+    def update(params, opt_state, inputs, key, step):
         def loss_fn(own):
-            return objective(model, {**params, stage: own}, inputs, key)
+            return objective(model, {**params, stage: own}, inputs, key, step)
 
         (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[stage])
         updates, opt_state = tx.update(grads, opt_state, params[stage])
@@ -285,21 +296,23 @@ def unroll_episodes(model: WorldModel, params: dict, zs, actions, episode: np.nd
     return hs
 
 
-def psi_statistics(phi, mask, dones, episode: np.ndarray, gamma: float) -> dict:
-    """Mean and std of the discounted sums of future cumulants along whole episodes."""
-    phi, mask, dones = np.asarray(phi), np.asarray(mask) > 0, np.asarray(dones)
-    sums = []
-    for ep in np.unique(episode):
-        rows = episode == ep
-        steps_phi, steps_done = phi[rows][mask[rows]], dones[rows][mask[rows]]
-        running = np.zeros(phi.shape[-1])
-        for t in range(len(steps_phi) - 1, -1, -1):
-            running = steps_phi[t] + gamma * (1.0 - steps_done[t]) * running
-            sums.append(running)
-    sums = np.stack(sums)
+def monte_carlo_psi(phi: np.ndarray, dones: np.ndarray, episode: np.ndarray, gamma: float):
+    """Discounted sums of future cumulants along each episode, for transitions given in
+    chronological order within each episode: the psi each transition actually had."""
+    psi = np.zeros_like(phi)
+    running = np.zeros(phi.shape[-1], phi.dtype)
+    for t in range(len(phi) - 1, -1, -1):
+        if t == len(phi) - 1 or episode[t] != episode[t + 1]:
+            running = np.zeros_like(running)
+        running = phi[t] + gamma * (1.0 - dones[t]) * running
+        psi[t] = running
+    return psi
+
+
+def psi_statistics(mc_psi: np.ndarray) -> dict:
     return {
-        "mean": jnp.asarray(sums.mean(0), jnp.float32),
-        "std": jnp.asarray(np.maximum(sums.std(0), 1e-2), jnp.float32),
+        "mean": jnp.asarray(mc_psi.mean(0), jnp.float32),
+        "std": jnp.asarray(np.maximum(mc_psi.std(0), 1e-2), jnp.float32),
     }
 
 
@@ -314,16 +327,18 @@ def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode
     goal_dims = list(cfg.value.goal_dims or [])
     positions = data.observations[:, :-1][..., goal_dims]
     valid = np.asarray(data.mask) > 0
-    trans = Transitions(
+    phi, dones = np.asarray(phi[valid]), np.asarray(data.dones[valid])
+    episodes = np.broadcast_to(episode[:, None], valid.shape)[valid]
+    return Transitions(
         states[:, :-1][valid],
         states[:, 1:][valid],
-        phi[valid],
-        data.dones[valid],
+        jnp.asarray(phi),
+        jnp.asarray(dones),
         data.actions[valid],
         weights[valid],
         positions[valid].astype(jnp.float32),
+        jnp.asarray(monte_carlo_psi(phi, dones, episodes, cfg.successor.gamma)),
     )
-    return trans, phi
 
 
 def prepare_stage(stage: str, model: WorldModel, params: dict, data: DeviceData, episode):
@@ -333,10 +348,9 @@ def prepare_stage(stage: str, model: WorldModel, params: dict, data: DeviceData,
     if stage == "mdn":
         mu, logvar = encode_sequences(model, params, data.observations)
         return params, (mu, logvar, data.actions, data.rewards, data.dones, data.mask)
-    trans, phi = build_transitions(model, params, data, episode)
+    trans = build_transitions(model, params, data, episode)
     if stage == "psi":
-        stats = psi_statistics(phi, data.mask, data.dones, episode, model.config.successor.gamma)
-        params = {**params, "psi_norm": stats}
+        params = {**params, "psi_norm": psi_statistics(np.asarray(trans.mc_psi))}
     return params, trans
 
 
@@ -457,7 +471,9 @@ def train(
                 update = stage_update(stage, model, tx)
                 params, inputs = prepare_stage(stage, model, params, data, seqs.episode)
             key = jax.random.fold_in(seed_key, step)
-            params, opt_states[stage], metrics = update(params, opt_states[stage], inputs, key)
+            params, opt_states[stage], metrics = update(
+                params, opt_states[stage], inputs, key, step
+            )
             window.append(metrics)
             done = step + 1
             stage_end = stage_bounds(config)[stage][1]
