@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from training.checkpoint import restore_bundle
-from training.diffusion import cosine_schedule, ddim_sample, eps_loss
+from training.diffusion import cosine_schedule, ddim_sample, v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.value import least_squares_weights
@@ -27,7 +27,7 @@ def test_ddim_sampler_reproduces_a_conditional_2d_distribution():
     """Condition 0: one Gaussian at (2, -1); condition 1: two modes at (+-2, 0)."""
     net = PsiNoiseModel(psi_dim=2, hidden=64, depth=2)
     schedule = cosine_schedule(100)
-    eps_fn = lambda p, x, t, c: net.apply({"params": p}, x, t, c)  # noqa: E731
+    v_fn = lambda p, x, t, c: net.apply({"params": p}, x, t, c)  # noqa: E731
 
     def draw(key, n):
         k_c, k_mode, k_x = jax.random.split(key, 3)
@@ -46,9 +46,7 @@ def test_ddim_sampler_reproduces_a_conditional_2d_distribution():
     def step(params, opt_state, key):
         k_data, k_loss = jax.random.split(key)
         x, c = draw(k_data, 256)
-        loss, grads = jax.value_and_grad(lambda p: eps_loss(eps_fn, p, schedule, x, c, k_loss))(
-            params
-        )
+        loss, grads = jax.value_and_grad(lambda p: v_loss(v_fn, p, schedule, x, c, k_loss))(params)
         updates, opt_state = tx.update(grads, opt_state)
         return optax.apply_updates(params, updates), opt_state, loss
 
@@ -57,10 +55,10 @@ def test_ddim_sampler_reproduces_a_conditional_2d_distribution():
 
     n = 2000
     noise = jax.random.normal(jax.random.key(99), (n, 2))
-    single = ddim_sample(eps_fn, params, schedule, jnp.tile(jnp.array([1.0, 0]), (n, 1)), noise, 20)
+    single = ddim_sample(v_fn, params, schedule, jnp.tile(jnp.array([1.0, 0]), (n, 1)), noise, 20)
     np.testing.assert_allclose(np.mean(single, 0), [2.0, -1.0], atol=0.1)
     np.testing.assert_allclose(np.std(single, 0), [0.3, 0.3], atol=0.1)
-    modes = ddim_sample(eps_fn, params, schedule, jnp.tile(jnp.array([0.0, 1]), (n, 1)), noise, 20)
+    modes = ddim_sample(v_fn, params, schedule, jnp.tile(jnp.array([0.0, 1]), (n, 1)), noise, 20)
     right = np.asarray(modes[:, 0] > 0)
     assert 0.4 < right.mean() < 0.6  # both modes, in equal measure
     np.testing.assert_allclose(np.mean(modes[right], 0), [2.0, 0.0], atol=0.15)

@@ -1,5 +1,11 @@
-"""Diffusion over successor features: a VP noise schedule, the ε-prediction loss and a
+"""Diffusion over successor features: a VP noise schedule, the v-prediction loss and a
 deterministic DDIM sampler with an optional guidance term.
+
+The network predicts v = sqrt(ᾱ) ε - sqrt(1 - ᾱ) x0 (Salimans & Ho), from which both the
+noise ε and the clean estimate x0 follow without division. With ε-prediction the clean
+estimate is (x_t - sqrt(1 - ᾱ) ε̂) / sqrt(ᾱ): at the first, noisiest DDIM step that
+multiplies the network's error by 1 / sqrt(ᾱ_T) (about 300 here), the samples come out
+too wide, and distributional Bellman targets built from them diverge.
 
 The sampler is a pure function of (params, condition, initial noise): given the noise it
 is deterministic and differentiable with respect to the parameters, which is what the
@@ -14,8 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-# eps_fn(params, x_t, t_fraction, condition) -> predicted noise, t_fraction in (0, 1]
-EpsFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
+# v_fn(params, x_t, t_fraction, condition) -> predicted v, t_fraction in (0, 1]
+VFn = Callable[[dict, jax.Array, jax.Array, jax.Array], jax.Array]
 # guide_fn(x0_estimate) -> value per sample; its gradient steers sampling
 GuideFn = Callable[[jax.Array], jax.Array]
 
@@ -41,13 +47,15 @@ def noisy(schedule: Schedule, x0: jax.Array, t: jax.Array, noise: jax.Array) -> 
     return jnp.sqrt(ab) * x0 + jnp.sqrt(1.0 - ab) * noise
 
 
-def eps_loss(eps_fn: EpsFn, params, schedule: Schedule, x0, condition, key, weights=None):
-    """Mean squared error of the predicted noise at a uniformly drawn step."""
+def v_loss(v_fn: VFn, params, schedule: Schedule, x0, condition, key, weights=None):
+    """Mean squared error of the predicted v at a uniformly drawn step."""
     k_t, k_noise = jax.random.split(key)
     t = jax.random.randint(k_t, x0.shape[:-1], 1, schedule.n_steps + 1)
     noise = jax.random.normal(k_noise, x0.shape)
-    pred = eps_fn(params, noisy(schedule, x0, t, noise), t / schedule.n_steps, condition)
-    err = jnp.mean(jnp.square(pred - noise), axis=-1)
+    ab = schedule.alpha_bar[t][..., None]
+    target = jnp.sqrt(ab) * noise - jnp.sqrt(1.0 - ab) * x0
+    pred = v_fn(params, noisy(schedule, x0, t, noise), t / schedule.n_steps, condition)
+    err = jnp.mean(jnp.square(pred - target), axis=-1)
     if weights is None:
         return jnp.mean(err)
     return jnp.sum(err * weights) / jnp.maximum(jnp.sum(weights), 1.0)
@@ -60,7 +68,7 @@ def ddim_timesteps(schedule: Schedule, n_sample_steps: int) -> jax.Array:
 
 
 def ddim_sample(
-    eps_fn: EpsFn,
+    v_fn: VFn,
     params,
     schedule: Schedule,
     condition: jax.Array,
@@ -72,24 +80,21 @@ def ddim_sample(
 ) -> jax.Array:
     """DDIM (eta = 0) from `noise` [..., D] to x_0, conditioned on `condition` [..., C].
 
-    With `guide_fn`, each step's noise estimate becomes eps - scale * sqrt(1 - alpha_bar)
-    * grad_x guide(x0_hat(x)): the classifier-guidance rule written for DDIM.
+    With `guide_fn`, each step moves its clean estimate up the guide's gradient,
+    x0 += scale (1 - ᾱ_t) grad guide(x0), and takes the noise consistent with it: a large
+    move while the sample is mostly noise, none at the end.
     """
 
     def step(x, pair):
         t, t_prev = pair
         ab, ab_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
-        t_frac = jnp.full(x.shape[:-1], t / schedule.n_steps)
-
-        def x0_of(x_):
-            eps_ = eps_fn(params, x_, t_frac, condition)
-            return jnp.clip((x_ - jnp.sqrt(1.0 - ab) * eps_) / jnp.sqrt(ab), -clip, clip), eps_
-
-        x0, eps = x0_of(x)
+        a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+        v = v_fn(params, x, jnp.full(x.shape[:-1], t / schedule.n_steps), condition)
+        x0 = jnp.clip(a * x - s * v, -clip, clip)
         if guide_fn is not None:
-            grad = jax.grad(lambda x_: jnp.sum(guide_fn(x0_of(x_)[0])))(x)
-            eps = eps - guidance_scale * jnp.sqrt(1.0 - ab) * grad
-            x0 = jnp.clip((x - jnp.sqrt(1.0 - ab) * eps) / jnp.sqrt(ab), -clip, clip)
+            grad = jax.grad(lambda y: jnp.sum(guide_fn(y)))(x0)
+            x0 = jnp.clip(x0 + guidance_scale * (1.0 - ab) * grad, -clip, clip)
+        eps = (x - a * x0) / s
         return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev) * eps, None
 
     x, _ = jax.lax.scan(step, noise, ddim_timesteps(schedule, n_sample_steps))

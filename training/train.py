@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from training import checkpoint
 from training.config import STAGES, Config, ConfigError
 from training.data import Sequences, load_sequences, open_dataset
-from training.diffusion import eps_loss
+from training.diffusion import v_loss
 from training.envs import get_env_spec
 from training.models.mdn_rnn import initial_state
 from training.models.successor import ema_update
@@ -184,8 +184,8 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
         normalise(trans.mc_psi[rows], params["psi_norm"]),
         bellman_target(model, params, trans, rows, k_target),
     )
-    loss = eps_loss(model.eps, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
-    return loss, {"eps_mse": loss, "target_abs": jnp.mean(jnp.abs(x0))}
+    loss = v_loss(model.predict_v, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
+    return loss, {"v_mse": loss, "target_abs": jnp.mean(jnp.abs(x0))}
 
 
 def readout_objective(model: WorldModel, params, trans: Transitions, key, step):

@@ -37,7 +37,7 @@ def time_embedding(t_fraction: jax.Array, dim: int = 32) -> jax.Array:
 
 
 class PsiNoiseModel(nn.Module):
-    """epsilon(psi_t, t, s): an MLP whose hidden layers are modulated by (s, t) (FiLM)."""
+    """v(psi_t, t, s): an MLP whose hidden layers are modulated by (s, t) (FiLM)."""
 
     psi_dim: int
     hidden: int = 256

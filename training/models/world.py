@@ -178,13 +178,20 @@ class WorldModel:
     def phi(self, params: dict, obs: jax.Array, z: jax.Array) -> jax.Array:
         return cumulants(params["cumulants"], self.cumulant_input(params, obs, z))
 
-    def eps(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
+    def predict_v(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
         return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state)
 
     def sample_psi(self, psi_params, state, noise, n_steps, guide_fn=None, guidance_scale=0.0):
         """Normalised psi samples for `noise` [..., P] at planning states [..., S]."""
         return ddim_sample(
-            self.eps, psi_params, self.schedule, state, noise, n_steps, guide_fn, guidance_scale
+            self.predict_v,
+            psi_params,
+            self.schedule,
+            state,
+            noise,
+            n_steps,
+            guide_fn,
+            guidance_scale,
         )
 
 
