@@ -64,6 +64,41 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from training.checkpoint import restore_bundle
+    from training.evaluate import compare_planners, comparison_table
+    from training.planners import PLANNERS
+
+    bundle = restore_bundle(args.run_dir)
+    planners = list(PLANNERS) if args.planner == "all" else args.planner.split(",")
+    out = Path(args.out or Path(args.run_dir) / "eval")
+    results = compare_planners(
+        bundle, planners, args.goals, args.episodes, args.seed, out, args.max_steps, not args.quiet
+    )
+    print(comparison_table(bundle.env_id, results))
+    print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
+
+
+def cmd_ablate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from training.checkpoint import restore_bundle
+    from training.evaluate import ABLATION_GRID, ablate, ablation_table
+
+    bundle = restore_bundle(args.run_dir)
+    knobs = args.knobs.split(",") if args.knobs else list(ABLATION_GRID)
+    unknown = sorted(set(knobs) - set(ABLATION_GRID))
+    if unknown:
+        raise ValueError(f"unknown knob(s) {unknown}; known: {', '.join(ABLATION_GRID)}")
+    grid = {k: ABLATION_GRID[k] for k in knobs}
+    out = Path(args.out or Path(args.run_dir) / "ablation")
+    rows = ablate(bundle, args.goals, args.seed, out, grid, args.max_steps, not args.quiet)
+    print(ablation_table(bundle.env_id, rows))
+    print(f"wrote ablation.json, ablation.md and plots to {out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldplan", description="World models trained offline, planning at decision time."
@@ -93,6 +128,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory; re-run on it to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")
+    p.add_argument("run_dir")
+    p.add_argument("--planner", default="all", help="a planner, a comma list, or all")
+    p.add_argument("--goals", type=int, default=20, help="held-out goals (half in rare cells)")
+    p.add_argument("--episodes", type=int, default=1, help="episodes per goal")
+    p.add_argument("--seed", type=int, default=0, help="seed of the goals and episodes")
+    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/eval)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("ablate", help="sweep the online-adaptation knobs one at a time")
+    p.add_argument("run_dir")
+    p.add_argument("--goals", type=int, default=10)
+    p.add_argument("--knobs", help="comma list of knobs (default: all four)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
+    p.add_argument("--out", help="output directory (default: RUN_DIR/ablation)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("inspect", help="restore a bundle and print its metadata")
     p.add_argument("run_dir")

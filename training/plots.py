@@ -30,3 +30,54 @@ def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Path) -> None:
+    """One panel per knob: each metric of `metrics` (summary key -> label) against the value."""
+    knobs = list(dict.fromkeys(r["knob"] for r in rows))
+    fig, axes = plt.subplots(1, len(knobs), figsize=(4 * len(knobs), 3.4), squeeze=False)
+    for ax, knob in zip(axes[0], knobs, strict=True):
+        sub = [r for r in rows if r["knob"] == knob]
+        for key, label in metrics.items():
+            ys = [r["summary"][key] for r in sub]
+            if all(y is None for y in ys):
+                continue
+            ax.plot([r["value"] for r in sub], ys, "o-", label=label)
+        if knob == "delta_phi_lr":
+            ax.set_xscale("log")
+        ax.set_xlabel(knob)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
+    """The ablation of online adaptation as four figures beside ablation.json."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / name for name in ("success.png", "objective.png", "value_gain.png")]
+    paths.append(out_dir / "cost.png")
+    _knob_panels(
+        rows,
+        {"success_rate": "all goals", "success_rare": "rare goals"},
+        "success rate",
+        paths[0],
+    )
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for r in rows:
+        if r["knob"] == "adaptation_steps":
+            trace = r["summary"]["objective"]
+            ax.plot(range(len(trace)), trace, "o-", ms=3, label=f"{r['value']} steps")
+    ax.set_xlabel("adaptation step")
+    ax.set_ylabel("objective - objective at Δφ = 0")
+    ax.set_title("adaptation objective (mean over decisions)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    _knob_panels(rows, {"value_gain": "V after - V before"}, "value gain", paths[2])
+    _knob_panels(rows, {"plan_ms_median": "median ms", "plan_ms_p90": "p90 ms"}, "cost", paths[3])
+    return paths

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from training import checkpoint
 from training.config import STAGES, Config, ConfigError
-from training.data import Sequences, load_sequences, open_dataset
+from training.data import Sequences, dataset_info, load_sequences, open_dataset
 from training.diffusion import v_loss
 from training.envs import get_env_spec
 from training.models.mdn_rnn import initial_state
@@ -367,7 +367,9 @@ class RunResult:
     wall_seconds: float
 
 
-def run_metadata(config: Config, spaces: Spaces, data_path: str, stage: str, summary: dict):
+def run_metadata(
+    config: Config, spaces: Spaces, data_path: str, data_info: dict | None, stage: str, summary
+):
     return {
         "format": "worldplan-bundle/1",
         "env": config.env,
@@ -383,6 +385,7 @@ def run_metadata(config: Config, spaces: Spaces, data_path: str, stage: str, sum
             "state_dim": config.vae.latent_dim + config.mdn.hidden,
         },
         "dataset": data_path,
+        "dataset_info": data_info,
         "stage": stage,
         "summary": summary,
         "versions": checkpoint.library_versions(),
@@ -430,7 +433,9 @@ def train(
         raise ConfigError("the config trains no stage: every *_steps is 0")
 
     seqs = load_sequences(data_path, config.data.seq_len)
-    spaces = spaces_of(open_dataset(data_path), seqs)
+    dataset = open_dataset(data_path)
+    spaces = spaces_of(dataset, seqs)
+    data_info = dataset_info(dataset)
     data = DeviceData(
         observations=jnp.asarray(seqs.observations),
         frames=jnp.asarray(real_frames(seqs)),
@@ -459,7 +464,7 @@ def train(
 
     def save(step: int, stage: str) -> None:
         summary = summarise(read_metrics(run_dir))
-        metadata = run_metadata(config, spaces, str(data_path), stage, summary)
+        metadata = run_metadata(config, spaces, str(data_path), data_info, stage, summary)
         checkpoint.save(manager, step, params, opt_states, metadata)
 
     bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step")
