@@ -49,7 +49,7 @@ TINY_STEPS = 120
 @pytest.fixture(scope="session")
 def umaze_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("data") / "umaze"
-    collect("pointmaze-umaze", 4, out, seed=1, max_episode_steps=60, progress=False)
+    collect("pointmaze-umaze", 4, out, seed=1, skew=0.3, max_episode_steps=60, progress=False)
     return out
 
 

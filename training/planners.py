@@ -14,6 +14,7 @@ ordinary inputs, so changing them compiles nothing.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -238,9 +239,11 @@ def decide(model: WorldModel, shape: PlanShape, params, lstm, obs, weights, key,
     return Decision(p, lstm)
 
 
+@functools.cache
 def compile_decide(model: WorldModel, shape: PlanShape, batched: bool = False) -> Callable:
-    """jit(decide) for one planner configuration; `batched` vmaps it over sessions
-    (everything but the parameters and the knobs has a leading batch axis)."""
+    """jit(decide) for one planner configuration, made once per (model, shape); `batched`
+    vmaps it over sessions (everything but the parameters and the knobs has a leading
+    batch axis)."""
 
     def fn(params, lstm, obs, weights, key, knobs, delta):
         return decide(model, shape, params, lstm, obs, weights, key, knobs, delta)

@@ -1,0 +1,97 @@
+"""Closed-loop evaluation and the ablation, on the tiny bundle with short episodes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from training.checkpoint import restore_bundle
+from training.cli import main as cli_main
+from training.envs import bfs_path, make_env
+from training.evaluate import (
+    EpisodeRunner,
+    ablate,
+    evaluation_goals,
+    rare_cells_of,
+    repeat_goals,
+    summarise_episodes,
+)
+
+
+@pytest.fixture(scope="module")
+def bundle(trained):
+    return restore_bundle(trained.run_dir)
+
+
+def test_goals_are_fixed_half_rare_and_start_away_from_the_goal(bundle):
+    rare = rare_cells_of(bundle)
+    assert rare == [(3, 1), (3, 2)]  # the far tip of the U, from the skewed dataset
+    goals = evaluation_goals(bundle, 10, seed=4)
+    assert goals == evaluation_goals(bundle, 10, seed=4)
+    assert goals != evaluation_goals(bundle, 10, seed=5)
+    assert sum(g.rare for g in goals) == 5
+    maze = make_env("pointmaze-umaze").unwrapped.maze.maze_map
+    for g in goals:
+        assert (g.goal_cell in rare) == g.rare
+        assert g.start_cell not in rare
+        assert len(bfs_path(maze, g.start_cell, g.goal_cell)) > 2
+    repeated = repeat_goals(goals[:2], 3)
+    assert [g.goal_cell for g in repeated] == [goals[0].goal_cell] * 3 + [goals[1].goal_cell] * 3
+    assert len({g.seed for g in repeated}) == 6
+
+
+def test_an_episode_runs_the_whole_decision_loop(bundle):
+    planning = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
+    runner = EpisodeRunner(bundle, planning, max_steps=12)
+    spec = evaluation_goals(bundle, 1, seed=0)[0]
+    first, again = runner.run(spec), runner.run(spec)
+    assert first.steps == 12 and len(first.plan_ms) == 12
+    assert len(first.objective) == planning.adaptation_steps + 1 and first.objective[0] == 0.0
+    assert first.kl >= 0.0 and np.isfinite(first.value_gain)
+    cell = make_env("pointmaze-umaze").unwrapped.maze.cell_xy_to_rowcol(np.array(first.goal))
+    assert tuple(int(c) for c in cell) == spec.goal_cell
+    assert first.plan_ms != again.plan_ms  # timed anew ...
+    assert (first.objective, first.goal, first.success) == (
+        again.objective,
+        again.goal,
+        again.success,
+    )
+    summary = summarise_episodes([first, again])
+    assert summary["episodes"] == 2 and summary["success_rare"] is not None
+
+
+def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", str(trained.run_dir), "--goals", "2", "--max-steps", "6"]
+    assert cli_main([*argv, "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "`online_adaptation`" in printed and "`controller`" in printed
+    record = json.loads((out / "eval.json").read_text())
+    assert [r["planner"] for r in record["results"]] == [
+        "controller",
+        "random_shooting",
+        "guided_diffusion",
+        "online_adaptation",
+    ]
+    goal_cells = [g["goal_cell"] for g in record["goals"]]
+    for result in record["results"]:
+        assert [e["goal_cell"] for e in result["episodes"]] == goal_cells
+    assert (out / "eval.md").read_text().count("\n") == 6
+    assert cli_main([*argv, "--planner", "teleport", "--out", str(out)]) == 2
+    assert "unknown planner" in capsys.readouterr().err
+
+
+def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
+    grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4]}
+    rows = ablate(bundle, 2, 0, tmp_path, grid, max_steps=5, progress=False)
+    assert [(r["knob"], r["value"]) for r in rows] == [
+        ("kl_coef", 0.1),
+        ("kl_coef", 5.0),
+        ("adaptation_steps", 2),
+        ("adaptation_steps", 4),
+    ]
+    assert len(rows[2]["summary"]["objective"]) == 3 and len(rows[3]["summary"]["objective"]) == 5
+    assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["knob"] == "kl_coef"
+    assert (tmp_path / "ablation.md").read_text().count("\n") == 6
+    for name in ("success.png", "objective.png", "value_gain.png", "cost.png"):
+        assert (tmp_path / name).stat().st_size > 5_000
