@@ -118,18 +118,20 @@ def test_pointmaze_policy_wanders_through_the_maze():
     assert len(goals) >= 3  # it reached goals and moved on
 
 
-def test_pointmaze_skew_keeps_resets_and_goals_off_rare_cells():
+def test_pointmaze_skew_keeps_resets_off_and_goals_mostly_off_rare_cells():
     env = make_env("pointmaze-medium")
     policy = make_behaviour_policy("pointmaze-medium", env, np.random.default_rng(1), skew=0.3)
     assert isinstance(policy, MazeWaypointPolicy)
     rare = set(rare_cells(env.unwrapped.maze.maze_map, 0.3))
     assert set(policy.rare) == rare
-    for _ in range(200):
+    rare_goals = 0
+    for _ in range(2000):
         options = policy.reset_options()
         assert tuple(options["reset_cell"]) not in rare
-        assert tuple(options["goal_cell"]) not in rare
+        rare_goals += tuple(options["goal_cell"]) in rare
+    assert 0 < rare_goals < 0.1 * 2000  # rarely, not never (rare_goal_prob = 0.05)
     _, goals = _visited_cells(env, policy, 600)
-    assert len(goals) >= 3 and not goals & rare
+    assert len(goals) >= 3
 
 
 def test_skew_is_pointmaze_only():

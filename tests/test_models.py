@@ -142,7 +142,11 @@ def test_world_model_init_and_normaliser():
     )
     spaces = Spaces((3,), "vector", (-2.0,), (2.0,))
     params = WorldModel.build(config, spaces).init(KEY)
-    assert set(params) == {"vae", "mdn", "controller"}
+    assert set(params) == {
+        "vae", "mdn", "controller", "psi", "psi_ema", "readout", "cumulants", "normaliser",
+        "psi_norm",
+    }  # fmt: skip
+    assert params["cumulants"]["W"].shape == (3, 64)  # phi reads the whole observation
     frames = np.random.default_rng(0).normal(5.0, 3.0, (500, 3)).astype(np.float32)
     stats = observation_stats(frames, "vector")
     z = np.asarray(normalise(jnp.asarray(frames), stats))

@@ -74,7 +74,6 @@ class ValueConfig(Strict):
         None, description="observation dimensions a goal names; unset: no goal tasks"
     )
     goal_sigma: float = Field(0.5, gt=0.0, description="width of the goal reward")
-    goal_noise: float = Field(0.25, ge=0.0, description="jitter of training goals")
     hidden: int = Field(256, gt=0)
 
 

@@ -177,7 +177,8 @@ def _as_cell(cell: Any) -> Cell:
 class MazeWaypointPolicy:
     """Wanders a PointMaze: BFS to a random goal cell, PD-steering through cell centres.
 
-    Goals and reset cells avoid the rare cells, which the point then only crosses in transit.
+    Episodes never start in the rare cells, and a behaviour goal lies in one only with
+    probability `rare_goal_prob`: the rare part of the maze is visited, but rarely.
     """
 
     def __init__(
@@ -191,6 +192,7 @@ class MazeWaypointPolicy:
         noise: float = 0.2,
         waypoint_reach: float = 0.3,
         goal_reach: float = 0.15,
+        rare_goal_prob: float = 0.05,
     ):
         self.maze = maze
         self.low, self.high = action_space.low, action_space.high
@@ -201,6 +203,7 @@ class MazeWaypointPolicy:
         self.rare = rare_cells(maze.maze_map, skew)
         rare = set(self.rare)
         self.candidates = [cell for cell in free_cells(maze.maze_map) if cell not in rare]
+        self.rare_goal_prob = rare_goal_prob
         self._pending_goal: Cell | None = None
         self._path: list[Cell] = []
         self._index = 0
@@ -212,13 +215,13 @@ class MazeWaypointPolicy:
 
     def reset_options(self) -> dict:
         start = self._pick_cell(exclude=None)
-        goal = self._pick_cell(exclude=start)
+        goal = self._pick_goal(exclude=start)
         self._pending_goal = goal
         return {"reset_cell": np.array(start), "goal_cell": np.array(goal)}
 
     def reset(self, obs: Any, info: dict) -> None:
         cell = self._cell(obs["observation"][:2])
-        goal = self._pending_goal or self._pick_cell(exclude=cell)
+        goal = self._pending_goal or self._pick_goal(exclude=cell)
         self._pending_goal = None
         self._plan(cell, goal)
 
@@ -227,12 +230,12 @@ class MazeWaypointPolicy:
         cell = self._cell(pos)
         if not self._path or cell not in self._path[max(self._index - 1, 0) : self._index + 1]:
             # Knocked off the planned corridor (or never planned): replan from here.
-            self._plan(cell, self._path[-1] if self._path else self._pick_cell(exclude=cell))
+            self._plan(cell, self._path[-1] if self._path else self._pick_goal(exclude=cell))
         last = len(self._path) - 1
         while self._index < last and self._dist(pos, self._path[self._index]) < self.waypoint_reach:
             self._index += 1
         if self._index == last and self._dist(pos, self._path[last]) < self.goal_reach:
-            self._plan(cell, self._pick_cell(exclude=cell))
+            self._plan(cell, self._pick_goal(exclude=cell))
         target = self._centre(self._path[self._index])
         action = self.kp * (target - pos) - self.kd * vel
         action = action + self.rng.normal(0.0, self.noise, size=action.shape)
@@ -242,9 +245,15 @@ class MazeWaypointPolicy:
         self._path = bfs_path(self.maze.maze_map, start, goal)
         self._index = min(1, len(self._path) - 1)
 
-    def _pick_cell(self, exclude: Cell | None) -> Cell:
-        options = [cell for cell in self.candidates if cell != exclude] or self.candidates
+    def _pick_cell(self, exclude: Cell | None, cells: list[Cell] | None = None) -> Cell:
+        cells = cells or self.candidates
+        options = [cell for cell in cells if cell != exclude] or cells
         return options[int(self.rng.integers(len(options)))]
+
+    def _pick_goal(self, exclude: Cell | None) -> Cell:
+        if self.rare and self.rng.random() < self.rare_goal_prob:
+            return self._pick_cell(exclude, self.rare)
+        return self._pick_cell(exclude)
 
     def _cell(self, pos: np.ndarray) -> Cell:
         cell = _as_cell(self.maze.cell_xy_to_rowcol(np.asarray(pos)))

@@ -121,7 +121,7 @@ class Transitions(NamedTuple):
     dones: jax.Array  # [M]
     actions: jax.Array  # [M, A]
     weights: jax.Array  # [M] return weights for cloning
-    positions: jax.Array  # [M, G] the observation's goal dimensions (G = 0 without goals)
+    observations: jax.Array  # [M, *obs] for goal tasks, [M, 0] without them
     mc_psi: jax.Array  # [M, P] discounted sum of the cumulants that followed, in the data
 
 
@@ -198,15 +198,24 @@ def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
 
 
 def value_objective(model: WorldModel, params, trans: Transitions, key, step):
-    """phi(s) . w(g) regressed on the goal reward, for dataset states and jittered goals."""
-    k_rows, k_goals, k_noise = jax.random.split(key, 3)
+    """phi(s) . w(g) regressed on the goal reward r_g(s), for goals spread uniformly over
+    the box the data's goal dimensions span, at the data's states and at the same states
+    moved anywhere in that box: the reward is known everywhere, so its fit need not stop
+    where the data thins out."""
     cfg, n = model.config, trans.states.shape[0]
-    rows = sample_rows(k_rows, n, cfg.successor.batch_size)
-    goals = trans.positions[sample_rows(k_goals, n, cfg.successor.batch_size)]
-    goals = goals + cfg.value.goal_noise * jax.random.normal(k_noise, goals.shape)
+    k_rows, k_goals, k_moved = jax.random.split(key, 3)
+    dims = jnp.asarray(cfg.value.goal_dims)
+    positions = trans.observations[:, dims]
+    low, high = jnp.min(positions, axis=0), jnp.max(positions, axis=0)
+    batch = cfg.successor.batch_size
+    obs = trans.observations[sample_rows(k_rows, n, batch)]
+    moved = jax.random.uniform(k_moved, (batch // 2, dims.shape[0]), minval=low, maxval=high)
+    obs = obs.at[: batch // 2, dims].set(moved)
+    goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
+    phi = model.phi(params, obs, model.encode(params, obs))
     weights = model.goal_decoder.apply({"params": params["value"]}, goals)  # [B, P]
-    predicted = trans.phi[rows] @ weights.T  # [states, goals]
-    reward = goal_reward(trans.positions[rows][:, None], goals[None], cfg.value.goal_sigma)
+    predicted = phi @ weights.T  # [states, goals]
+    reward = goal_reward(obs[:, dims][:, None], goals[None], cfg.value.goal_sigma)
     mse = jnp.mean(jnp.square(predicted - reward))
     return mse, {"reward_mse": mse, "reward_mean": jnp.mean(reward)}
 
@@ -324,8 +333,9 @@ def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode
     phi = model.phi(params, data.observations[:, :-1], mu[:, :-1])
     returns = discounted_returns(data.rewards, data.dones, cfg.controller.gamma)
     weights = return_weights(returns, data.mask, cfg.controller.return_temperature)
-    goal_dims = list(cfg.value.goal_dims or [])
-    positions = data.observations[:, :-1][..., goal_dims]
+    observations = data.observations[:, :-1]
+    if cfg.value.goal_dims is None:
+        observations = jnp.zeros((*observations.shape[:2], 0))
     valid = np.asarray(data.mask) > 0
     phi, dones = np.asarray(phi[valid]), np.asarray(data.dones[valid])
     episodes = np.broadcast_to(episode[:, None], valid.shape)[valid]
@@ -336,7 +346,7 @@ def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode
         jnp.asarray(dones),
         data.actions[valid],
         weights[valid],
-        positions[valid].astype(jnp.float32),
+        observations[valid].astype(jnp.float32),
         jnp.asarray(monte_carlo_psi(phi, dones, episodes, cfg.successor.gamma)),
     )
 

@@ -77,6 +77,8 @@ class WorldModel:
         if spaces.obs_kind == "pixels":
             if config.successor.cumulant_input != "latent":
                 raise ValueError("pixel observations need successor.cumulant_input: latent")
+            if config.value.goal_dims is not None:
+                raise ValueError("goal tasks need vector observations, not pixels")
             vae = ConvVAE(latent_dim=config.vae.latent_dim)
         else:
             (obs_dim,) = spaces.obs_shape
