@@ -13,8 +13,12 @@ import matplotlib.pyplot as plt  # noqa: E402
 def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
     """One panel per training stage, every logged quantity against the global step."""
     stages = list(dict.fromkeys(m["stage"] for m in metrics))
-    fig, axes = plt.subplots(1, len(stages), figsize=(5 * len(stages), 3.6), squeeze=False)
-    for ax, stage in zip(axes[0], stages, strict=True):
+    cols = min(3, len(stages))
+    rows = -(-len(stages) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(stages) :]:
+        ax.set_visible(False)
+    for ax, stage in zip(axes.flat, stages, strict=False):  # spare panels stay hidden
         rows = [m for m in metrics if m["stage"] == stage]
         steps = [m["step"] for m in rows]
         keys = [k for k in rows[0] if k not in ("step", "stage", "wall_s")]

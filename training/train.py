@@ -1,6 +1,8 @@
-"""Staged training of the world model: V, then M on V's latents, then C with V and M frozen.
+"""Staged training: V, then M on V's latents, then C with V and M frozen, then the
+successor-feature psi-model, its readout policy and the goal decoder on the planning
+states [z, h] that V and M give.
 
-One global step counter runs through the three stages. Every step's randomness is
+One global step counter runs through the stages. Every step's randomness is
 `fold_in(seed, step)`, and each checkpoint holds parameters and optimiser states, so a run
 that is interrupted and re-run on the same directory continues from its latest saved step
 and ends with the same parameters as a run that was never interrupted.
@@ -185,7 +187,7 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
         bellman_target(model, params, trans, rows, k_target),
     )
     loss = v_loss(model.predict_v, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
-    return loss, {"v_mse": loss, "target_abs": jnp.mean(jnp.abs(x0))}
+    return loss, {"target_abs": jnp.mean(jnp.abs(x0))}
 
 
 def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
@@ -193,8 +195,7 @@ def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
     rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
     psi = bellman_target(model, params, trans, rows, k_target)
     action = model.readout.apply({"params": params["readout"]}, trans.states[rows], psi)
-    mse = jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1))
-    return mse, {"action_mse": mse}
+    return jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1)), {}
 
 
 def value_objective(model: WorldModel, params, trans: Transitions, key, step):
@@ -216,8 +217,7 @@ def value_objective(model: WorldModel, params, trans: Transitions, key, step):
     weights = model.goal_decoder.apply({"params": params["value"]}, goals)  # [B, P]
     predicted = phi @ weights.T  # [states, goals]
     reward = goal_reward(obs[:, dims][:, None], goals[None], cfg.value.goal_sigma)
-    mse = jnp.mean(jnp.square(predicted - reward))
-    return mse, {"reward_mse": mse, "reward_mean": jnp.mean(reward)}
+    return jnp.mean(jnp.square(predicted - reward)), {"reward_mean": jnp.mean(reward)}
 
 
 OBJECTIVES = {
@@ -377,9 +377,8 @@ class RunResult:
     wall_seconds: float
 
 
-def run_metadata(
-    config: Config, spaces: Spaces, data_path: str, data_info: dict | None, stage: str, summary
-):
+def run_metadata(model: WorldModel, data_path: str, data_info: dict | None, stage: str, summary):
+    config, spaces = model.config, model.spaces
     return {
         "format": "worldplan-bundle/1",
         "env": config.env,
@@ -391,8 +390,8 @@ def run_metadata(
             "lstm_hidden": config.mdn.hidden,
             "n_mixtures": config.mdn.n_mixtures,
             "action_dim": spaces.action_dim,
-            "n_cumulants": config.successor.n_features + 1,
-            "state_dim": config.vae.latent_dim + config.mdn.hidden,
+            "n_cumulants": model.psi_dim,
+            "state_dim": model.state_dim,
         },
         "dataset": data_path,
         "dataset_info": data_info,
@@ -442,13 +441,14 @@ def train(
     if total == 0:
         raise ConfigError("the config trains no stage: every *_steps is 0")
 
-    seqs = load_sequences(data_path, config.data.seq_len)
     dataset = open_dataset(data_path)
+    seqs = load_sequences(dataset, config.data.seq_len)
     spaces = spaces_of(dataset, seqs)
     data_info = dataset_info(dataset)
+    frames = real_frames(seqs)
     data = DeviceData(
         observations=jnp.asarray(seqs.observations),
-        frames=jnp.asarray(real_frames(seqs)),
+        frames=jnp.asarray(frames),
         actions=jnp.asarray(seqs.actions),
         rewards=jnp.asarray(seqs.rewards),
         dones=jnp.asarray(seqs.dones),
@@ -458,7 +458,7 @@ def train(
     tx = make_optimizer(config)
     init_key, seed_key = jax.random.split(jax.random.key(config.seed))
     params = model.init(init_key)
-    params["normaliser"] = observation_stats(real_frames(seqs), spaces.obs_kind)
+    params["normaliser"] = observation_stats(frames, spaces.obs_kind)
     opt_states = {stage: tx.init(params[stage]) for stage in STAGES if stage in params}
 
     manager = checkpoint.open_manager(run_dir)
@@ -474,10 +474,11 @@ def train(
 
     def save(step: int, stage: str) -> None:
         summary = summarise(read_metrics(run_dir))
-        metadata = run_metadata(config, spaces, str(data_path), data_info, stage, summary)
+        metadata = run_metadata(model, str(data_path), data_info, stage, summary)
         checkpoint.save(manager, step, params, opt_states, metadata)
 
     bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step")
+    bounds = stage_bounds(config)
     stage, update, inputs, window = None, None, None, []
     with open(run_dir / METRICS_FILE, "a") as log:
         for step in range(start, total):
@@ -491,7 +492,7 @@ def train(
             )
             window.append(metrics)
             done = step + 1
-            stage_end = stage_bounds(config)[stage][1]
+            stage_end = bounds[stage][1]
             if done % config.train.log_every == 0 or done == stage_end:
                 means = {k: float(np.mean([m[k] for m in window])) for k in window[0]}
                 record = {"step": done, "stage": stage, **means}
