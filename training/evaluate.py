@@ -128,7 +128,7 @@ class EpisodeRunner:
             success=success,
             episode_return=total,
             steps=step,
-            plan_ms=plan_ms,
+            plan_ms=[round(ms, 3) for ms in plan_ms],
             value_gain=float(np.mean(gains)),
             kl=float(np.mean(kls)),
             objective=np.mean(traces, axis=0).tolist(),

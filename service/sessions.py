@@ -1,0 +1,289 @@
+"""Session state and where it lives: in this process (LRU + idle TTL) or in Redis.
+
+Both stores keep sessions as msgpack records (``session_to_bytes``), so a session read from
+either is an independent copy: a request that fails half way changes nothing until it calls
+``put``, and whatever the memory store accepts, the Redis store accepts too.
+
+Recency and idleness are counted from the last ``create`` or ``put``; ``get`` refreshes
+neither, so reading a session does not keep it alive. An id that was evicted (idle TTL or
+the size limit) answers ``SessionExpired`` (410) rather than ``SessionNotFound`` (404).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from typing import Any, Protocol
+
+import numpy as np
+import redis.asyncio as aioredis
+
+from service.codec import MSGPACK, CodecError, decode_body, encode_body
+
+RECORD_VERSION = 1
+
+
+@dataclass(eq=False)
+class Session:
+    session_id: str
+    seed: int
+    step: int  # the last applied step, -1 before the first
+    lstm_c: np.ndarray
+    lstm_h: np.ndarray
+    task: dict | None
+    task_weights: np.ndarray | None
+    planner: dict
+    last_response: dict | None  # returned again when the same step is retried
+    delta: dict | None  # Δφ warm start: a pytree (nested dicts) of float32 arrays
+    created_at: float
+    last_used: float
+
+
+_FIELDS = tuple(f.name for f in fields(Session))
+
+
+class SessionNotFound(KeyError):
+    """No session has this id."""
+
+
+class SessionExpired(KeyError):
+    """The session existed but was evicted: idle too long, or pushed out by the size limit."""
+
+
+class SessionLimit(Exception):
+    """No session can be created: the store holds none at all (``max_sessions == 0``)."""
+
+
+class SessionStore(Protocol):
+    evictions: int  # sessions evicted so far, for metrics
+
+    async def create(self, session: Session) -> None: ...
+
+    async def get(self, session_id: str) -> Session: ...
+
+    async def put(self, session: Session) -> None: ...
+
+    async def delete(self, session_id: str) -> None: ...
+
+    async def count(self) -> int: ...
+
+    async def close(self) -> None: ...
+
+
+def _array_tree(tree: Any) -> Any:
+    """Every leaf of a dict pytree as an ndarray, so that numpy scalars and JAX arrays keep
+    their dtype through the record (a bare scalar would come back as a Python number)."""
+    if isinstance(tree, dict):
+        return {k: _array_tree(v) for k, v in tree.items()}
+    return np.asarray(tree)
+
+
+def session_to_bytes(s: Session) -> bytes:
+    """The session as a msgpack record; arrays travel as raw bytes with dtype and shape."""
+    record: dict[str, Any] = {name: getattr(s, name) for name in _FIELDS}
+    for name in ("lstm_c", "lstm_h"):
+        record[name] = np.asarray(record[name])
+    if s.task_weights is not None:
+        record["task_weights"] = np.asarray(s.task_weights)
+    if s.delta is not None:
+        record["delta"] = _array_tree(s.delta)
+    return encode_body({"v": RECORD_VERSION, **record}, MSGPACK)
+
+
+def session_from_bytes(b: bytes) -> Session:
+    """The session a record holds, arrays bit for bit; a foreign or damaged record is a
+    ValueError (``CodecError``), never something executed."""
+    record = decode_body(b, MSGPACK)
+    if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
+        raise CodecError("not a session record (or one of another version)")
+    if set(record) != {"v", *_FIELDS}:
+        raise CodecError(f"session record has fields {sorted(record)}, expected {_FIELDS}")
+    if not all(isinstance(record[k], np.ndarray) for k in ("lstm_c", "lstm_h")):
+        raise CodecError("session record lacks its LSTM state arrays")
+    return Session(**{name: record[name] for name in _FIELDS})
+
+
+def _check_ttl(idle_ttl_s: float) -> None:
+    if not idle_ttl_s > 0:
+        raise ValueError(f"idle_ttl_s must be positive, got {idle_ttl_s}")
+
+
+class MemorySessionStore:
+    """Sessions in this process: least recently used evicted when full, idle ones expired
+    lazily on access and by ``sweep()``. One event loop; no operation awaits in between, so
+    each is atomic."""
+
+    def __init__(
+        self,
+        max_sessions: int,
+        idle_ttl_s: float,
+        clock: Callable[[], float] = time.time,
+        remember_evicted: int = 10_000,
+    ) -> None:
+        if max_sessions < 0:
+            raise ValueError(f"max_sessions must be >= 0, got {max_sessions}")
+        _check_ttl(idle_ttl_s)
+        self.max_sessions = max_sessions
+        self.idle_ttl_s = idle_ttl_s
+        self.clock = clock
+        self.remember_evicted = remember_evicted
+        self.evictions = 0
+        # id -> (record, time of the last create/put); oldest first, which is LRU order.
+        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        self._evicted: OrderedDict[str, None] = OrderedDict()
+
+    def _evict(self, session_id: str) -> None:
+        del self._entries[session_id]
+        self.evictions += 1
+        self._evicted[session_id] = None
+        self._evicted.move_to_end(session_id)
+        while len(self._evicted) > self.remember_evicted:
+            self._evicted.popitem(last=False)
+
+    def _idle(self, touched: float, now: float) -> bool:
+        return now - touched >= self.idle_ttl_s
+
+    def _missing(self, session_id: str) -> KeyError:
+        if session_id in self._evicted:
+            return SessionExpired(session_id)
+        return SessionNotFound(session_id)
+
+    def sweep(self) -> int:
+        """Evicts every idle session; returns how many. Cheap: the idle ones are the oldest."""
+        now = self.clock()
+        n = 0
+        while self._entries:
+            session_id, (_, touched) = next(iter(self._entries.items()))
+            if not self._idle(touched, now):
+                break
+            self._evict(session_id)
+            n += 1
+        return n
+
+    async def create(self, session: Session) -> None:
+        if self.max_sessions == 0:
+            raise SessionLimit("this store holds no sessions (max_sessions = 0)")
+        if session.session_id in self._entries:
+            raise ValueError(f"session {session.session_id!r} already exists")
+        record = session_to_bytes(session)
+        self.sweep()
+        while len(self._entries) >= self.max_sessions:
+            self._evict(next(iter(self._entries)))
+        self._entries[session.session_id] = (record, self.clock())
+        self._evicted.pop(session.session_id, None)
+
+    async def get(self, session_id: str) -> Session:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            raise self._missing(session_id)
+        if self._idle(entry[1], self.clock()):
+            self._evict(session_id)
+            raise SessionExpired(session_id)
+        return session_from_bytes(entry[0])
+
+    async def put(self, session: Session) -> None:
+        session_id = session.session_id
+        record = session_to_bytes(session)
+        entry = self._entries.get(session_id)
+        if entry is None:
+            raise self._missing(session_id)
+        now = self.clock()
+        if self._idle(entry[1], now):
+            # Expired before this write: do not bring it back.
+            self._evict(session_id)
+            raise SessionExpired(session_id)
+        self._entries[session_id] = (record, now)
+        self._entries.move_to_end(session_id)
+
+    async def delete(self, session_id: str) -> None:
+        if self._entries.pop(session_id, None) is None:
+            raise self._missing(session_id)
+
+    async def count(self) -> int:
+        self.sweep()
+        return len(self._entries)
+
+    async def close(self) -> None:
+        self._entries.clear()
+
+
+class RedisSessionStore:
+    """Sessions in Redis, so that any replica can continue one. Each session is one key whose
+    expiry is the idle TTL (refreshed by ``put``); a second, long-lived ``seen:`` key written at
+    ``create`` lets ``get`` tell an expired session (410) from one that never existed (404),
+    since Redis expires keys silently. ``evictions`` stays 0: Redis does not say when."""
+
+    def __init__(
+        self,
+        url: str,
+        idle_ttl_s: float,
+        prefix: str = "worldplan:",
+        seen_ttl_s: float = 24 * 3600,
+    ) -> None:
+        _check_ttl(idle_ttl_s)
+        if seen_ttl_s < idle_ttl_s:
+            raise ValueError("seen_ttl_s must be at least idle_ttl_s")
+        self.idle_ttl_s = idle_ttl_s
+        self.seen_ttl_s = seen_ttl_s
+        self.prefix = prefix
+        self.evictions = 0
+        self._redis = aioredis.Redis.from_url(url)
+
+    def _key(self, session_id: str) -> str:
+        return f"{self.prefix}session:{session_id}"
+
+    def _seen(self, session_id: str) -> str:
+        return f"{self.prefix}seen:{session_id}"
+
+    def _px(self, seconds: float) -> int:
+        return max(1, round(seconds * 1000))
+
+    async def _missing(self, session_id: str) -> KeyError:
+        if await self._redis.exists(self._seen(session_id)):
+            return SessionExpired(session_id)
+        return SessionNotFound(session_id)
+
+    async def create(self, session: Session) -> None:
+        sid = session.session_id
+        record = session_to_bytes(session)
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(sid), record, px=self._px(self.idle_ttl_s), nx=True)
+            pipe.set(self._seen(sid), b"1", px=self._px(self.seen_ttl_s))
+            created, _ = await pipe.execute()
+        if not created:
+            raise ValueError(f"session {sid!r} already exists")
+
+    async def get(self, session_id: str) -> Session:
+        record = await self._redis.get(self._key(session_id))
+        if record is None:
+            raise await self._missing(session_id)
+        return session_from_bytes(record)
+
+    async def put(self, session: Session) -> None:
+        sid = session.session_id
+        record = session_to_bytes(session)
+        # XX: a session that expired or was deleted meanwhile is not brought back.
+        async with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._key(sid), record, px=self._px(self.idle_ttl_s), xx=True)
+            pipe.pexpire(self._seen(sid), self._px(self.seen_ttl_s))
+            written, _ = await pipe.execute()
+        if not written:
+            raise await self._missing(sid)
+
+    async def delete(self, session_id: str) -> None:
+        if not await self._redis.delete(self._key(session_id)):
+            raise await self._missing(session_id)
+        await self._redis.delete(self._seen(session_id))
+
+    async def count(self) -> int:
+        pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "session:*"
+        n = 0
+        async for _ in self._redis.scan_iter(match=pattern, count=1000):
+            n += 1
+        return n
+
+    async def close(self) -> None:
+        await self._redis.aclose()
