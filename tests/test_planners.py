@@ -164,14 +164,17 @@ def test_batched_decisions_equal_one_by_one_decisions(bundle, planner):
     delta = None
     if planner == "online_adaptation":
         delta = jax.tree.map(lambda x: jnp.stack([x] * n), zeros_like_psi(params))
+    # Each session brings its own knobs: the second one a different KL coefficient.
+    knob_rows = [knobs, knobs._replace(kl_coef=jnp.float32(3.0)), knobs]
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *knob_rows)
     batched = compile_decide(model, shape, batched=True)(
-        params, lstm, obs, weights, keys, knobs, delta
+        params, lstm, obs, weights, keys, stacked, delta
     )
     single = compile_decide(model, shape)
     for i in range(n):
         item = jax.tree.map(lambda x, i=i: x[i], delta) if delta is not None else None
         lstm_i = (lstm[0][i], lstm[1][i])
-        one = single(params, lstm_i, obs[i], weights[i], keys[i], knobs, item)
+        one = single(params, lstm_i, obs[i], weights[i], keys[i], knob_rows[i], item)
         np.testing.assert_allclose(batched.plan.action[i], one.plan.action, rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(batched.plan.value[i], one.plan.value, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(batched.lstm[1][i], one.lstm[1], rtol=1e-4, atol=1e-5)

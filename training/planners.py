@@ -242,12 +242,16 @@ def decide(model: WorldModel, shape: PlanShape, params, lstm, obs, weights, key,
 @functools.cache
 def compile_decide(model: WorldModel, shape: PlanShape, batched: bool = False) -> Callable:
     """jit(decide) for one planner configuration, made once per (model, shape); `batched`
-    vmaps it over sessions (everything but the parameters and the knobs has a leading
-    batch axis)."""
+    vmaps it over sessions (every input but the parameters has a leading batch axis)."""
 
     def fn(params, lstm, obs, weights, key, knobs, delta):
         return decide(model, shape, params, lstm, obs, weights, key, knobs, delta)
 
     if batched:
-        fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, None, 0))
+        fn = jax.vmap(fn, in_axes=(None, 0, 0, 0, 0, 0, 0))
     return jax.jit(fn)
+
+
+def session_key(seed: jax.Array, step: jax.Array) -> jax.Array:
+    """The PRNG key of a session's step: a retry or a replay draws the same numbers."""
+    return jax.random.fold_in(jax.random.key(seed), step)

@@ -1,0 +1,94 @@
+"""The service's batch programs: padding, batching and determinism."""
+
+import numpy as np
+import pytest
+
+from service.engine import Decision, Engine
+from training.checkpoint import restore_bundle
+from training.planners import PLANNERS, PlanShape
+from training.tasks import task_weights
+
+
+@pytest.fixture(scope="module")
+def engine(trained):
+    return Engine(restore_bundle(trained.run_dir), batch_sizes=(1, 4))
+
+
+def decisions(engine, n):
+    model, params = engine.model, engine.params
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        goal = rng.uniform(-1, 1, 2).tolist()
+        out.append(
+            Decision(
+                observation=rng.normal(size=4).astype(np.float32),
+                lstm_c=(0.1 * rng.normal(size=model.mdn.hidden)).astype(np.float32),
+                lstm_h=(0.1 * rng.normal(size=model.mdn.hidden)).astype(np.float32),
+                weights=task_weights(model, params, {"kind": "goal", "goal": goal}),
+                seed=100 + i,
+                step=i,
+                knobs=(1e-3, 1.0 + i, 1.0),
+            )
+        )
+    return out
+
+
+@pytest.mark.parametrize("planner", PLANNERS)
+def test_batched_padded_run_equals_one_by_one(engine, planner):
+    shape = PlanShape(planner, 4, 8, 5, 8)
+    batch = decisions(engine, 3)
+    together = engine.run(shape, batch)  # padded to 4
+    assert len(together) == 3
+    for item, outcome in zip(batch, together, strict=True):
+        (alone,) = engine.run(shape, [item])
+        np.testing.assert_allclose(outcome.action, alone.action, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(outcome.lstm_h, alone.lstm_h, rtol=1e-4, atol=1e-5)
+        assert outcome.diagnostics.keys() == alone.diagnostics.keys()
+        assert (outcome.delta is None) == (planner != "online_adaptation")
+    again = engine.run(shape, batch)
+    for a, b in zip(together, again, strict=True):
+        np.testing.assert_array_equal(a.action, b.action)  # same seed and step, same action
+
+
+def test_the_step_and_the_seed_change_the_draw(engine):
+    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    (base,) = decisions(engine, 1)
+    first = engine.run(shape, [base])[0].action
+    moved = engine.run(shape, [Decision(**{**base.__dict__, "step": base.step + 1})])[0].action
+    reseeded = engine.run(shape, [Decision(**{**base.__dict__, "seed": base.seed + 1})])[0].action
+    assert not np.array_equal(first, moved) and not np.array_equal(first, reseeded)
+
+
+def test_oversized_batches_are_refused(engine):
+    with pytest.raises(ValueError, match="largest compiled size 4"):
+        engine.run(PlanShape("controller", 4, 8, 5, 8), decisions(engine, 5))
+
+
+def test_warm_up_compiles_every_size(engine):
+    assert engine.warm_up([PlanShape("controller", 4, 8, 5, 8)]) >= 0.0
+
+
+def test_batcher_gathers_concurrent_decisions_and_keeps_their_answers(engine):
+    import asyncio
+
+    from service.batcher import Batcher
+
+    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    batch = decisions(engine, 4)
+    expected = [engine.run(shape, [d])[0].action for d in batch]
+    sizes = []
+
+    async def main():
+        batcher = Batcher(engine, max_batch=4, max_wait_ms=200, on_batch=lambda s: sizes.append(s))
+        outcomes = await asyncio.gather(*(batcher.submit(shape, d) for d in batch))
+        late = await batcher.submit(shape, batch[0])  # alone: flushed after max_wait_ms
+        await batcher.close()
+        return outcomes, late
+
+    outcomes, late = asyncio.run(main())
+    assert [s.size for s in sizes] == [4, 1]
+    assert sizes[1].queue_wait_s[0] >= 0.19
+    for outcome, action in zip(outcomes, expected, strict=True):
+        np.testing.assert_allclose(outcome.action, action, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(late.action, expected[0], rtol=1e-4, atol=1e-5)
