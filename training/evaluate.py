@@ -246,15 +246,16 @@ def ablate(
     grid = grid or ABLATION_GRID
     goals = evaluation_goals(bundle, n_goals, seed)
     base = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for knob, values in grid.items():
         for value in values:
             planning = base.model_copy(update={knob: value})
             result = evaluate(bundle, planning, goals, max_steps, progress)
             rows.append({"knob": knob, "value": value, "summary": result["summary"]})
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = {"env": bundle.env_id, "seed": seed, "defaults": base.model_dump(), "rows": rows}
-    (out_dir / "ablation.json").write_text(json.dumps(record, indent=1))
+            # Written after every setting: a long sweep that stops keeps what it measured.
+            record = {"env": bundle.env_id, "seed": seed, "defaults": base.model_dump()}
+            (out_dir / "ablation.json").write_text(json.dumps({**record, "rows": rows}, indent=1))
     (out_dir / "ablation.md").write_text(ablation_table(bundle.env_id, rows))
     plot_ablation(rows, out_dir)
     return rows
