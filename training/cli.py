@@ -99,6 +99,16 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(f"wrote ablation.json, ablation.md and plots to {out}")
 
 
+def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> None:
+    """What eval and ablate share: the bundle, the goals and where results go."""
+    p.add_argument("run_dir")
+    p.add_argument("--goals", type=int, default=goals, help="held-out goals (half in rare cells)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the goals and episodes")
+    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
+    p.add_argument("--out", help=f"output directory (default: RUN_DIR/{out})")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldplan", description="World models trained offline, planning at decision time."
@@ -130,24 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")
-    p.add_argument("run_dir")
+    add_episode_options(p, goals=20, out="eval")
     p.add_argument("--planner", default="all", help="a planner, a comma list, or all")
-    p.add_argument("--goals", type=int, default=20, help="held-out goals (half in rare cells)")
     p.add_argument("--episodes", type=int, default=1, help="episodes per goal")
-    p.add_argument("--seed", type=int, default=0, help="seed of the goals and episodes")
-    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/eval)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="sweep the online-adaptation knobs one at a time")
-    p.add_argument("run_dir")
-    p.add_argument("--goals", type=int, default=10)
+    add_episode_options(p, goals=10, out="ablation")
     p.add_argument("--knobs", help="comma list of knobs (default: all four)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
-    p.add_argument("--out", help="output directory (default: RUN_DIR/ablation)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("inspect", help="restore a bundle and print its metadata")

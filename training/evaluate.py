@@ -189,20 +189,28 @@ def fmt(value, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def comparison_table(env_id: str, results: list[dict]) -> str:
-    lines = [
-        f"| {env_id} planner | success | rare goals | common goals | return | steps to goal "
-        "| plan ms (p50) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        s = r["summary"]
-        lines.append(
-            f"| `{r['planner']}` | {fmt(s['success_rate'])} | {fmt(s['success_rare'])} "
-            f"| {fmt(s['success_common'])} | {fmt(s['mean_return'])} "
-            f"| {fmt(s['mean_steps_to_goal'], '.0f')} | {fmt(s['plan_ms_median'], '.1f')} |"
-        )
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def comparison_table(env_id: str, results: list[dict]) -> str:
+    header = [f"{env_id} planner", "success", "rare goals", "common goals", "return"]
+    header += ["steps to goal", "plan ms (p50)"]
+    rows = [
+        [
+            f"`{r['planner']}`",
+            fmt(r["summary"]["success_rate"]),
+            fmt(r["summary"]["success_rare"]),
+            fmt(r["summary"]["success_common"]),
+            fmt(r["summary"]["mean_return"]),
+            fmt(r["summary"]["mean_steps_to_goal"], ".0f"),
+            fmt(r["summary"]["plan_ms_median"], ".1f"),
+        ]
+        for r in results
+    ]
+    return markdown_table(header, rows)
 
 
 def compare_planners(
@@ -262,15 +270,18 @@ def ablate(
 
 
 def ablation_table(env_id: str, rows: list[dict]) -> str:
-    lines = [
-        f"| {env_id}: knob | value | success | rare goals | value gain | KL | ms / decision |",
-        "|---|---|---|---|---|---|---|",
+    header = [f"{env_id}: knob", "value", "success", "rare goals", "value gain", "KL"]
+    header.append("ms / decision")
+    cells = [
+        [
+            r["knob"],
+            f"{r['value']:g}",
+            fmt(r["summary"]["success_rate"]),
+            fmt(r["summary"]["success_rare"]),
+            fmt(r["summary"]["value_gain"], ".3g"),
+            fmt(r["summary"]["kl"], ".3g"),
+            fmt(r["summary"]["plan_ms_median"], ".1f"),
+        ]
+        for r in rows
     ]
-    for r in rows:
-        s = r["summary"]
-        lines.append(
-            f"| {r['knob']} | {r['value']:g} | {fmt(s['success_rate'])} | "
-            f"{fmt(s['success_rare'])} | {fmt(s['value_gain'], '.3g')} | {fmt(s['kl'], '.3g')} "
-            f"| {fmt(s['plan_ms_median'], '.1f')} |"
-        )
-    return "\n".join(lines) + "\n"
+    return markdown_table(header, cells)
