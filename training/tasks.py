@@ -68,3 +68,13 @@ def fit_reward_weights(model: WorldModel, params: dict, observations, rewards) -
     z = model.encode(params, jnp.asarray(obs))
     phi = model.phi(params, jnp.asarray(obs), z)
     return np.asarray(least_squares_weights(phi, jnp.asarray(rewards)))
+
+
+def default_task(model: WorldModel, params: dict) -> dict:
+    """The task of a session that names none: with goal tasks, a goal at the data's mean
+    position; otherwise the all-zero embedding (every outcome of equal value)."""
+    goal_dims = model.config.value.goal_dims
+    if model.goal_decoder is not None and goal_dims is not None:
+        mean = np.asarray(params["normaliser"]["mean"])[list(goal_dims)]
+        return {"kind": "goal", "goal": [round(float(x), 4) for x in mean]}
+    return {"kind": "embedding", "embedding": [0.0] * model.psi_dim}

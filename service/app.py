@@ -1,0 +1,110 @@
+"""create_app(settings): the FastAPI application. Its lifespan restores the bundle, builds
+the engine, compiles every published program and only then turns /readyz to 200."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from service.batcher import Batcher
+from service.engine import Engine
+from service.errors import ApiError, error_response
+from service.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from service.settings import Settings
+from training.checkpoint import Bundle, params_digest, restore_bundle
+from training.planners import PlanShape
+
+
+@dataclass
+class Runtime:
+    """What the handlers share once the lifespan has started."""
+
+    settings: Settings
+    bundle: Bundle
+    engine: Engine
+    batcher: Batcher
+    store: SessionStore
+    model_version: str
+    shapes: list[PlanShape]
+    ready: bool = False
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+
+    def lock(self, session_id: str) -> asyncio.Lock:
+        """Requests of one session run in order."""
+        return self.locks.setdefault(session_id, asyncio.Lock())
+
+
+def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
+    """Every plan shape a request may ask for: the defaults of each planner, and online
+    adaptation at each published step count and sample count."""
+    base = bundle.config.planning
+    shapes = {
+        PlanShape(name, base.sample_steps, base.n_samples, base.adaptation_steps,
+                  base.n_adaptation_samples)
+        for name in ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
+    }  # fmt: skip
+    for steps in {*settings.adapt_steps, base.adaptation_steps}:
+        for samples in {*settings.sample_counts, base.n_adaptation_samples}:
+            shapes.add(
+                PlanShape("online_adaptation", base.sample_steps, base.n_samples, steps, samples)
+            )
+    return sorted(shapes, key=lambda s: (s.planner, s.adaptation_steps, s.n_adaptation_samples))
+
+
+def make_store(settings: Settings) -> SessionStore:
+    if settings.session_store == "redis":
+        return RedisSessionStore(settings.redis_url, settings.session_ttl_s)
+    return MemorySessionStore(settings.max_sessions, settings.session_ttl_s)
+
+
+def default_model_dir():
+    from importlib.resources import files
+
+    return files("service") / "default_model"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loop = asyncio.get_running_loop()
+        model_dir = settings.model_dir or default_model_dir()
+        bundle = await loop.run_in_executor(None, restore_bundle, model_dir)
+        engine = Engine(bundle, settings.batch_sizes)
+        runtime = Runtime(
+            settings=settings,
+            bundle=bundle,
+            engine=engine,
+            batcher=Batcher(engine, settings.max_batch, settings.max_wait_ms),
+            store=make_store(settings),
+            model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
+            shapes=published_shapes(bundle, settings),
+        )
+        app.state.runtime = runtime
+        if settings.warm_up:
+            await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
+        runtime.ready = True
+        yield
+        await runtime.batcher.close()
+        await runtime.store.close()
+
+    app = FastAPI(title="worldplan", version="1", lifespan=lifespan)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err)
+
+    @app.exception_handler(RequestValidationError)
+    async def schema_error(request: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(ApiError.from_validation(err.errors()))
+
+    from service.routes import router
+
+    app.include_router(router)
+    return app

@@ -1,0 +1,279 @@
+"""Thin handlers: parse and check, call the store and the batcher, answer."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request, Response
+from pydantic import BaseModel, ValidationError
+
+from service import codec
+from service.engine import Decision
+from service.errors import ApiError, expired, not_found
+from service.schemas import ActRequest, ActResponse, CreateSession, PlannerOverrides
+from service.sessions import Session, SessionExpired, SessionNotFound
+from training.config import PlanningConfig
+from training.planners import PlanShape
+from training.tasks import TaskError, default_task, task_weights
+
+router = APIRouter()
+
+
+def runtime(request: Request):
+    rt = getattr(request.app.state, "runtime", None)
+    if rt is None or not rt.ready:
+        raise ApiError(503, "not_ready", "the model is loading", headers={"Retry-After": "1"})
+    return rt
+
+
+def check_api_key(request: Request, rt) -> None:
+    key = rt.settings.api_key
+    if key and not secrets.compare_digest(request.headers.get("x-api-key", ""), key):
+        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+
+
+async def read_body(request: Request, model: type[BaseModel], rt) -> BaseModel:
+    body = await request.body()
+    if len(body) > rt.settings.max_body_bytes:
+        raise ApiError(413, "body_too_large", f"body over {rt.settings.max_body_bytes} bytes")
+    try:
+        raw = codec.decode_body(body, request.headers.get("content-type"))
+        return model.model_validate(raw if raw is not None else {})
+    except codec.CodecError as err:
+        raise ApiError(400, "bad_body", str(err)) from None
+    except ValidationError as err:
+        raise ApiError.from_validation(err.errors()) from None
+
+
+def answer(request: Request, payload: dict, status: int = 200) -> Response:
+    kind = codec.negotiate(request.headers.get("accept"), request.headers.get("content-type"))
+    return Response(codec.encode_body(payload, kind), status_code=status, media_type=kind)
+
+
+async def load_session(rt, session_id: str) -> Session:
+    try:
+        return await rt.store.get(session_id)
+    except SessionNotFound:
+        raise not_found(session_id) from None
+    except SessionExpired:
+        raise expired(session_id) from None
+
+
+def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
+    bundle = rt.bundle
+    task = task or default_task(bundle.model, bundle.params)
+    try:
+        return task, np.asarray(task_weights(bundle.model, bundle.params, task), np.float32)
+    except TaskError as err:
+        raise ApiError(422, "invalid_task", str(err)) from None
+
+
+def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> PlanningConfig:
+    """The bundle's defaults, then the session's overrides, then the request's; shapes
+    that were not compiled are refused."""
+    merged = {**session.planner, **(overrides.model_dump(exclude_none=True) if overrides else {})}
+    planning = rt.bundle.config.planning.model_copy(update=merged)
+    if PlanShape.of(planning) not in rt.shapes:
+        raise ApiError(
+            422,
+            "unsupported_planner_shape",
+            "adaptation_steps / n_adaptation_samples outside the published set",
+            {"planner_limits": planner_limits(rt)},
+        )
+    return planning
+
+
+def planner_limits(rt) -> dict:
+    oa = [s for s in rt.shapes if s.planner == "online_adaptation"]
+    return {
+        "planners": sorted({s.planner for s in rt.shapes}),
+        "adaptation_steps": sorted({s.adaptation_steps for s in oa}),
+        "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
+        "delta_phi_lr": {"gt": 0.0, "lt": 1.0},
+        "kl_coef": {"ge": 0.0},
+        "guidance_scale": {"ge": 0.0},
+    }
+
+
+def check_observation(rt, value: Any) -> np.ndarray:
+    spaces = rt.bundle.model.spaces
+    try:
+        obs = codec.to_array(value, "observation", dtype=None)
+    except codec.CodecError as err:
+        raise ApiError(400, "bad_observation", str(err)) from None
+    if tuple(obs.shape) != spaces.obs_shape:
+        raise ApiError(
+            400,
+            "bad_observation",
+            f"observation has shape {list(obs.shape)}, the model takes {list(spaces.obs_shape)}",
+            {"expected_shape": list(spaces.obs_shape)},
+        )
+    if spaces.obs_kind == "pixels" and obs.dtype != np.uint8:
+        raise ApiError(400, "bad_observation", f"pixels must be uint8, got {obs.dtype}")
+    if obs.dtype.kind not in "biuf":
+        raise ApiError(400, "bad_observation", f"observation dtype {obs.dtype} is not numeric")
+    if not np.all(np.isfinite(obs)):
+        raise ApiError(400, "bad_observation", "observation holds NaN or Inf")
+    return obs.astype(np.float32)
+
+
+@router.get("/healthz")
+async def healthz() -> dict:
+    return {"status": "alive"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> dict:
+    runtime(request)
+    return {"status": "ready"}
+
+
+@router.get("/model")
+async def model_info(request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    model, bundle = rt.bundle.model, rt.bundle
+    spaces = model.spaces
+    observation_space = {"shape": list(spaces.obs_shape), "dtype": "uint8"}
+    if spaces.obs_kind == "vector":
+        observation_space["dtype"] = "float32"
+    info = {
+        "model_version": rt.model_version,
+        "env_id": bundle.env_id,
+        "observation_space": observation_space,
+        "action_space": {
+            "shape": [spaces.action_dim],
+            "low": list(spaces.action_low),
+            "high": list(spaces.action_high),
+        },
+        "default_task": default_task(model, bundle.params),
+        "planner_defaults": bundle.config.planning.model_dump(),
+        "planner_limits": planner_limits(rt),
+    }
+    return answer(request, info)
+
+
+@router.post("/sessions", status_code=201)
+async def create_session(request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    body = await read_body(request, CreateSession, rt)
+    task, weights = resolve_task(rt, body.task.model_dump() if body.task else None)
+    now = time.time()
+    session = Session(
+        session_id=secrets.token_urlsafe(12),
+        seed=body.seed if body.seed is not None else secrets.randbits(32),
+        step=-1,
+        lstm_c=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
+        lstm_h=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
+        task=task,
+        task_weights=weights,
+        planner=body.planner.model_dump(exclude_none=True) if body.planner else {},
+        last_response=None,
+        delta=None,
+        created_at=now,
+        last_used=now,
+    )
+    planning_for(rt, session, None)  # refuses overrides that no program serves
+    await rt.store.create(session)
+    payload = {"session_id": session.session_id, "model_version": rt.model_version}
+    return answer(request, payload, status=201)
+
+
+@router.get("/sessions/{session_id}")
+async def get_session(session_id: str, request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    s = await load_session(rt, session_id)
+    info = {
+        "session_id": s.session_id,
+        "step": s.step,
+        "task": s.task,
+        "planner": s.planner,
+        "idle_seconds": round(time.time() - s.last_used, 3),
+    }
+    return answer(request, info)
+
+
+@router.delete("/sessions/{session_id}", status_code=204)
+async def delete_session(session_id: str, request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    try:
+        await rt.store.delete(session_id)
+    except SessionNotFound:
+        raise not_found(session_id) from None
+    except SessionExpired:
+        raise expired(session_id) from None
+    rt.locks.pop(session_id, None)
+    return Response(status_code=204)
+
+
+@router.post("/act")
+async def act(request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    body: ActRequest = await read_body(request, ActRequest, rt)
+    started = time.perf_counter()
+    async with rt.lock(body.session_id):
+        session = await load_session(rt, body.session_id)
+        expected = session.step + 1
+        if body.step is not None and body.step == session.step and session.last_response:
+            return answer(request, session.last_response)  # a retry: nothing advances
+        if body.step is not None and body.step != expected:
+            raise ApiError(
+                409,
+                "step_conflict",
+                f"step {body.step} is neither the last applied step nor the next",
+                {"expected_step": expected, "last_step": session.step},
+            )
+        obs = check_observation(rt, body.observation)
+        planning = planning_for(rt, session, body.planner)
+        hidden = rt.bundle.model.mdn.hidden
+        zero = np.zeros(hidden, np.float32)
+        decision = Decision(
+            observation=obs,
+            lstm_c=zero if body.reset else session.lstm_c,
+            lstm_h=zero if body.reset else session.lstm_h,
+            weights=session.task_weights,
+            seed=session.seed,
+            step=expected,
+            knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+            delta=session.delta,
+        )
+        deadline = (body.deadline_ms or rt.settings.default_deadline_ms) / 1000.0
+        queued = time.perf_counter()
+        try:
+            outcome = await asyncio.wait_for(
+                rt.batcher.submit(PlanShape.of(planning), decision), deadline
+            )
+        except TimeoutError:
+            message = f"no answer within {deadline * 1000:.0f} ms"
+            raise ApiError(504, "deadline_exceeded", message) from None
+        response = ActResponse(
+            session_id=session.session_id,
+            step=expected,
+            action=[float(a) for a in outcome.action],
+            planner=planning.planner,
+            diagnostics=outcome.diagnostics,
+            timing={
+                "total_ms": round(1000 * (time.perf_counter() - started), 3),
+                "plan_ms": round(1000 * (time.perf_counter() - queued), 3),
+            },
+            model_version=rt.model_version,
+        ).model_dump()
+        session.step = expected
+        session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
+        session.last_response = response
+        session.last_used = time.time()
+        try:
+            await rt.store.put(session)
+        except SessionNotFound:
+            raise not_found(session.session_id) from None
+        except SessionExpired:
+            raise expired(session.session_id) from None
+    return answer(request, response)

@@ -1,0 +1,38 @@
+"""Service settings, read from WORLDPLAN_* environment variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WORLDPLAN_", frozen=True)
+
+    model_dir: Path | None = Field(None, description="bundle directory; unset: the bundled one")
+    api_key: str | None = Field(None, description="required in X-API-Key when set")
+    batch_sizes: tuple[int, ...] = Field((1, 8, 32), description="compiled batch sizes")
+    max_batch: int = Field(32, ge=1, description="most decisions gathered into one call")
+    max_wait_ms: float = Field(2.0, ge=0.0, description="longest a decision waits for others")
+    adapt_steps: tuple[int, ...] = Field(
+        (10, 50), description="adaptation step counts compiled for /act and /adapt overrides"
+    )
+    sample_counts: tuple[int, ...] = Field(
+        (16, 32, 64), description="n_adaptation_samples values compiled for overrides"
+    )
+    session_store: Literal["memory", "redis"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    max_sessions: int = Field(10_000, ge=1)
+    session_ttl_s: float = Field(3600.0, gt=0.0, description="idle time before a session ends")
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    default_deadline_ms: float = Field(10_000.0, gt=0.0)
+    warm_up: bool = Field(True, description="compile every program before turning ready")
+
+    @model_validator(mode="after")
+    def _batches_fit(self) -> Settings:
+        if self.max_batch > max(self.batch_sizes):
+            raise ValueError("max_batch exceeds the largest compiled batch size")
+        return self

@@ -1,0 +1,192 @@
+"""The service through a real uvicorn server on loopback, driven with httpx."""
+
+import asyncio
+import math
+import socket
+import threading
+import time
+
+import httpx
+import msgpack
+import numpy as np
+import pytest
+import uvicorn
+
+from service.app import create_app
+from service.settings import Settings
+
+KEY = "test-key"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    settings = Settings(
+        model_dir=trained.run_dir,
+        api_key=KEY,
+        batch_sizes=(1, 4),
+        max_batch=4,
+        max_wait_ms=5,
+        adapt_steps=(5,),
+        sample_counts=(8,),
+    )
+    port = free_port()
+    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    srv = uvicorn.Server(config)
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while True:
+        try:
+            if httpx.get(f"{url}/readyz").status_code == 200:
+                break
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, "the server never became ready"
+        time.sleep(0.1)
+    yield url
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    with httpx.Client(base_url=server, headers={"X-API-Key": KEY}, timeout=30) as c:
+        yield c
+
+
+def new_session(client, **body) -> str:
+    r = client.post("/sessions", json=body)
+    assert r.status_code == 201, r.text
+    return r.json()["session_id"]
+
+
+OBS = [0.5, -0.5, 0.1, 0.0]
+
+
+def test_probes_and_model(client, server):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "alive"}
+    assert httpx.get(f"{server}/readyz").status_code == 200  # no key needed for probes
+    info = client.get("/model").json()
+    assert info["observation_space"]["shape"] == [4]
+    assert info["action_space"] == {"shape": [2], "low": [-1.0, -1.0], "high": [1.0, 1.0]}
+    assert info["default_task"]["kind"] == "goal"
+    assert info["planner_limits"]["adaptation_steps"] == [5]
+
+
+def test_api_key_is_required(server):
+    r = httpx.post(f"{server}/sessions", json={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "unauthorized"
+    r = httpx.get(f"{server}/model", headers={"X-API-Key": "wrong"})
+    assert r.status_code == 401
+
+
+def test_steps_are_idempotent_and_gaps_conflict(client):
+    sid = new_session(client, seed=7)
+    first = client.post("/act", json={"session_id": sid, "observation": OBS, "step": 0})
+    assert first.status_code == 200, first.text
+    assert first.json()["step"] == 0 and len(first.json()["action"]) == 2
+    retry = client.post("/act", json={"session_id": sid, "observation": OBS, "step": 0})
+    assert retry.json() == first.json()
+    assert client.get(f"/sessions/{sid}").json()["step"] == 0
+    gap = client.post("/act", json={"session_id": sid, "observation": OBS, "step": 2})
+    assert gap.status_code == 409
+    assert gap.json()["error"]["detail"]["expected_step"] == 1
+    nxt = client.post("/act", json={"session_id": sid, "observation": OBS})
+    assert nxt.json()["step"] == 1
+    assert all(-1.0 <= a <= 1.0 for a in nxt.json()["action"])
+
+
+@pytest.mark.parametrize(
+    ("observation", "code"),
+    [([1.0, 2.0], 400), ([1.0, math.nan, 0.0, 0.0], 400), ("north", 400), ([[1, 2, 3, 4]], 400)],
+)
+def test_bad_observations_change_nothing(client, observation, code):
+    sid = new_session(client)
+    client.post("/act", json={"session_id": sid, "observation": OBS})
+    body = {"session_id": sid, "observation": observation}
+    r = client.post("/act", content=__import__("json").dumps(body, allow_nan=True),
+                    headers={"Content-Type": "application/json"})  # fmt: skip
+    assert r.status_code == code, r.text
+    assert r.json()["error"]["code"] == "bad_observation"
+    assert client.get(f"/sessions/{sid}").json()["step"] == 0
+
+
+def test_unknown_and_deleted_sessions(client):
+    assert client.post("/act", json={"session_id": "nope", "observation": OBS}).status_code == 404
+    sid = new_session(client)
+    assert client.delete(f"/sessions/{sid}").status_code == 204
+    r = client.get(f"/sessions/{sid}")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "session_not_found"
+
+
+def test_schema_errors_are_422_with_the_error_shape(client):
+    r = client.post("/sessions", json={"planner": {"planner": "teleport"}})
+    assert r.status_code == 422
+    assert r.json()["error"]["code"] == "invalid_request"
+    assert "planner.planner" in r.json()["error"]["message"]
+    r = client.post("/sessions", json={"planner": {"adaptation_steps": 7}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"
+    r = client.post("/sessions", json={"task": {"kind": "goal", "goal": [1.0]}})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_task"
+
+
+def test_msgpack_and_json_give_the_same_action(client):
+    a = new_session(client, seed=11)
+    b = new_session(client, seed=11)
+    by_json = client.post("/act", json={"session_id": a, "observation": OBS}).json()
+    packed = msgpack.packb(
+        {
+            "session_id": b,
+            "observation": {
+                "__ndarray__": True,
+                "data": np.asarray(OBS, np.float32).tobytes(),
+                "dtype": "<f4",
+                "shape": [4],
+            },
+        }
+    )
+    r = client.post(
+        "/act",
+        content=packed,
+        headers={"Content-Type": "application/msgpack", "Accept": "application/msgpack"},
+    )
+    assert r.headers["content-type"].startswith("application/msgpack")
+    by_msgpack = msgpack.unpackb(r.content)
+    assert by_msgpack["action"] == by_json["action"]
+
+
+def test_concurrent_sessions_are_isolated(server):
+    """Sessions stepped concurrently (and so batched together) end where a sequential
+    replay of each one's own steps ends."""
+    n_sessions, n_steps = 12, 4
+    rng = np.random.default_rng(0)
+    observations = rng.normal(size=(n_sessions, n_steps, 4)).round(3).tolist()
+
+    async def run(concurrent: bool) -> list[list[list[float]]]:
+        headers = {"X-API-Key": KEY}
+        async with httpx.AsyncClient(base_url=server, headers=headers, timeout=60) as c:
+            ids = []
+            for i in range(n_sessions):
+                r = await c.post("/sessions", json={"seed": 1000 + i})
+                ids.append(r.json()["session_id"])
+
+            async def drive(i):
+                actions = []
+                for t in range(n_steps):
+                    body = {"session_id": ids[i], "observation": observations[i][t], "step": t}
+                    actions.append((await c.post("/act", json=body)).json()["action"])
+                return actions
+
+            if concurrent:
+                return list(await asyncio.gather(*(drive(i) for i in range(n_sessions))))
+            return [await drive(i) for i in range(n_sessions)]
+
+    together, alone = asyncio.run(run(True)), asyncio.run(run(False))
+    np.testing.assert_allclose(np.array(together), np.array(alone), rtol=1e-4, atol=1e-5)
