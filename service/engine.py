@@ -16,7 +16,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from training.checkpoint import Bundle
-from training.planners import Knobs, PlanShape, compile_decide, session_key, zeros_like_psi
+from training.planners import (
+    Knobs,
+    PlanShape,
+    compile_adapt,
+    compile_decide,
+    session_key,
+    zeros_like_psi,
+)
 
 
 @dataclass
@@ -106,6 +113,29 @@ class Engine:
             for i in range(n)
         ]
 
+    def adapt(self, shape: PlanShape, decision: Decision) -> tuple[dict, dict]:
+        """Δφ adaptation alone (no action, no M step): (Δφ, diagnostics)."""
+        key = jax.random.fold_in(session_key(decision.seed, decision.step), 1)
+        delta = decision.delta if decision.delta is not None else self._zero_delta
+        out = compile_adapt(self.model, shape)(
+            self.params,
+            jnp.asarray(decision.lstm_h),
+            jnp.asarray(decision.observation),
+            jnp.asarray(decision.weights),
+            key,
+            Knobs(*jnp.asarray(decision.knobs, jnp.float32)),
+            delta,
+        )
+        delta, trace, kept, kl, before, after = jax.device_get(out)
+        diagnostics = {
+            "objective": trace.tolist(),
+            "kept_step": int(kept),
+            "kl": float(kl),
+            "value_before": float(before),
+            "value_after": float(after),
+        }
+        return delta, diagnostics
+
     def warm_up(self, shapes: list[PlanShape]) -> float:
         """Compiles every (shape, batch size) program; returns the seconds it took."""
         started = time.perf_counter()
@@ -122,4 +152,6 @@ class Engine:
         for shape in shapes:
             for size in self.batch_sizes:
                 self.run(shape, [probe] * size)
+            if shape.planner == "online_adaptation":
+                self.adapt(shape, probe)
         return time.perf_counter() - started

@@ -14,7 +14,13 @@ from pydantic import BaseModel, ValidationError
 from service import codec
 from service.engine import Decision
 from service.errors import ApiError, expired, not_found
-from service.schemas import ActRequest, ActResponse, CreateSession, PlannerOverrides
+from service.schemas import (
+    ActRequest,
+    ActResponse,
+    AdaptRequest,
+    CreateSession,
+    PlannerOverrides,
+)
 from service.sessions import Session, SessionExpired, SessionNotFound
 from training.config import PlanningConfig
 from training.planners import PlanShape
@@ -269,11 +275,71 @@ async def act(request: Request) -> Response:
         session.step = expected
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
-        session.last_used = time.time()
-        try:
-            await rt.store.put(session)
-        except SessionNotFound:
-            raise not_found(session.session_id) from None
-        except SessionExpired:
-            raise expired(session.session_id) from None
+        session.last_observation = obs
+        await save_session(rt, session)
     return answer(request, response)
+
+
+async def save_session(rt, session: Session) -> None:
+    session.last_used = time.time()
+    try:
+        await rt.store.put(session)
+    except SessionNotFound:
+        raise not_found(session.session_id) from None
+    except SessionExpired:
+        raise expired(session.session_id) from None
+
+
+DEFAULT_ADAPT_STEPS = 50
+
+
+@router.post("/adapt")
+async def adapt(request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    body: AdaptRequest = await read_body(request, AdaptRequest, rt)
+    started = time.perf_counter()
+    async with rt.lock(body.session_id):
+        session = await load_session(rt, body.session_id)
+        if body.task is not None:
+            task, weights = resolve_task(rt, body.task.model_dump())
+        else:
+            task, weights = session.task, session.task_weights
+        if body.observation is not None:
+            obs = check_observation(rt, body.observation)
+        elif session.last_observation is not None:
+            obs = session.last_observation
+        else:
+            raise ApiError(422, "no_observation", "send an observation: the session has not acted")
+        steps = body.steps or DEFAULT_ADAPT_STEPS
+        overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
+        planning = planning_for(rt, session, overrides)
+        decision = Decision(
+            observation=obs,
+            lstm_c=session.lstm_c,
+            lstm_h=session.lstm_h,
+            weights=weights,
+            seed=session.seed,
+            step=session.step + 1,
+            knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+            delta=session.delta,
+        )
+        deadline = (body.deadline_ms or rt.settings.default_deadline_ms) / 1000.0
+        loop = asyncio.get_running_loop()
+        work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
+        try:
+            delta, diagnostics = await asyncio.wait_for(work, deadline)
+        except TimeoutError:
+            message = f"no answer within {deadline * 1000:.0f} ms"
+            raise ApiError(504, "deadline_exceeded", message) from None
+        session.task, session.task_weights = task, weights
+        if body.persist:
+            session.delta = delta
+        await save_session(rt, session)
+    payload = {
+        "session_id": session.session_id,
+        "task_embedding": [float(w) for w in weights],
+        "diagnostics": {**diagnostics, "steps": steps, "persisted": body.persist},
+        "timing": {"total_ms": round(1000 * (time.perf_counter() - started), 3)},
+    }
+    return answer(request, payload)

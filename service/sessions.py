@@ -40,6 +40,7 @@ class Session:
     delta: dict | None  # Δφ warm start: a pytree (nested dicts) of float32 arrays
     created_at: float
     last_used: float
+    last_observation: np.ndarray | None = None  # where /adapt adapts when given none
 
 
 _FIELDS = tuple(f.name for f in fields(Session))

@@ -190,3 +190,35 @@ def test_concurrent_sessions_are_isolated(server):
 
     together, alone = asyncio.run(run(True)), asyncio.run(run(False))
     np.testing.assert_allclose(np.array(together), np.array(alone), rtol=1e-4, atol=1e-5)
+
+
+def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
+    fresh = new_session(client)
+    r = client.post("/adapt", json={"session_id": fresh, "steps": 5})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "no_observation"
+
+    a, b, c = (new_session(client, seed=21) for _ in range(3))
+    for sid in (a, b, c):
+        client.post("/act", json={"session_id": sid, "observation": OBS})
+    r = client.post("/adapt", json={"session_id": a, "steps": 5})  # persist defaults to false
+    assert r.status_code == 200, r.text
+    diag = r.json()["diagnostics"]
+    assert len(diag["objective"]) == 6 and diag["steps"] == 5 and not diag["persisted"]
+    # the kept iterate's objective V - λ KL beats the start's V, so its V does too
+    assert diag["value_after"] >= diag["value_before"] - 1e-5
+    goal = {"kind": "goal", "goal": [0.9, -0.9]}
+    r = client.post(
+        "/adapt",
+        json={"session_id": b, "steps": 5, "task": goal, "observation": OBS, "persist": True},
+    )
+    assert r.status_code == 200 and len(r.json()["task_embedding"]) == 16
+    assert client.get(f"/sessions/{b}").json()["task"] == goal
+
+    oa = {"planner": "online_adaptation"}
+    acts = {
+        sid: client.post("/act", json={"session_id": sid, "observation": OBS, "planner": oa}).json()
+        for sid in (a, c)
+    }
+    assert acts[a]["action"] == acts[c]["action"]  # without persist, nothing of Δφ stays
+    r = client.post("/adapt", json={"session_id": a, "observation": OBS})  # 50 steps: not compiled
+    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"

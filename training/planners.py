@@ -255,3 +255,14 @@ def compile_decide(model: WorldModel, shape: PlanShape, batched: bool = False) -
 def session_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     """The PRNG key of a session's step: a retry or a replay draws the same numbers."""
     return jax.random.fold_in(jax.random.key(seed), step)
+
+
+@functools.cache
+def compile_adapt(model: WorldModel, shape: PlanShape) -> Callable:
+    """jit of Δφ adaptation alone at the state [V(obs), h]: what /adapt runs."""
+
+    def fn(params, lstm_h, obs, weights, key, knobs, delta):
+        state = jnp.concatenate([model.encode(params, obs), lstm_h], axis=-1)
+        return adapt_delta(model, shape, params, state, weights, key, knobs, delta)
+
+    return jax.jit(fn)
