@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install test lint format clean
+.PHONY: install serve test lint format clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +13,9 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 install: $(INSTALLED)
+
+serve: $(INSTALLED)
+	$(VENV)/bin/worldplan serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

@@ -4,6 +4,7 @@ the engine, compiles every published program and only then turns /readyz to 200.
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -32,6 +33,7 @@ class Runtime:
     model_version: str
     shapes: list[PlanShape]
     ready: bool = False
+    warm_up_s: float = 0.0
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)
 
     def lock(self, session_id: str) -> asyncio.Lock:
@@ -68,31 +70,49 @@ def default_model_dir():
     return files("service") / "default_model"
 
 
+async def prepare(app: FastAPI, settings: Settings) -> None:
+    loop = asyncio.get_running_loop()
+    model_dir = settings.model_dir or default_model_dir()
+    bundle = await loop.run_in_executor(None, restore_bundle, model_dir)
+    engine = Engine(bundle, settings.batch_sizes)
+    runtime = Runtime(
+        settings=settings,
+        bundle=bundle,
+        engine=engine,
+        batcher=Batcher(engine, settings.max_batch, settings.max_wait_ms),
+        store=make_store(settings),
+        model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
+        shapes=published_shapes(bundle, settings),
+    )
+    app.state.runtime = runtime
+    if settings.warm_up:
+        runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
+    runtime.ready = True
+
+
+async def prepare_or_report(app: FastAPI, settings: Settings) -> None:
+    try:
+        await prepare(app, settings)
+    except Exception as err:  # the process stays up and /readyz says why
+        logging.getLogger("worldplan").exception("could not load the model")
+        app.state.failure = f"{type(err).__name__}: {err}"
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        loop = asyncio.get_running_loop()
-        model_dir = settings.model_dir or default_model_dir()
-        bundle = await loop.run_in_executor(None, restore_bundle, model_dir)
-        engine = Engine(bundle, settings.batch_sizes)
-        runtime = Runtime(
-            settings=settings,
-            bundle=bundle,
-            engine=engine,
-            batcher=Batcher(engine, settings.max_batch, settings.max_wait_ms),
-            store=make_store(settings),
-            model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
-            shapes=published_shapes(bundle, settings),
-        )
-        app.state.runtime = runtime
-        if settings.warm_up:
-            await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
-        runtime.ready = True
+        # Loading and compiling run in the background so that /healthz answers at once
+        # and /readyz says 503 until every program is compiled.
+        app.state.runtime, app.state.failure = None, None
+        preparing = asyncio.create_task(prepare_or_report(app, settings))
         yield
-        await runtime.batcher.close()
-        await runtime.store.close()
+        preparing.cancel()
+        runtime = app.state.runtime
+        if runtime is not None:
+            await runtime.batcher.close()
+            await runtime.store.close()
 
     app = FastAPI(title="worldplan", version="1", lifespan=lifespan)
 

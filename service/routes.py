@@ -32,7 +32,9 @@ router = APIRouter()
 def runtime(request: Request):
     rt = getattr(request.app.state, "runtime", None)
     if rt is None or not rt.ready:
-        raise ApiError(503, "not_ready", "the model is loading", headers={"Retry-After": "1"})
+        failure = getattr(request.app.state, "failure", None)
+        message = f"the model failed to load: {failure}" if failure else "the model is loading"
+        raise ApiError(503, "not_ready", message, headers={"Retry-After": "1"})
     return rt
 
 

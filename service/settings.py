@@ -21,7 +21,7 @@ class Settings(BaseSettings):
         (10, 50), description="adaptation step counts compiled for /act and /adapt overrides"
     )
     sample_counts: tuple[int, ...] = Field(
-        (16, 32, 64), description="n_adaptation_samples values compiled for overrides"
+        (32,), description="n_adaptation_samples values compiled for overrides"
     )
     session_store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"

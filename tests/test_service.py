@@ -1,6 +1,7 @@
 """The service through a real uvicorn server on loopback, driven with httpx."""
 
 import asyncio
+import contextlib
 import math
 import socket
 import threading
@@ -16,6 +17,7 @@ from service.app import create_app
 from service.settings import Settings
 
 KEY = "test-key"
+READINESS: list[int] = []
 
 
 def free_port() -> int:
@@ -42,14 +44,13 @@ def server(trained):
     thread.start()
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
-    while True:
-        try:
-            if httpx.get(f"{url}/readyz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
+    seen = []  # /readyz answers while the programs compile, then 200
+    while not seen or seen[-1] != 200:
+        with contextlib.suppress(httpx.TransportError):
+            seen.append(httpx.get(f"{url}/readyz").status_code)
         assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.1)
+        time.sleep(0.05)
+    READINESS[:] = seen
     yield url
     srv.should_exit = True
     thread.join(timeout=10)
@@ -68,6 +69,11 @@ def new_session(client, **body) -> str:
 
 
 OBS = [0.5, -0.5, 0.1, 0.0]
+
+
+def test_readiness_is_503_until_the_warm_up_ends(server):
+    assert READINESS[0] == 503 and READINESS[-1] == 200
+    assert set(READINESS) == {503, 200}
 
 
 def test_probes_and_model(client, server):

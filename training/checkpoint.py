@@ -46,15 +46,14 @@ def library_versions() -> dict[str, str]:
 def save(
     manager: ocp.CheckpointManager, step: int, params: dict, opt_state, metadata: dict
 ) -> None:
-    manager.save(
-        step,
-        args=ocp.args.Composite(
-            params=ocp.args.StandardSave(params),
-            opt_state=ocp.args.StandardSave(opt_state),
-            metadata=ocp.args.JsonSave({**metadata, "step": step}),
-        ),
-        force=True,
-    )
+    """Saves a step; `opt_state` None leaves it out (a serving bundle)."""
+    items = {
+        "params": ocp.args.StandardSave(params),
+        "metadata": ocp.args.JsonSave({**metadata, "step": step}),
+    }
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
 def latest_step(run_dir: str | Path) -> int | None:
@@ -117,3 +116,16 @@ def params_digest(params: dict) -> str:
         digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype}|{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
+    """The latest step of a run as a serving bundle: params and metadata, no optimiser
+    state (which only resuming needs), about a third of the size."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"{out_dir} is not empty")
+    bundle = restore_bundle(run_dir)
+    with open_manager(out_dir, max_to_keep=1) as manager:
+        save(manager, bundle.step, bundle.params, None, bundle.metadata)
+        manager.wait_until_finished()
+    return out_dir

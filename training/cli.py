@@ -99,6 +99,14 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(f"wrote ablation.json, ablation.md and plots to {out}")
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from training.checkpoint import export_bundle
+
+    out = export_bundle(args.run_dir, args.out)
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"exported {args.run_dir} to {out} ({size / 1e6:.1f} MB, params and metadata only)")
+
+
 def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> None:
     """What eval and ablate share: the bundle, the goals and where results go."""
     p.add_argument("run_dir")
@@ -110,6 +118,11 @@ def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> Non
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return new_parser()[0]
+
+
+def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
+    """The parser with the training commands, and its subcommand group for more."""
     parser = argparse.ArgumentParser(
         prog="worldplan", description="World models trained offline, planning at decision time."
     )
@@ -131,7 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_collect)
 
-    p = sub.add_parser("train", help="train V, M and C (staged) into a model bundle")
+    p = sub.add_parser(
+        "train", help="train the world model and the successor-feature model into a bundle"
+    )
     p.add_argument("--config", required=True, help="YAML path or packaged name (pointmaze-umaze)")
     p.add_argument("--data", help="dataset directory or Minari id (overrides data.path)")
     p.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
@@ -150,14 +165,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--knobs", help="comma list of knobs (default: all four)")
     p.set_defaults(func=cmd_ablate)
 
+    p = sub.add_parser("export", help="the latest step of a run as a serving bundle")
+    p.add_argument("run_dir")
+    p.add_argument("out", help="an empty or new directory")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("inspect", help="restore a bundle and print its metadata")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_inspect)
-    return parser
+    return parser, sub
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser(), argv)
+
+
+def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
+    """Parses and runs a command; expected failures print one line and exit 2."""
+    args = parser.parse_args(argv)
     try:
         args.func(args)
     except (ConfigError, OSError, ValueError) as err:
