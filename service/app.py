@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import ApiError, error_response
+from service.metrics import Metrics
 from service.sessions import MemorySessionStore, RedisSessionStore, SessionStore
 from service.settings import Settings
 from training.checkpoint import Bundle, params_digest, restore_bundle
@@ -79,7 +81,9 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
         settings=settings,
         bundle=bundle,
         engine=engine,
-        batcher=Batcher(engine, settings.max_batch, settings.max_wait_ms),
+        batcher=Batcher(
+            engine, settings.max_batch, settings.max_wait_ms, app.state.metrics.observe_batch
+        ),
         store=make_store(settings),
         model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
         shapes=published_shapes(bundle, settings),
@@ -115,6 +119,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.store.close()
 
     app = FastAPI(title="worldplan", version="1", lifespan=lifespan)
+    app.state.metrics = Metrics()
+
+    @app.middleware("http")
+    async def time_requests(request: Request, call_next):
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = request.scope.get("route")
+        app.state.metrics.request_seconds.labels(
+            getattr(route, "path", "unmatched"), request.method, str(response.status_code)
+        ).observe(time.perf_counter() - started)
+        return response
 
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:

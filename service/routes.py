@@ -140,6 +140,14 @@ async def readyz(request: Request) -> dict:
     return {"status": "ready"}
 
 
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    rt = runtime(request)
+    check_api_key(request, rt)
+    text = request.app.state.metrics.render(await rt.store.count(), rt.store.evictions)
+    return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
 @router.get("/model")
 async def model_info(request: Request) -> Response:
     rt = runtime(request)
@@ -274,6 +282,7 @@ async def act(request: Request) -> Response:
             },
             model_version=rt.model_version,
         ).model_dump()
+        request.app.state.metrics.observe_decision(planning.planner, outcome.diagnostics)
         session.step = expected
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
@@ -334,6 +343,7 @@ async def adapt(request: Request) -> Response:
         except TimeoutError:
             message = f"no answer within {deadline * 1000:.0f} ms"
             raise ApiError(504, "deadline_exceeded", message) from None
+        request.app.state.metrics.observe_adaptation(diagnostics)
         session.task, session.task_weights = task, weights
         if body.persist:
             session.delta = delta

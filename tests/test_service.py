@@ -228,3 +228,17 @@ def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
     assert acts[a]["action"] == acts[c]["action"]  # without persist, nothing of Δφ stays
     r = client.post("/adapt", json={"session_id": a, "observation": OBS})  # 50 steps: not compiled
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"
+
+
+def test_metrics_count_requests_batches_and_adaptation(client):
+    sid = new_session(client)
+    oa = {"planner": "online_adaptation"}
+    client.post("/act", json={"session_id": sid, "observation": OBS, "planner": oa})
+    text = client.get("/metrics").text
+    assert 'worldplan_request_seconds_count{method="POST",route="/act",status="200"}' in text
+    assert "worldplan_batch_size_count" in text and "worldplan_queue_wait_seconds_sum" in text
+    assert 'worldplan_decisions_total{planner="online_adaptation"}' in text
+    assert "worldplan_adaptation_kl_count" in text
+    active = [line for line in text.splitlines() if line.startswith("worldplan_active_sessions")]
+    assert float(active[0].split()[-1]) >= 1
+    assert httpx.get(str(client.base_url) + "/metrics").status_code == 401
