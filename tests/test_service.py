@@ -242,3 +242,26 @@ def test_metrics_count_requests_batches_and_adaptation(client):
     active = [line for line in text.splitlines() if line.startswith("worldplan_active_sessions")]
     assert float(active[0].split()[-1]) >= 1
     assert httpx.get(str(client.base_url) + "/metrics").status_code == 401
+
+
+def test_clients_sync_async_and_msgpack_agree(server):
+    from service.client import AsyncClient, Client, ServiceError
+
+    with Client(server, api_key=KEY) as c, Client(server, api_key=KEY, use_msgpack=True) as m:
+        a, b = c.create_session(seed=0), m.create_session(seed=0)
+        first = c.act(a, OBS, step=0)
+        assert c.act(a, OBS, step=0) == first  # a retried step is answered, not applied again
+        assert c.session(a)["step"] == 0
+        assert m.act(b, np.asarray(OBS, np.float32), step=0)["action"] == first["action"]
+        with pytest.raises(ServiceError) as err:
+            c.act(a, OBS, step=5)
+        assert err.value.status == 409 and err.value.detail["expected_step"] == 1
+
+    async def drive():
+        async with AsyncClient(server, api_key=KEY) as ac:
+            ids = [await ac.create_session(seed=0) for _ in range(3)]
+            answers = await asyncio.gather(*(ac.act(sid, OBS, step=0) for sid in ids))
+            return [r["action"] for r in answers]
+
+    # batched together: equal up to float32 rounding of the larger compiled batch
+    np.testing.assert_allclose(asyncio.run(drive()), [first["action"]] * 3, rtol=1e-5, atol=1e-6)

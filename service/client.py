@@ -1,0 +1,184 @@
+"""httpx clients for robots and simulators, synchronous and asynchronous.
+
+Every /act carries its step index, so a retry after a lost answer, a timeout or a
+restarting replica is safe: the service answers a repeated step from its record and
+never applies it twice. Retries back off, honour Retry-After, and stop after `retries`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import numpy as np
+
+from service import codec
+
+RETRY_STATUS = {429, 502, 503, 504}
+
+
+class ServiceError(RuntimeError):
+    """An error answer of the service: its status, code, message and detail."""
+
+    def __init__(self, status: int, body: dict):
+        error = body.get("error", {}) if isinstance(body, dict) else {}
+        self.status = status
+        self.code = error.get("code", "unknown")
+        self.detail = error.get("detail")
+        super().__init__(f"{status} {self.code}: {error.get('message', body)}")
+
+
+@dataclass
+class Options:
+    base_url: str
+    api_key: str | None = None
+    timeout: float = 30.0
+    retries: int = 3
+    backoff: float = 0.1
+    use_msgpack: bool = False
+    headers: dict = field(init=False)
+
+    def __post_init__(self) -> None:
+        kind = codec.MSGPACK if self.use_msgpack else codec.JSON
+        self.headers = {"Content-Type": kind, "Accept": kind}
+        if self.api_key:
+            self.headers["X-API-Key"] = self.api_key
+
+    def encode(self, body: dict | None) -> bytes | None:
+        if body is None:
+            return None
+        return codec.encode_body(body, self.headers["Content-Type"])
+
+    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+        retry_after = response.headers.get("retry-after") if response is not None else None
+        if retry_after:
+            return float(retry_after)
+        return self.backoff * 2**attempt
+
+
+def decode(response: httpx.Response) -> Any:
+    if not response.content:
+        return None
+    body = codec.decode_body(response.content, response.headers.get("content-type"))
+    if response.status_code >= 400:
+        raise ServiceError(response.status_code, body)
+    return body
+
+
+def session_body(task, planner, seed) -> dict:
+    given = {"task": task, "planner": planner, "seed": seed}
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def act_body(session_id, observation, step, reset, planner, use_msgpack) -> dict:
+    obs = np.asarray(observation)
+    body = {
+        "session_id": session_id,
+        "observation": obs if use_msgpack else obs.tolist(),
+        "reset": reset,
+    }
+    if step is not None:
+        body["step"] = step
+    if planner:
+        body["planner"] = planner
+    return body
+
+
+class Client:
+    """Synchronous client. `with Client(url) as c: sid = c.create_session(); c.act(...)`."""
+
+    def __init__(self, base_url: str, **options):
+        self.options = Options(base_url, **options)
+        self.http = httpx.Client(base_url=base_url, timeout=self.options.timeout)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, body: dict | None = None) -> Any:
+        opts = self.options
+        for attempt in range(opts.retries + 1):
+            response = None
+            try:
+                response = self.http.request(
+                    method, path, content=opts.encode(body), headers=opts.headers
+                )
+                if response.status_code not in RETRY_STATUS or attempt == opts.retries:
+                    return decode(response)
+            except httpx.TransportError:
+                if attempt == opts.retries:
+                    raise
+            time.sleep(opts.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    def model(self) -> dict:
+        return self.request("GET", "/model")
+
+    def create_session(self, task=None, planner=None, seed=None) -> str:
+        return self.request("POST", "/sessions", session_body(task, planner, seed))["session_id"]
+
+    def session(self, session_id: str) -> dict:
+        return self.request("GET", f"/sessions/{session_id}")
+
+    def delete_session(self, session_id: str) -> None:
+        self.request("DELETE", f"/sessions/{session_id}")
+
+    def act(self, session_id, observation, step=None, reset=False, planner=None) -> dict:
+        body = act_body(session_id, observation, step, reset, planner, self.options.use_msgpack)
+        return self.request("POST", "/act", body)
+
+    def adapt(self, session_id, task=None, observation=None, steps=None, persist=False) -> dict:
+        body = {"session_id": session_id, "persist": persist}
+        body |= {k: v for k, v in {"task": task, "steps": steps}.items() if v is not None}
+        if observation is not None:
+            body["observation"] = np.asarray(observation).tolist()
+        return self.request("POST", "/adapt", body)
+
+
+class AsyncClient:
+    """The same calls, awaitable, for simulators that drive many sessions at once."""
+
+    def __init__(self, base_url: str, **options):
+        self.options = Options(base_url, **options)
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        self.http = httpx.AsyncClient(
+            base_url=base_url, timeout=self.options.timeout, limits=limits
+        )
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.http.aclose()
+
+    async def request(self, method: str, path: str, body: dict | None = None) -> Any:
+        opts = self.options
+        for attempt in range(opts.retries + 1):
+            response = None
+            try:
+                response = await self.http.request(
+                    method, path, content=opts.encode(body), headers=opts.headers
+                )
+                if response.status_code not in RETRY_STATUS or attempt == opts.retries:
+                    return decode(response)
+            except httpx.TransportError:
+                if attempt == opts.retries:
+                    raise
+            await asyncio.sleep(opts.delay(attempt, response))
+        raise AssertionError("unreachable")
+
+    async def create_session(self, task=None, planner=None, seed=None) -> str:
+        body = session_body(task, planner, seed)
+        return (await self.request("POST", "/sessions", body))["session_id"]
+
+    async def act(self, session_id, observation, step=None, reset=False, planner=None) -> dict:
+        body = act_body(session_id, observation, step, reset, planner, self.options.use_msgpack)
+        return await self.request("POST", "/act", body)
+
+    async def delete_session(self, session_id: str) -> None:
+        await self.request("DELETE", f"/sessions/{session_id}")
