@@ -139,7 +139,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def schema_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return error_response(ApiError.from_validation(err.errors()))
 
+    from service.openapi import build_openapi
     from service.routes import router
 
     app.include_router(router)
+
+    def openapi() -> dict:  # the schemas the handlers check, attached once
+        if app.openapi_schema is None:
+            app.openapi_schema = build_openapi(app)
+        return app.openapi_schema
+
+    app.openapi = openapi
     return app

@@ -265,3 +265,17 @@ def test_clients_sync_async_and_msgpack_agree(server):
 
     # batched together: equal up to float32 rounding of the larger compiled batch
     np.testing.assert_allclose(asyncio.run(drive()), [first["action"]] * 3, rtol=1e-5, atol=1e-6)
+
+
+def test_the_committed_openapi_document_is_the_apps(client):
+    from pathlib import Path
+
+    from service.openapi import document
+
+    committed = Path(__file__).parent.parent / "openapi" / "openapi.json"
+    assert committed.read_text() == document(), (
+        "run: python -m service.openapi > openapi/openapi.json"
+    )
+    served = client.get("/openapi.json").json()
+    assert served["paths"]["/act"]["post"]["requestBody"]["content"]["application/msgpack"]
+    assert "409" in served["paths"]["/act"]["post"]["responses"]
