@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -38,10 +39,13 @@ def runtime(request: Request):
     return rt
 
 
-def check_api_key(request: Request, rt) -> None:
+def authorised(request: Request):
+    """The runtime, for a request that carries the API key (when one is configured)."""
+    rt = runtime(request)
     key = rt.settings.api_key
     if key and not secrets.compare_digest(request.headers.get("x-api-key", ""), key):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+    return rt
 
 
 async def read_body(request: Request, model: type[BaseModel], rt) -> BaseModel:
@@ -62,13 +66,20 @@ def answer(request: Request, payload: dict, status: int = 200) -> Response:
     return Response(codec.encode_body(payload, kind), status_code=status, media_type=kind)
 
 
-async def load_session(rt, session_id: str) -> Session:
+@contextmanager
+def store_errors(session_id: str):
+    """The store's missing-session exceptions as the API's 404 and 410."""
     try:
-        return await rt.store.get(session_id)
+        yield
     except SessionNotFound:
         raise not_found(session_id) from None
     except SessionExpired:
         raise expired(session_id) from None
+
+
+async def load_session(rt, session_id: str) -> Session:
+    with store_errors(session_id):
+        return await rt.store.get(session_id)
 
 
 def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
@@ -142,16 +153,14 @@ async def readyz(request: Request) -> dict:
 
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     text = request.app.state.metrics.render(await rt.store.count(), rt.store.evictions)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
 @router.get("/model")
 async def model_info(request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     model, bundle = rt.bundle.model, rt.bundle
     spaces = model.spaces
     observation_space = {"shape": list(spaces.obs_shape), "dtype": "uint8"}
@@ -175,8 +184,7 @@ async def model_info(request: Request) -> Response:
 
 @router.post("/sessions", status_code=201)
 async def create_session(request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     body = await read_body(request, CreateSession, rt)
     task, weights = resolve_task(rt, body.task.model_dump() if body.task else None)
     now = time.time()
@@ -202,8 +210,7 @@ async def create_session(request: Request) -> Response:
 
 @router.get("/sessions/{session_id}")
 async def get_session(session_id: str, request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     s = await load_session(rt, session_id)
     info = {
         "session_id": s.session_id,
@@ -217,22 +224,16 @@ async def get_session(session_id: str, request: Request) -> Response:
 
 @router.delete("/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
-    try:
+    rt = authorised(request)
+    with store_errors(session_id):
         await rt.store.delete(session_id)
-    except SessionNotFound:
-        raise not_found(session_id) from None
-    except SessionExpired:
-        raise expired(session_id) from None
     rt.locks.pop(session_id, None)
     return Response(status_code=204)
 
 
 @router.post("/act")
 async def act(request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     body: ActRequest = await read_body(request, ActRequest, rt)
     started = time.perf_counter()
     async with rt.lock(body.session_id):
@@ -293,12 +294,8 @@ async def act(request: Request) -> Response:
 
 async def save_session(rt, session: Session) -> None:
     session.last_used = time.time()
-    try:
+    with store_errors(session.session_id):
         await rt.store.put(session)
-    except SessionNotFound:
-        raise not_found(session.session_id) from None
-    except SessionExpired:
-        raise expired(session.session_id) from None
 
 
 DEFAULT_ADAPT_STEPS = 50
@@ -306,8 +303,7 @@ DEFAULT_ADAPT_STEPS = 50
 
 @router.post("/adapt")
 async def adapt(request: Request) -> Response:
-    rt = runtime(request)
-    check_api_key(request, rt)
+    rt = authorised(request)
     body: AdaptRequest = await read_body(request, AdaptRequest, rt)
     started = time.perf_counter()
     async with rt.lock(body.session_id):
