@@ -1,29 +1,18 @@
 """The service through a real uvicorn server on loopback, driven with httpx."""
 
 import asyncio
-import contextlib
 import math
-import socket
-import threading
-import time
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
-import uvicorn
 
-from service.app import create_app
 from service.settings import Settings
+from tests.conftest import running_server
 
 KEY = "test-key"
 READINESS: list[int] = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -37,23 +26,9 @@ def server(trained):
         adapt_steps=(5,),
         sample_counts=(8,),
     )
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    srv = uvicorn.Server(config)
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    seen = []  # /readyz answers while the programs compile, then 200
-    while not seen or seen[-1] != 200:
-        with contextlib.suppress(httpx.TransportError):
-            seen.append(httpx.get(f"{url}/readyz").status_code)
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.05)
-    READINESS[:] = seen
-    yield url
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with running_server(settings) as (url, readiness):
+        READINESS[:] = readiness
+        yield url
 
 
 @pytest.fixture

@@ -1,0 +1,84 @@
+"""Drives a gymnasium environment through the service: one session per episode, one /act
+per step, and a report of success and latency as the robot sees them.
+
+`worldplan drive URL --env pointmaze-umaze --start-cell 1 1 --goal-cell 1 3 --episodes 3`
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.client import Client
+from training.envs import get_env_spec, make_env, select_observation
+
+
+@dataclass
+class DriveResult:
+    success: bool
+    steps: int
+    episode_return: float
+    latency_ms: list[float]
+
+
+def drive_episode(
+    client: Client,
+    env_name: str,
+    seed: int,
+    reset_options: dict | None = None,
+    planner: dict | None = None,
+    max_steps: int | None = None,
+) -> DriveResult:
+    spec = get_env_spec(env_name)
+    maze = env_name.startswith("pointmaze")
+    kwargs = {"continuing_task": False} if maze else {}
+    env = make_env(env_name, max_episode_steps=max_steps, **kwargs)
+    obs, _ = env.reset(seed=seed, options=reset_options)
+    # A maze episode's goal (random, or options["goal_cell"]) is the session's task.
+    task = {"kind": "goal", "goal": [float(x) for x in obs["desired_goal"]]} if maze else None
+    session = client.create_session(task=task, planner=planner, seed=seed)
+    latencies, total, success, step = [], 0.0, False, 0
+    try:
+        while True:
+            started = time.perf_counter()
+            answer = client.act(session, select_observation(obs, spec.obs_key), step=step)
+            latencies.append(1000 * (time.perf_counter() - started))
+            obs, reward, terminated, truncated, info = env.step(np.asarray(answer["action"]))
+            total += float(reward)
+            success = success or bool(info.get("success", False))
+            step += 1
+            if terminated or truncated:
+                break
+    finally:
+        client.delete_session(session)
+        env.close()
+    return DriveResult(success, step, total, latencies)
+
+
+def summarise(results: list[DriveResult]) -> dict:
+    latency = np.concatenate([r.latency_ms for r in results])
+    return {
+        "episodes": len(results),
+        "success_rate": float(np.mean([r.success for r in results])),
+        "mean_steps": float(np.mean([r.steps for r in results])),
+        "mean_return": float(np.mean([r.episode_return for r in results])),
+        "act_ms_p50": float(np.percentile(latency, 50)),
+        "act_ms_p99": float(np.percentile(latency, 99)),
+    }
+
+
+def run_drive(args) -> dict:
+    cells = {"reset_cell": args.start_cell, "goal_cell": args.goal_cell}
+    options = {k: np.array(v) for k, v in cells.items() if v} or None
+    planner = {"planner": args.planner} if args.planner else None
+    with Client(args.url, api_key=args.api_key) as client:
+        results = [
+            drive_episode(client, args.env, args.seed + i, options, planner, args.max_steps)
+            for i in range(args.episodes)
+        ]
+    for i, r in enumerate(results):
+        print(f"episode {i}: {'reached' if r.success else 'missed'} in {r.steps} steps, "
+              f"act p50 {np.median(r.latency_ms):.1f} ms")  # fmt: skip
+    return summarise(results)

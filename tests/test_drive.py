@@ -1,0 +1,18 @@
+"""`drive` runs a real PointMaze episode through the service with the bundled model."""
+
+from service.client import Client
+from service.drive import drive_episode
+from service.settings import Settings
+from tests.conftest import running_server
+
+
+def test_drive_reaches_an_easy_goal_with_the_bundled_model():
+    settings = Settings(batch_sizes=(1,), max_batch=1, adapt_steps=(10,), sample_counts=(32,))
+    options = {"reset_cell": [1, 1], "goal_cell": [1, 2]}  # the next cell along the corridor
+    with running_server(settings) as (url, _), Client(url) as client:
+        result = drive_episode(
+            client, "pointmaze-umaze", seed=0, reset_options=options,
+            planner={"planner": "random_shooting"}, max_steps=150,
+        )  # fmt: skip
+    assert result.success and result.steps < 150 and result.episode_return == 1.0
+    assert len(result.latency_ms) == result.steps
