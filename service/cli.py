@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from training import cli as training_cli
@@ -18,11 +19,23 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_drive(args: argparse.Namespace) -> None:
-    import json
-
     from service.drive import run_drive
 
     print(json.dumps(run_drive(args), indent=2))
+
+
+def cmd_loadtest(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from service.loadtest import run_loadtest, write_report
+
+    report = asyncio.run(
+        run_loadtest(args.url, args.sessions, args.duration, args.api_key, args.planner)
+    )
+    json_path, png_path = write_report(report, args.out)
+    shown = {k: v for k, v in report.items() if k != "latencies_ms"}
+    print(json.dumps(shown, indent=2))
+    print(f"wrote {json_path} and {png_path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,11 +59,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--api-key", default=None)
     p.set_defaults(func=cmd_drive)
+
+    p = sub.add_parser("loadtest", help="many sessions stepping at once, for a while")
+    p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--duration", type=float, default=10.0, help="seconds")
+    p.add_argument("--planner", help="override every session's planner")
+    p.add_argument("--out", default="loadtest", help="directory for loadtest.json and .png")
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=cmd_loadtest)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_cli.run(build_parser(), argv)
+    import httpx
+
+    from service.client import ServiceError
+
+    try:
+        return training_cli.run(build_parser(), argv)
+    except (ServiceError, httpx.HTTPError) as err:
+        print(f"worldplan: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

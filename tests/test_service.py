@@ -254,3 +254,19 @@ def test_the_committed_openapi_document_is_the_apps(client):
     served = client.get("/openapi.json").json()
     assert served["paths"]["/act"]["post"]["requestBody"]["content"]["application/msgpack"]
     assert "409" in served["paths"]["/act"]["post"]["responses"]
+
+
+def test_loadtest_reports_throughput_latency_and_errors(server, tmp_path):
+    from service.loadtest import run_loadtest, write_report
+
+    report = asyncio.run(run_loadtest(server, sessions=4, duration_s=1.5, api_key=KEY))
+    assert report["errors"] == {} and report["requests"] >= 4
+    assert report["throughput_rps"] > 0
+    lat = report["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
+    json_path, png_path = write_report(report, tmp_path)
+    assert json_path.exists() and png_path.stat().st_size > 5_000
+    from service.client import ServiceError
+
+    with pytest.raises(ServiceError, match="401 unauthorized"):
+        asyncio.run(run_loadtest(server, sessions=1, duration_s=0.5, api_key="wrong"))

@@ -85,3 +85,23 @@ def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
     _knob_panels(rows, {"value_gain": "V after - V before"}, "value gain", paths[2])
     _knob_panels(rows, {"plan_ms_median": "median ms", "plan_ms_p90": "p90 ms"}, "cost", paths[3])
     return paths
+
+
+def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Path) -> Path:
+    """Latency histogram with the p50 / p99 marked."""
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    values = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
+    ax.hist(values, bins=50, color="tab:blue", alpha=0.8)
+    for q, style in ((50, "--"), (99, ":")):
+        x = float(np.percentile(values, q))
+        ax.axvline(x, color="k", ls=style, lw=1, label=f"p{q} {x:.1f} ms")
+    ax.set_xlabel("latency (ms)")
+    ax.set_ylabel("requests")
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,95 @@
+"""An httpx load generator: S sessions stepping as fast as answers come back, for T seconds.
+
+`worldplan loadtest URL --sessions 32 --duration 20` reports throughput, p50/p90/p99/max
+latency and errors, and writes loadtest.json and a latency histogram (loadtest.png).
+Loops are bounded in time and in count, so a run always ends by itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from service.client import AsyncClient, ServiceError
+
+MAX_STEPS_PER_SESSION = 1_000_000
+
+
+def probe_observation(model: dict, rng: np.random.Generator) -> np.ndarray:
+    space = model["observation_space"]
+    if space["dtype"] == "uint8":
+        return rng.integers(0, 256, space["shape"], dtype=np.uint8)
+    return rng.normal(0.0, 1.0, space["shape"]).astype(np.float32)
+
+
+async def run_loadtest(
+    url: str,
+    sessions: int,
+    duration_s: float,
+    api_key: str | None = None,
+    planner: str | None = None,
+) -> dict:
+    latencies: list[float] = []
+    errors: Counter = Counter()
+    async with AsyncClient(url, api_key=api_key, retries=0) as client:
+        model = await client.request("GET", "/model")
+        overrides = {"planner": planner} if planner else None
+        ids = [await client.create_session(planner=overrides, seed=i) for i in range(sessions)]
+        deadline = time.perf_counter() + duration_s
+
+        async def session_loop(index: int) -> None:
+            rng = np.random.default_rng(index)
+            for step in range(MAX_STEPS_PER_SESSION):
+                if time.perf_counter() >= deadline:
+                    return
+                started = time.perf_counter()
+                try:
+                    await client.act(ids[index], probe_observation(model, rng), step=step)
+                    latencies.append(1000 * (time.perf_counter() - started))
+                except ServiceError as err:
+                    errors[f"{err.status} {err.code}"] += 1
+                    return  # this session's step sequence is broken: stop it
+                except httpx.HTTPError as err:
+                    errors[type(err).__name__] += 1
+                    return
+
+        started = time.perf_counter()
+        await asyncio.gather(*(session_loop(i) for i in range(sessions)))
+        elapsed = time.perf_counter() - started
+        for sid in ids:
+            await client.delete_session(sid)
+    ms = np.asarray(latencies) if latencies else np.zeros(1)
+    return {
+        "url": url,
+        "sessions": sessions,
+        "duration_s": round(elapsed, 3),
+        "planner": planner or "session default",
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / elapsed, 2),
+        "latency_ms": {
+            "p50": round(float(np.percentile(ms, 50)), 3),
+            "p90": round(float(np.percentile(ms, 90)), 3),
+            "p99": round(float(np.percentile(ms, 99)), 3),
+            "max": round(float(ms.max()), 3),
+        },
+        "errors": dict(errors),
+        "latencies_ms": [round(x, 3) for x in latencies],
+    }
+
+
+def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    from training.plots import plot_latency_histogram
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "loadtest.json", out_dir / "loadtest.png"
+    json_path.write_text(json.dumps(report, indent=1))
+    title = f"{report['sessions']} sessions, {report['throughput_rps']:.0f} req/s"
+    plot_latency_histogram(report["latencies_ms"], title, png_path)
+    return json_path, png_path
