@@ -49,9 +49,14 @@ def authorised(request: Request):
 
 
 async def read_body(request: Request, model: type[BaseModel], rt) -> BaseModel:
+    limit = rt.settings.max_body_bytes
+    too_large = ApiError(413, "body_too_large", f"body over {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large  # refused before reading it
     body = await request.body()
-    if len(body) > rt.settings.max_body_bytes:
-        raise ApiError(413, "body_too_large", f"body over {rt.settings.max_body_bytes} bytes")
+    if len(body) > limit:
+        raise too_large
     try:
         raw = codec.decode_body(body, request.headers.get("content-type"))
         return model.model_validate(raw if raw is not None else {})

@@ -270,3 +270,11 @@ def test_loadtest_reports_throughput_latency_and_errors(server, tmp_path):
 
     with pytest.raises(ServiceError, match="401 unauthorized"):
         asyncio.run(run_loadtest(server, sessions=1, duration_s=0.5, api_key="wrong"))
+
+
+def test_oversized_bodies_are_refused(client):
+    sid = new_session(client)
+    huge = b"[" + b"0," * (4 * 1024 * 1024 + 1) + b"0]"  # over the 8 MiB default
+    r = client.post("/act", content=huge, headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
+    assert client.get(f"/sessions/{sid}").json()["step"] == -1
