@@ -100,7 +100,12 @@ def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> Pl
     """The bundle's defaults, then the session's overrides, then the request's; shapes
     that were not compiled are refused."""
     merged = {**session.planner, **(overrides.model_dump(exclude_none=True) if overrides else {})}
-    planning = rt.bundle.config.planning.model_copy(update=merged)
+    try:  # the training config's bounds hold for overrides too
+        planning = PlanningConfig.model_validate(
+            {**rt.bundle.config.planning.model_dump(), **merged}
+        )
+    except ValidationError as err:
+        raise ApiError.from_validation(err.errors()) from None
     if PlanShape.of(planning) not in rt.shapes:
         raise ApiError(
             422,

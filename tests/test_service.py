@@ -114,6 +114,8 @@ def test_schema_errors_are_422_with_the_error_shape(client):
     assert "planner.planner" in r.json()["error"]["message"]
     r = client.post("/sessions", json={"planner": {"adaptation_steps": 7}})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"
+    r = client.post("/sessions", json={"planner": {"delta_phi_lr": 5.0}})
+    assert r.status_code == 422 and "delta_phi_lr" in r.json()["error"]["message"]
     r = client.post("/sessions", json={"task": {"kind": "goal", "goal": [1.0]}})
     assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_task"
 
