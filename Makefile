@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve test lint format clean
+.PHONY: install serve bench test lint format clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(INSTALLED)
 
 serve: $(INSTALLED)
 	$(VENV)/bin/worldplan serve --host $${HOST:-127.0.0.1} --port $${PORT:-8000}
+
+bench: $(INSTALLED)
+	$(VENV)/bin/worldplan bench --out bench
 
 test: $(INSTALLED)
 	$(PY) -m pytest -q

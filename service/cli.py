@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from training import cli as training_cli
 
@@ -38,6 +39,16 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from service.bench import run_bench, write_bench
+
+    sessions = [int(n) for n in args.sessions.split(",")]
+    report = run_bench(args.model_dir, sessions, args.duration, args.repeats)
+    json_path, png_path = write_bench(report, args.out)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {json_path} and {png_path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = training_cli.new_parser()
     p = sub.add_parser(
@@ -68,6 +79,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="loadtest", help="directory for loadtest.json and .png")
     p.add_argument("--api-key", default=None)
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser(
+        "bench", help="in-process and HTTP latency, throughput with and without batching"
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
+    p.add_argument("--sessions", default="1,8,32,128", help="comma list of session counts")
+    p.add_argument("--duration", type=float, default=10.0, help="seconds per load step")
+    p.add_argument("--repeats", type=int, default=50, help="in-process decisions per planner")
+    p.add_argument("--out", default="bench")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

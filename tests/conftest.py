@@ -1,15 +1,10 @@
 """Shared fixtures: a tiny PointMaze dataset and a tiny bundle trained on it through all stages."""
 
-import contextlib
-import socket
-import threading
-import time
 from pathlib import Path
 
-import httpx
 import pytest
-import uvicorn
 
+from service.local import running_server  # noqa: F401  (the tests' server)
 from training.config import parse_config
 from training.data import collect
 from training.train import train
@@ -63,35 +58,3 @@ def umaze_data(tmp_path_factory) -> Path:
 def trained(umaze_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return train(parse_config(TINY), umaze_data, run_dir, progress=False)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(settings):
-    """A real uvicorn server on a free loopback port, yielded once /readyz says 200, with
-    the /readyz answers seen while it prepared."""
-    from service.app import create_app
-
-    port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    seen = []
-    while not seen or seen[-1] != 200:
-        with contextlib.suppress(httpx.TransportError):
-            seen.append(httpx.get(f"{url}/readyz").status_code)
-        assert time.monotonic() < deadline, "the server never became ready"
-        time.sleep(0.05)
-    try:
-        yield url, seen
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -2,8 +2,8 @@
 
 from service.client import Client
 from service.drive import drive_episode
+from service.local import running_server
 from service.settings import Settings
-from tests.conftest import running_server
 
 
 def test_drive_reaches_an_easy_goal_with_the_bundled_model():

@@ -8,8 +8,8 @@ import msgpack
 import numpy as np
 import pytest
 
+from service.local import running_server
 from service.settings import Settings
-from tests.conftest import running_server
 
 KEY = "test-key"
 READINESS: list[int] = []

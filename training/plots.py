@@ -105,3 +105,21 @@ def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Pa
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return Path(path)
+
+
+def plot_throughput(throughput: dict[str, dict], title: str, path: str | Path) -> Path:
+    """Decisions per second against concurrent sessions, one line per batching mode."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for mode, rows in throughput.items():
+        sessions = [int(n) for n in rows]
+        ax.plot(sessions, [rows[n]["decisions_per_s"] for n in rows], "o-", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent sessions")
+    ax.set_ylabel("decisions / s")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

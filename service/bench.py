@@ -1,0 +1,102 @@
+"""`worldplan bench`: the service's figures, measured in one run on one machine.
+
+1. In-process latency per decision (p50) of each planner with the bundle's defaults.
+2. HTTP /act p50 and p99 for one session, and its ratio to the in-process p50.
+3. Throughput at several session counts, with batching on and off (two servers).
+
+Writes bench.json and bench.png. Timings are reported, never asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from service.engine import Decision, Engine
+from service.loadtest import run_loadtest
+from service.local import running_server
+from service.settings import Settings
+from training.checkpoint import restore_bundle
+from training.planners import PLANNERS, PlanShape
+from training.tasks import default_task, task_weights
+
+
+def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
+    """A whole decision (encode, plan, read out, M step) of one session, run directly."""
+    model, params = engine.model, engine.params
+    planning = model.config.planning.model_copy(update={"planner": planner})
+    shape = PlanShape.of(planning)
+    decision = Decision(
+        observation=np.zeros(model.spaces.obs_shape, np.float32),
+        lstm_c=np.zeros(model.mdn.hidden, np.float32),
+        lstm_h=np.zeros(model.mdn.hidden, np.float32),
+        weights=task_weights(model, params, default_task(model, params)),
+        seed=0,
+        step=0,
+        knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+    )
+    engine.run(shape, [decision])  # compiles
+    times = []
+    for step in range(repeats):
+        started = time.perf_counter()
+        engine.run(shape, [Decision(**{**decision.__dict__, "step": step})])
+        times.append(1000 * (time.perf_counter() - started))
+    return float(np.median(times))
+
+
+def server_settings(base: Settings, batching: bool, sessions: list[int]) -> Settings:
+    if not batching:
+        return base.model_copy(update={"batch_sizes": (1,), "max_batch": 1})
+    sizes = tuple(sorted({1, 8, 32, max(sessions)}))
+    return base.model_copy(update={"batch_sizes": sizes, "max_batch": max(sizes)})
+
+
+def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, repeats: int):
+    from service.app import default_model_dir
+
+    bundle = restore_bundle(model_dir or default_model_dir())
+    engine = Engine(bundle, (1,))
+    planner = bundle.config.planning.planner
+    report = {
+        "device": str(jax.devices()[0]),
+        "planner": planner,
+        "in_process_p50_ms": {p: round(in_process_p50_ms(engine, p, repeats), 3) for p in PLANNERS},
+        "throughput": {},
+    }
+    # Only the default shapes: overrides are not benchmarked, and each costs a compilation.
+    base = Settings(model_dir=model_dir, adapt_steps=(), sample_counts=())
+    for batching in (True, False):
+        mode = "batching" if batching else "no_batching"
+        with running_server(server_settings(base, batching, sessions)) as (url, _):
+            if batching:
+                one = asyncio.run(run_loadtest(url, 1, duration_s))["latency_ms"]
+                ratio = one["p50"] / report["in_process_p50_ms"][planner]
+                report["http_one_session_ms"] = {
+                    "p50": one["p50"], "p99": one["p99"], "ratio_to_in_process": round(ratio, 3)
+                }  # fmt: skip
+            report["throughput"][mode] = {}
+            for n in sessions:
+                result = asyncio.run(run_loadtest(url, n, duration_s))
+                report["throughput"][mode][str(n)] = {
+                    "decisions_per_s": result["throughput_rps"],
+                    "p50_ms": result["latency_ms"]["p50"],
+                    "p99_ms": result["latency_ms"]["p99"],
+                    "errors": result["errors"],
+                }
+    return report
+
+
+def write_bench(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
+    from training.plots import plot_throughput
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
+    json_path.write_text(json.dumps(report, indent=1))
+    plot_throughput(report["throughput"], f"{report['planner']} on {report['device']}", png_path)
+    return json_path, png_path
