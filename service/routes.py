@@ -150,6 +150,16 @@ def check_observation(rt, value: Any) -> np.ndarray:
     return obs.astype(np.float32)
 
 
+async def within_deadline(rt, work, deadline_ms: float | None):
+    """The result of `work`, or 504 once the request's deadline (or the default) passes."""
+    deadline = (deadline_ms or rt.settings.default_deadline_ms) / 1000.0
+    try:
+        return await asyncio.wait_for(work, deadline)
+    except TimeoutError:
+        message = f"no answer within {deadline * 1000:.0f} ms"
+        raise ApiError(504, "deadline_exceeded", message) from None
+
+
 @router.get("/healthz")
 async def healthz() -> dict:
     return {"status": "alive"}
@@ -272,15 +282,9 @@ async def act(request: Request) -> Response:
             knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
             delta=session.delta,
         )
-        deadline = (body.deadline_ms or rt.settings.default_deadline_ms) / 1000.0
         queued = time.perf_counter()
-        try:
-            outcome = await asyncio.wait_for(
-                rt.batcher.submit(PlanShape.of(planning), decision), deadline
-            )
-        except TimeoutError:
-            message = f"no answer within {deadline * 1000:.0f} ms"
-            raise ApiError(504, "deadline_exceeded", message) from None
+        work = rt.batcher.submit(PlanShape.of(planning), decision)
+        outcome = await within_deadline(rt, work, body.deadline_ms)
         response = ActResponse(
             session_id=session.session_id,
             step=expected,
@@ -341,14 +345,9 @@ async def adapt(request: Request) -> Response:
             knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
             delta=session.delta,
         )
-        deadline = (body.deadline_ms or rt.settings.default_deadline_ms) / 1000.0
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
-        try:
-            delta, diagnostics = await asyncio.wait_for(work, deadline)
-        except TimeoutError:
-            message = f"no answer within {deadline * 1000:.0f} ms"
-            raise ApiError(504, "deadline_exceeded", message) from None
+        delta, diagnostics = await within_deadline(rt, work, body.deadline_ms)
         request.app.state.metrics.observe_adaptation(diagnostics)
         session.task, session.task_weights = task, weights
         if body.persist:

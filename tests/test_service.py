@@ -280,3 +280,12 @@ def test_oversized_bodies_are_refused(client):
     r = client.post("/act", content=huge, headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large"
     assert client.get(f"/sessions/{sid}").json()["step"] == -1
+
+
+def test_a_missed_deadline_is_504_and_the_step_can_be_retried(client):
+    sid = new_session(client)
+    body = {"session_id": sid, "observation": OBS, "step": 0}
+    r = client.post("/act", json={**body, "deadline_ms": 0.001})
+    assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+    assert client.get(f"/sessions/{sid}").json()["step"] == -1
+    assert client.post("/act", json=body).json()["step"] == 0
