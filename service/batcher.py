@@ -56,6 +56,11 @@ class Batcher:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._compute = asyncio.Lock()  # one engine call at a time: one device
 
+    @property
+    def pending(self) -> int:
+        """Decisions queued and not yet handed to the engine."""
+        return sum(len(queue) for queue in self._queues.values())
+
     async def submit(self, shape: PlanShape, decision: Decision) -> Outcome:
         future = asyncio.get_running_loop().create_future()
         self._queues[shape].append(Pending(decision, future))

@@ -282,6 +282,10 @@ async def act(request: Request) -> Response:
             knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
             delta=session.delta,
         )
+        if rt.batcher.pending >= rt.settings.max_queue:
+            raise ApiError(
+                429, "queue_full", "too many decisions waiting", headers={"Retry-After": "1"}
+            )
         queued = time.perf_counter()
         work = rt.batcher.submit(PlanShape.of(planning), decision)
         outcome = await within_deadline(rt, work, body.deadline_ms)

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     batch_sizes: tuple[int, ...] = Field((1, 8, 32), description="compiled batch sizes")
     max_batch: int = Field(32, ge=1, description="most decisions gathered into one call")
     max_wait_ms: float = Field(2.0, ge=0.0, description="longest a decision waits for others")
+    max_queue: int = Field(1024, ge=1, description="queued decisions before /act answers 429")
     adapt_steps: tuple[int, ...] = Field(
         (10, 50), description="adaptation step counts compiled for /act and /adapt overrides"
     )
