@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -36,11 +37,16 @@ class Runtime:
     shapes: list[PlanShape]
     ready: bool = False
     warm_up_s: float = 0.0
-    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    # Weak values: a lock lives while a request holds or awaits it, so the locks of
+    # sessions that expired or were evicted do not pile up.
+    locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
 
     def lock(self, session_id: str) -> asyncio.Lock:
         """Requests of one session run in order."""
-        return self.locks.setdefault(session_id, asyncio.Lock())
+        lock = self.locks.get(session_id)
+        if lock is None:
+            lock = self.locks[session_id] = asyncio.Lock()
+        return lock
 
 
 def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:

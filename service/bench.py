@@ -31,14 +31,9 @@ def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
     model, params = engine.model, engine.params
     planning = model.config.planning.model_copy(update={"planner": planner})
     shape = PlanShape.of(planning)
-    decision = Decision(
-        observation=np.zeros(model.spaces.obs_shape, np.float32),
-        lstm_c=np.zeros(model.mdn.hidden, np.float32),
-        lstm_h=np.zeros(model.mdn.hidden, np.float32),
-        weights=task_weights(model, params, default_task(model, params)),
-        seed=0,
-        step=0,
-        knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+    decision = engine.probe(
+        task_weights(model, params, default_task(model, params)),
+        (planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
     )
     engine.run(shape, [decision])  # compiles
     times = []

@@ -136,19 +136,23 @@ class Engine:
         }
         return delta, diagnostics
 
-    def warm_up(self, shapes: list[PlanShape]) -> float:
-        """Compiles every (shape, batch size) program; returns the seconds it took."""
-        started = time.perf_counter()
+    def probe(self, weights: np.ndarray, knobs: tuple[float, float, float]) -> Decision:
+        """A first decision of a session: zero observation and zero LSTM state."""
         model = self.model
-        probe = Decision(
+        return Decision(
             observation=np.zeros(model.spaces.obs_shape, np.float32),
             lstm_c=np.zeros(model.mdn.hidden, np.float32),
             lstm_h=np.zeros(model.mdn.hidden, np.float32),
-            weights=np.zeros(model.psi_dim, np.float32),
+            weights=weights,
             seed=0,
             step=0,
-            knobs=(1e-3, 1.0, 1.0),
+            knobs=knobs,
         )
+
+    def warm_up(self, shapes: list[PlanShape]) -> float:
+        """Compiles every (shape, batch size) program; returns the seconds it took."""
+        started = time.perf_counter()
+        probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0))
         for shape in shapes:
             for size in self.batch_sizes:
                 self.run(shape, [probe] * size)

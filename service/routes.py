@@ -247,7 +247,6 @@ async def delete_session(session_id: str, request: Request) -> Response:
     rt = authorised(request)
     with store_errors(session_id):
         await rt.store.delete(session_id)
-    rt.locks.pop(session_id, None)
     return Response(status_code=204)
 
 

@@ -10,6 +10,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+def save_figure(fig, path: str | Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
 def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
     """One panel per training stage, every logged quantity against the global step."""
     stages = list(dict.fromkeys(m["stage"] for m in metrics))
@@ -30,10 +37,7 @@ def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Path) -> None:
@@ -53,9 +57,7 @@ def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Pa
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
@@ -79,9 +81,7 @@ def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
     ax.set_title("adaptation objective (mean over decisions)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=110)
-    plt.close(fig)
+    save_figure(fig, paths[1])
     _knob_panels(rows, {"value_gain": "V after - V before"}, "value gain", paths[2])
     _knob_panels(rows, {"plan_ms_median": "median ms", "plan_ms_p90": "p90 ms"}, "cost", paths[3])
     return paths
@@ -101,10 +101,7 @@ def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Pa
     ax.set_ylabel("requests")
     ax.set_title(title)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
 
 
 def plot_throughput(throughput: dict[str, dict], title: str, path: str | Path) -> Path:
@@ -119,7 +116,4 @@ def plot_throughput(throughput: dict[str, dict], title: str, path: str | Path) -
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path)
