@@ -3,6 +3,9 @@
 Every /act carries its step index, so a retry after a lost answer, a timeout or a
 restarting replica is safe: the service answers a repeated step from its record and
 never applies it twice. Retries back off, honour Retry-After, and stop after `retries`.
+A session's requests also name the session in an X-Session-Id header, which a load
+balancer can hash on to keep the session on one replica without reading the body
+(deploy/nginx.conf).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import numpy as np
 from service import codec
 
 RETRY_STATUS = {429, 502, 503, 504}
+SESSION_HEADER = "X-Session-Id"
 
 
 class ServiceError(RuntimeError):
@@ -46,6 +50,9 @@ class Options:
         self.headers = {"Content-Type": kind, "Accept": kind}
         if self.api_key:
             self.headers["X-API-Key"] = self.api_key
+
+    def headers_for(self, session_id: str | None) -> dict:
+        return self.headers if session_id is None else self.headers | {SESSION_HEADER: session_id}
 
     def encode(self, body: dict | None) -> bytes | None:
         if body is None:
@@ -100,13 +107,18 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.http.close()
 
-    def request(self, method: str, path: str, body: dict | None = None) -> Any:
+    def request(
+        self, method: str, path: str, body: dict | None = None, session_id: str | None = None
+    ) -> Any:
         opts = self.options
         for attempt in range(opts.retries + 1):
             response = None
             try:
                 response = self.http.request(
-                    method, path, content=opts.encode(body), headers=opts.headers
+                    method,
+                    path,
+                    content=opts.encode(body),
+                    headers=opts.headers_for(session_id),
                 )
                 if response.status_code not in RETRY_STATUS or attempt == opts.retries:
                     return decode(response)
@@ -123,21 +135,21 @@ class Client:
         return self.request("POST", "/sessions", session_body(task, planner, seed))["session_id"]
 
     def session(self, session_id: str) -> dict:
-        return self.request("GET", f"/sessions/{session_id}")
+        return self.request("GET", f"/sessions/{session_id}", session_id=session_id)
 
     def delete_session(self, session_id: str) -> None:
-        self.request("DELETE", f"/sessions/{session_id}")
+        self.request("DELETE", f"/sessions/{session_id}", session_id=session_id)
 
     def act(self, session_id, observation, step=None, reset=False, planner=None) -> dict:
         body = act_body(session_id, observation, step, reset, planner, self.options.use_msgpack)
-        return self.request("POST", "/act", body)
+        return self.request("POST", "/act", body, session_id)
 
     def adapt(self, session_id, task=None, observation=None, steps=None, persist=False) -> dict:
         body = {"session_id": session_id, "persist": persist}
         body |= {k: v for k, v in {"task": task, "steps": steps}.items() if v is not None}
         if observation is not None:
             body["observation"] = np.asarray(observation).tolist()
-        return self.request("POST", "/adapt", body)
+        return self.request("POST", "/adapt", body, session_id)
 
 
 class AsyncClient:
@@ -156,13 +168,18 @@ class AsyncClient:
     async def __aexit__(self, *exc) -> None:
         await self.http.aclose()
 
-    async def request(self, method: str, path: str, body: dict | None = None) -> Any:
+    async def request(
+        self, method: str, path: str, body: dict | None = None, session_id: str | None = None
+    ) -> Any:
         opts = self.options
         for attempt in range(opts.retries + 1):
             response = None
             try:
                 response = await self.http.request(
-                    method, path, content=opts.encode(body), headers=opts.headers
+                    method,
+                    path,
+                    content=opts.encode(body),
+                    headers=opts.headers_for(session_id),
                 )
                 if response.status_code not in RETRY_STATUS or attempt == opts.retries:
                     return decode(response)
@@ -178,7 +195,7 @@ class AsyncClient:
 
     async def act(self, session_id, observation, step=None, reset=False, planner=None) -> dict:
         body = act_body(session_id, observation, step, reset, planner, self.options.use_msgpack)
-        return await self.request("POST", "/act", body)
+        return await self.request("POST", "/act", body, session_id)
 
     async def delete_session(self, session_id: str) -> None:
-        await self.request("DELETE", f"/sessions/{session_id}")
+        await self.request("DELETE", f"/sessions/{session_id}", session_id=session_id)

@@ -1,0 +1,302 @@
+"""Deployment: the compose files against the Compose Specification, the Dockerfile against the
+CLI, and deploy/nginx.conf balancing two real `worldplan serve` replicas that share a real
+redis-server, one of which is then killed."""
+
+import contextlib
+import fnmatch
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from test_sessions import redis_url  # noqa: F401  (a real redis-server on a free port)
+
+from service.cli import build_parser, cmd_serve
+from service.client import SESSION_HEADER, Client
+from service.local import free_port
+from service.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+NGINX = shutil.which("nginx") or next(
+    (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
+)
+OBSERVATION = [-1.0, 1.0, 0.0, 0.0]
+JSON = {"Content-Type": "application/json"}
+
+
+def load_yaml(name: str) -> dict:
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def dockerfile() -> list[str]:
+    """The Dockerfile's instructions, continuation lines joined, comments left out."""
+    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
+
+
+def instruction(name: str) -> list[str]:
+    return [line[len(name) :].strip() for line in dockerfile() if line.startswith(name + " ")]
+
+
+# --- the files --------------------------------------------------------------------------
+
+
+def check_compose(*paths: Path) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec"]
+    return subprocess.run([*command, *map(str, paths)], capture_output=True, text=True)
+
+
+def test_compose_files_follow_the_compose_specification(tmp_path):
+    checked = check_compose(ROOT / "compose.yaml", ROOT / "compose.gpu.yaml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    broken = load_yaml("compose.yaml")
+    broken["services"]["worldplan"]["deploy"]["replica"] = 2  # a misspelt key
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(broken))
+    assert check_compose(tmp_path / "compose.yaml").returncode != 0
+
+
+def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
+    services = load_yaml("compose.yaml")["services"]
+    assert set(services) == {"redis", "worldplan", "lb"}
+    redis, app, lb = services["redis"], services["worldplan"], services["lb"]
+    assert redis["image"].startswith("redis:7") and redis["healthcheck"]["test"]
+
+    assert app["build"] == "." and app["deploy"]["replicas"] >= 2
+    assert app["depends_on"]["redis"]["condition"] == "service_healthy"
+    env = app["environment"]
+    assert "WORLDPLAN_API_KEY" in env and env["WORLDPLAN_API_KEY"] is None  # from the shell
+    assert httpx.URL(env["WORLDPLAN_REDIS_URL"]).host == "redis"
+    for name in env:  # every variable is a setting of the service
+        assert name.startswith("WORLDPLAN_") and name[10:].lower() in Settings.model_fields
+        monkeypatch.setenv(name, env[name] or "")
+    assert Settings().session_store == "redis"
+
+    assert lb["image"].startswith("nginx:")
+    assert lb["depends_on"]["worldplan"]["condition"] == "service_healthy"
+    assert any(str(port).endswith(":8000") for port in lb["ports"])
+    source, target, *_ = next(v for v in lb["volumes"] if "nginx.conf" in v).split(":")
+    assert (ROOT / source).resolve() == ROOT / "deploy" / "nginx.conf"
+    assert target == "/etc/nginx/nginx.conf"
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "server worldplan:8000;" in conf and "listen 8000;" in conf
+
+
+def test_the_gpu_override_builds_the_cuda_extra_and_reserves_a_gpu():
+    app = load_yaml("compose.gpu.yaml")["services"]["worldplan"]
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert app["build"]["args"]["EXTRAS"] in extras["optional-dependencies"]
+    device = app["deploy"]["resources"]["reservations"]["devices"][0]
+    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
+
+
+def test_the_dockerfile_serves_with_the_real_cli_and_installs_the_extra():
+    (cmd,) = instruction("CMD")
+    argv = json.loads(cmd)
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert argv[0] == "worldplan" and scripts["worldplan"] == "service.cli:main"
+    args = build_parser().parse_args(argv[1:])
+    assert args.func is cmd_serve and args.host == "0.0.0.0"
+    assert instruction("EXPOSE") == [str(args.port)]
+    (health,) = instruction("HEALTHCHECK")
+    assert f"127.0.0.1:{args.port}/readyz" in health
+    assert instruction("FROM") == ["python:3.11-slim"]
+    (user,) = instruction("USER")
+    assert user not in ("root", "0")
+
+    # the pip install line, run through the shell with and without the build argument
+    (install,) = [run for run in instruction("RUN") if run.startswith("pip install")]
+    target = shlex.split(install, posix=False)[-1]
+    for extras, expected in [("", "."), ("cuda", ".[cuda]")]:
+        shell = subprocess.run(
+            ["sh", "-c", f"printf %s {target}"], env={"EXTRAS": extras}, capture_output=True
+        )
+        assert shell.stdout.decode() == expected
+
+
+def test_the_docker_context_keeps_what_the_image_installs():
+    patterns = [
+        line.strip().rstrip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(
+            fnmatch.fnmatch(p, pat.removeprefix("**/")) for p in prefixes for pat in patterns
+        )
+
+    tracked = subprocess.run(
+        ["git", "ls-files", "pyproject.toml", "README.md", "service", "training"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout.split()  # fmt: skip
+    assert any(p.startswith("service/default_model/") for p in tracked)
+    assert not [p for p in tracked if ignored(p)]
+    assert all(ignored(p) for p in [".venv/bin/python", ".git/HEAD", "data/x", "runs/umaze"])
+
+
+# --- nginx in front of two replicas -------------------------------------------------------
+
+
+def need_nginx() -> str:
+    if NGINX is None:
+        message = "nginx not found (Debian: apt-get install nginx; .ci/run installs it)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return NGINX
+
+
+def wait_until(ready, what: str, procs=(), timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        for proc, log in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{what}: exited {proc.returncode}\n{log.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready within {timeout_s:.0f} s")
+        time.sleep(0.1)
+
+
+def answers(url: str) -> bool:
+    with contextlib.suppress(httpx.TransportError):
+        return httpx.get(url, timeout=2).status_code == 200
+    return False
+
+
+@contextlib.contextmanager
+def processes():
+    started: list[subprocess.Popen] = []
+    try:
+        yield started
+    finally:
+        for proc in started:
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in started:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def start(started: list, argv: list[str], log: Path, env=None) -> subprocess.Popen:
+    with log.open("wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env)
+    started.append(proc)
+    return proc
+
+
+def render_nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> Path:
+    """deploy/nginx.conf with loopback replicas and port, and its temp files under prefix."""
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    servers = "".join(f"server 127.0.0.1:{p};\n" for p in upstreams)
+    temps = "".join(
+        f"{kind}_temp_path {prefix / kind};\n"
+        for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+    )
+    for old, new in [
+        ("server worldplan:8000;", servers),
+        ("listen 8000;", f"listen 127.0.0.1:{port};"),
+        ("http {", "http {\n" + temps),
+    ]:
+        assert conf.count(old) == 1, old
+        conf = conf.replace(old, new)
+    path = prefix / "nginx.conf"
+    path.write_text(conf)
+    return path
+
+
+def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_url):  # noqa: F811
+    nginx = need_nginx()
+    ports = [free_port(), free_port()]
+    lb_port = free_port()
+    lb = f"http://127.0.0.1:{lb_port}"
+    env = os.environ | {
+        "WORLDPLAN_SESSION_STORE": "redis",
+        "WORLDPLAN_REDIS_URL": redis_url,
+        "WORLDPLAN_WARM_UP": "false",
+        "WORLDPLAN_BATCH_SIZES": "[1]",
+        "WORLDPLAN_MAX_BATCH": "1",
+        "WORLDPLAN_ADAPT_STEPS": "[]",
+        "WORLDPLAN_SAMPLE_COUNTS": "[]",
+    }
+    conf = render_nginx_conf(tmp_path, lb_port, ports)
+    user = " user root;" if os.geteuid() == 0 else ""  # workers that can use tmp_path
+    nginx_argv = [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)]
+    nginx_argv += ["-g", f"pid {tmp_path / 'nginx.pid'}; daemon off;{user}"]
+    checked = subprocess.run([*nginx_argv, "-t"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+    with processes() as started:
+        replicas = {}
+        for port in ports:
+            argv = [str(BIN / "worldplan"), "serve", "--host", "127.0.0.1", "--port", str(port)]
+            log = tmp_path / f"replica-{port}.log"
+            replicas[f"127.0.0.1:{port}"] = (start(started, argv, log, env), log)
+        nginx_log = tmp_path / "nginx.log"
+        start(started, nginx_argv, nginx_log)
+        for address, proc_log in replicas.items():
+            wait_until(lambda a=address: answers(f"http://{a}/readyz"), address, [proc_log])
+        wait_until(lambda: answers(f"{lb}/healthz"), "nginx", [(started[-1], nginx_log)])
+
+        seen: list[tuple[str, str, str | None]] = []  # (path, X-Session-Id, X-Upstream)
+
+        def record(response: httpx.Response) -> None:
+            request = response.request
+            upstream = response.headers.get("x-upstream")
+            seen.append((request.url.path, request.headers.get(SESSION_HEADER), upstream))
+
+        with Client(lb, retries=0) as client:
+            client.http.event_hooks = {"response": [record]}
+            planner = {"planner": "random_shooting"}
+            # an odd number: round robin would move every session between its steps
+            sessions = [client.create_session(planner=planner, seed=i) for i in range(15)]
+            for step in range(3):
+                for sid in sessions:
+                    assert client.act(sid, OBSERVATION, step=step)["step"] == step
+
+            # every session's steps came from one replica, and both replicas served some
+            home = {}
+            for sid in sessions:
+                upstreams = {up for path, header, up in seen if path == "/act" and header == sid}
+                assert len(upstreams) == 1, (sid, upstreams)
+                home[sid] = upstreams.pop()
+            assert set(home.values()) == set(replicas)
+
+            # with no header, the id in the path picks the same replica
+            for sid in sessions:
+                response = httpx.get(f"{lb}/sessions/{sid}")
+                assert response.json()["step"] == 2
+                assert response.headers["x-upstream"] == home[sid]
+
+            # a body far over the limit: nginx refuses it in the API's error shape
+            too_large = httpx.post(f"{lb}/act", content=b"0" * (10 << 20), headers=JSON)
+            assert too_large.status_code == 413
+            assert too_large.json()["error"]["code"] == "body_too_large"
+
+            # one replica dies: its sessions continue on the other from the state in Redis
+            dead, (proc, _) = next(iter(replicas.items()))
+            (alive,) = set(replicas) - {dead}
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+            seen.clear()
+            for step in (3, 4):
+                for sid in sessions:
+                    assert client.act(sid, OBSERVATION, step=step)["step"] == step
+            for _, sid, upstream in seen:
+                assert upstream.split(", ")[-1] == alive, (sid, home[sid], upstream)
+            assert {client.session(sid)["step"] for sid in sessions} == {4}
