@@ -69,7 +69,9 @@ def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
 def make_store(settings: Settings) -> SessionStore:
     if settings.session_store == "redis":
         return RedisSessionStore(settings.redis_url, settings.session_ttl_s)
-    return MemorySessionStore(settings.max_sessions, settings.session_ttl_s)
+    return MemorySessionStore(
+        settings.max_sessions, settings.session_ttl_s, min_idle_to_evict_s=settings.evict_idle_s
+    )
 
 
 def default_model_dir():

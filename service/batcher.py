@@ -1,10 +1,13 @@
 """Dynamic batching: concurrent decisions of different sessions run as one engine call.
 
-Decisions queue per plan shape (only decisions of one shape can share a program). A
-queue is flushed when it holds `max_batch` decisions or when its oldest has waited
-`max_wait_ms`. Engine calls run one at a time on a worker thread, off the event loop, so
-that requests keep arriving while a batch computes. Ordering within a session is the
-caller's business (the routes hold a lock per session).
+Decisions queue per plan shape (only decisions of one shape can share a program). A batch
+is cut when the engine is free, and then holds everything queued so far (up to
+`max_batch`): decisions that arrive while a batch computes join the next one. Before
+cutting, a queue waits for decisions still being prepared (`arriving`: requests read and
+checked but not yet queued), at most `max_wait_ms` after its oldest; with none arriving it
+does not wait, so a lone session pays no batching delay. Engine calls run one at a time on
+a worker thread, off the event loop. Ordering within a session is the caller's business
+(the routes hold a lock per session).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from service.engine import Decision, Engine, Outcome
@@ -51,8 +55,9 @@ class Batcher:
         self.max_wait_s = max_wait_ms / 1000.0
         self.on_batch = on_batch
         self._queues: dict[PlanShape, list[Pending]] = defaultdict(list)
-        self._wakeups: dict[PlanShape, asyncio.Event] = {}
         self._flushers: dict[PlanShape, asyncio.Task] = {}
+        self._changed = asyncio.Event()  # a decision was queued or stopped arriving
+        self._arriving = 0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._compute = asyncio.Lock()  # one engine call at a time: one device
 
@@ -61,45 +66,65 @@ class Batcher:
         """Decisions queued and not yet handed to the engine."""
         return sum(len(queue) for queue in self._queues.values())
 
-    async def submit(self, shape: PlanShape, decision: Decision) -> Outcome:
+    @contextmanager
+    def arriving(self):
+        """Marks a decision being prepared, so that a queue about to be cut waits for it."""
+        self._arriving += 1
+        try:
+            yield
+        finally:
+            self._arriving -= 1
+            self._changed.set()
+
+    def enqueue(self, shape: PlanShape, decision: Decision) -> asyncio.Future:
+        """Queues a decision at once; the future resolves to its Outcome."""
         future = asyncio.get_running_loop().create_future()
         self._queues[shape].append(Pending(decision, future))
         if shape not in self._flushers or self._flushers[shape].done():
-            self._wakeups[shape] = asyncio.Event()
             self._flushers[shape] = asyncio.create_task(self._flush(shape))
-        self._wakeups[shape].set()
-        return await future
+        self._changed.set()
+        return future
+
+    async def submit(self, shape: PlanShape, decision: Decision) -> Outcome:
+        return await self.enqueue(shape, decision)
 
     async def _flush(self, shape: PlanShape) -> None:
         queue = self._queues[shape]
         while queue:
-            deadline = queue[0].queued_at + self.max_wait_s
-            while len(queue) < self.max_batch and (left := deadline - time.perf_counter()) > 0:
-                self._wakeups[shape].clear()
-                try:
-                    await asyncio.wait_for(self._wakeups[shape].wait(), left)
-                except TimeoutError:
-                    break
-            batch = [p for p in queue[: self.max_batch] if not p.future.done()]
-            del queue[: self.max_batch]
-            if batch:
-                await self._run(shape, batch)
+            await self._gather(queue)
+            async with self._compute:
+                batch = [p for p in queue[: self.max_batch] if not p.future.done()]
+                del queue[: self.max_batch]
+                if batch:
+                    await self._run(shape, batch)
+
+    async def _gather(self, queue: list[Pending]) -> None:
+        """Waits while the batch is not full, decisions are arriving and time is left."""
+        deadline = queue[0].queued_at + self.max_wait_s
+        while len(queue) < self.max_batch and self._arriving:
+            left = deadline - time.perf_counter()
+            if left <= 0:
+                return
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), left)
+            except TimeoutError:
+                return
 
     async def _run(self, shape: PlanShape, batch: list[Pending]) -> None:
-        async with self._compute:
-            started = time.perf_counter()
-            waits = [started - p.queued_at for p in batch]
-            loop = asyncio.get_running_loop()
-            try:
-                outcomes = await loop.run_in_executor(
-                    self._executor, self.engine.run, shape, [p.decision for p in batch]
-                )
-            except Exception as err:  # every waiter learns of the failure
-                for p in batch:
-                    if not p.future.done():
-                        p.future.set_exception(err)
-                return
-            compute = time.perf_counter() - started
+        started = time.perf_counter()
+        waits = [started - p.queued_at for p in batch]
+        loop = asyncio.get_running_loop()
+        try:
+            outcomes = await loop.run_in_executor(
+                self._executor, self.engine.run, shape, [p.decision for p in batch]
+            )
+        except Exception as err:  # every waiter learns of the failure
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(err)
+            return
+        compute = time.perf_counter() - started
         for p, outcome in zip(batch, outcomes, strict=True):
             if not p.future.done():
                 p.future.set_result(outcome)

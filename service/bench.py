@@ -4,6 +4,9 @@
 2. HTTP /act p50 and p99 for one session, and its ratio to the in-process p50.
 3. Throughput at several session counts, with batching on and off (two servers).
 
+Each server is a `worldplan serve` process of its own, as deployed, so that the load
+generator in this process does not share an interpreter with it.
+
 Writes bench.json and bench.png. Timings are reported, never asserted.
 """
 
@@ -19,7 +22,7 @@ import numpy as np
 
 from service.engine import Decision, Engine
 from service.loadtest import run_loadtest
-from service.local import running_server
+from service.local import serving_process
 from service.settings import Settings
 from training.checkpoint import restore_bundle
 from training.planners import PLANNERS, PlanShape
@@ -67,7 +70,7 @@ def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, re
     base = Settings(model_dir=model_dir, adapt_steps=(), sample_counts=())
     for batching in (True, False):
         mode = "batching" if batching else "no_batching"
-        with running_server(server_settings(base, batching, sessions)) as (url, _):
+        with serving_process(server_settings(base, batching, sessions)) as url:
             if batching:
                 one = asyncio.run(run_loadtest(url, 1, duration_s))["latency_ms"]
                 ratio = one["p50"] / report["in_process_p50_ms"][planner]

@@ -1,9 +1,10 @@
 """The compiled batch programs of the service: one per planner shape and batch size.
 
-A batch of decisions of different sessions runs as one vmapped call of
-`training.planners.decide` (V encode -> plan -> read out -> clip -> M step), padded to the
-smallest compiled batch size that holds it. The mathematics lives in `training`; this
-module only gathers inputs, pads, calls and splits.
+A batch of decisions of different sessions runs as vmapped calls of
+`training.planners.decide` (V encode -> plan -> read out -> clip -> M step): the compiled
+batch sizes whose calls cover it at the least cost measured at warm-up, the last padded.
+The mathematics lives in `training`; this module only gathers inputs, pads, calls and
+splits.
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ class Engine:
         self.model = bundle.model
         self.params = jax.device_put(bundle.params)
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
+        # Seconds per call of each (shape, compiled size), measured by warm_up. Unmeasured
+        # calls count 1 each, so a batch is then padded to one call.
+        self.call_seconds: dict[tuple[PlanShape, int], float] = {}
         self._zero_delta = zeros_like_psi(self.params)
         self._keys = jax.jit(jax.vmap(session_key))
 
@@ -63,16 +67,35 @@ class Engine:
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
 
-    def padded_size(self, n: int) -> int:
-        for size in self.batch_sizes:
-            if size >= n:
-                return size
-        raise ValueError(f"a batch of {n} exceeds the largest compiled size {self.max_batch}")
+    def chunk_sizes(self, shape: PlanShape, n: int) -> list[int]:
+        """The compiled sizes of the calls that serve n decisions at the least measured cost.
+
+        On a GPU a call costs about the same at any size, so this pads n to one call; on a
+        CPU a call costs about its rows, so this splits n exactly (9 -> 8 + 1) instead of
+        padding it to 32."""
+        if not 1 <= n <= self.max_batch:
+            raise ValueError(f"a batch of {n} exceeds the largest compiled size {self.max_batch}")
+        cost = {size: self.call_seconds.get((shape, size), 1.0) for size in self.batch_sizes}
+        best: list[tuple[float, list[int]]] = [(0.0, [])]  # best[m]: cheapest cover of m rows
+        for m in range(1, n + 1):
+            best.append(
+                min((cost[s] + best[max(0, m - s)][0], [s, *best[max(0, m - s)][1]])
+                    for s in self.batch_sizes)
+            )  # fmt: skip
+        return best[n][1]
 
     def run(self, shape: PlanShape, decisions: list[Decision]) -> list[Outcome]:
-        """Decisions of one planner shape, at most `max_batch` of them, in one call."""
+        """Decisions of one planner shape, at most `max_batch` of them."""
+        outcomes, start = [], 0
+        for size in self.chunk_sizes(shape, len(decisions)):
+            outcomes += self._call(shape, decisions[start : start + size], size)
+            start += size
+        return outcomes
+
+    def _call(self, shape: PlanShape, decisions: list[Decision], size: int) -> list[Outcome]:
+        """One call of the program compiled for `size`; padding rows are discarded."""
         n = len(decisions)
-        rows = decisions + [decisions[0]] * (self.padded_size(n) - n)  # padding is discarded
+        rows = decisions + [decisions[0]] * (size - n)
         adapts = shape.planner == "online_adaptation"
         stack = lambda values: jnp.asarray(np.stack(values))  # noqa: E731
         keys = self._keys(
@@ -150,12 +173,16 @@ class Engine:
         )
 
     def warm_up(self, shapes: list[PlanShape]) -> float:
-        """Compiles every (shape, batch size) program; returns the seconds it took."""
+        """Compiles every (shape, batch size) program and times one call of each, which
+        `chunk_sizes` then weighs; returns the seconds it took."""
         started = time.perf_counter()
         probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0))
         for shape in shapes:
             for size in self.batch_sizes:
-                self.run(shape, [probe] * size)
+                self._call(shape, [probe] * size, size)  # compiles
+                called = time.perf_counter()
+                self._call(shape, [probe] * size, size)
+                self.call_seconds[shape, size] = time.perf_counter() - called
             if shape.planner == "online_adaptation":
                 self.adapt(shape, probe)
         return time.perf_counter() - started

@@ -1,10 +1,14 @@
-"""A real uvicorn server on a free loopback port, in this process: for the benchmark and
-the tests."""
+"""Real servers on free loopback ports: a uvicorn thread in this process (for tests), or a
+`worldplan serve` process of its own (for the benchmark, as it is deployed)."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -20,6 +24,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> list[int]:
+    """Polls /readyz until it says 200; returns the statuses seen on the way."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[int] = []
+    while not seen or seen[-1] != 200:
+        if not alive():
+            raise RuntimeError(f"the server at {url} exited before it was ready")
+        with contextlib.suppress(httpx.TransportError):
+            seen.append(httpx.get(f"{url}/readyz").status_code)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the server was not ready within {timeout_s:.0f} s")
+        time.sleep(0.05)
+    return seen
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The WORLDPLAN_* variables that give a `worldplan serve` process these settings."""
+    env = {}
+    for name, value in settings.model_dump(mode="json", exclude_none=True).items():
+        env[f"WORLDPLAN_{name.upper()}"] = value if isinstance(value, str) else json.dumps(value)
+    return env
+
+
+@contextlib.contextmanager
+def serving_process(settings: Settings, timeout_s: float = 600.0, log=subprocess.DEVNULL):
+    """Yields the url of a `worldplan serve` process once its /readyz says 200."""
+    port = free_port()
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    env = {**os.environ, **settings_env(settings)}
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(url, timeout_s, alive=lambda: process.poll() is None)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
 @contextlib.contextmanager
 def running_server(settings: Settings, timeout_s: float = 300.0):
     """Yields (url, the /readyz answers seen while it prepared) once /readyz says 200."""
@@ -31,16 +77,8 @@ def running_server(settings: Settings, timeout_s: float = 300.0):
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout_s
-    seen: list[int] = []
     try:
-        while not seen or seen[-1] != 200:
-            with contextlib.suppress(httpx.TransportError):
-                seen.append(httpx.get(f"{url}/readyz").status_code)
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"the server was not ready within {timeout_s:.0f} s")
-            time.sleep(0.05)
-        yield url, seen
+        yield url, wait_ready(url, timeout_s)
     finally:
         server.should_exit = True
         thread.join(timeout=10)

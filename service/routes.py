@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import math
 import secrets
 import time
 from contextlib import contextmanager
@@ -22,7 +23,7 @@ from service.schemas import (
     CreateSession,
     PlannerOverrides,
 )
-from service.sessions import Session, SessionExpired, SessionNotFound
+from service.sessions import Session, SessionExpired, SessionLimit, SessionNotFound
 from training.config import PlanningConfig
 from training.planners import PlanShape
 from training.tasks import TaskError, default_task, task_weights
@@ -223,7 +224,11 @@ async def create_session(request: Request) -> Response:
         last_used=now,
     )
     planning_for(rt, session, None)  # refuses overrides that no program serves
-    await rt.store.create(session)
+    try:
+        await rt.store.create(session)
+    except SessionLimit as err:
+        retry = str(math.ceil(err.retry_after_s or 1))
+        raise ApiError(429, "session_limit", str(err), headers={"Retry-After": retry}) from None
     payload = {"session_id": session.session_id, "model_version": rt.model_version}
     return answer(request, payload, status=201)
 
@@ -256,41 +261,17 @@ async def act(request: Request) -> Response:
     body: ActRequest = await read_body(request, ActRequest, rt)
     started = time.perf_counter()
     async with rt.lock(body.session_id):
-        session = await load_session(rt, body.session_id)
-        expected = session.step + 1
-        if body.step is not None and body.step == session.step and session.last_response:
-            return answer(request, session.last_response)  # a retry: nothing advances
-        if body.step is not None and body.step != expected:
-            raise ApiError(
-                409,
-                "step_conflict",
-                f"step {body.step} is neither the last applied step nor the next",
-                {"expected_step": expected, "last_step": session.step},
-            )
-        obs = check_observation(rt, body.observation)
-        planning = planning_for(rt, session, body.planner)
-        hidden = rt.bundle.model.mdn.hidden
-        zero = np.zeros(hidden, np.float32)
-        decision = Decision(
-            observation=obs,
-            lstm_c=zero if body.reset else session.lstm_c,
-            lstm_h=zero if body.reset else session.lstm_h,
-            weights=session.task_weights,
-            seed=session.seed,
-            step=expected,
-            knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
-            delta=session.delta,
-        )
-        if rt.batcher.pending >= rt.settings.max_queue:
-            raise ApiError(
-                429, "queue_full", "too many decisions waiting", headers={"Retry-After": "1"}
-            )
-        queued = time.perf_counter()
-        work = rt.batcher.submit(PlanShape.of(planning), decision)
-        outcome = await within_deadline(rt, work, body.deadline_ms)
+        with rt.batcher.arriving():  # a batch about to be cut waits for this decision
+            session = await load_session(rt, body.session_id)
+            if body.step is not None and body.step == session.step and session.last_response:
+                return answer(request, session.last_response)  # a retry: nothing advances
+            planning, decision = prepare_decision(rt, session, body)
+            queued = time.perf_counter()
+            decided = rt.batcher.enqueue(PlanShape.of(planning), decision)
+        outcome = await within_deadline(rt, decided, body.deadline_ms)
         response = ActResponse(
             session_id=session.session_id,
-            step=expected,
+            step=decision.step,
             action=[float(a) for a in outcome.action],
             planner=planning.planner,
             diagnostics=outcome.diagnostics,
@@ -301,12 +282,42 @@ async def act(request: Request) -> Response:
             model_version=rt.model_version,
         ).model_dump()
         request.app.state.metrics.observe_decision(planning.planner, outcome.diagnostics)
-        session.step = expected
+        session.step = decision.step
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
-        session.last_observation = obs
+        session.last_observation = decision.observation
         await save_session(rt, session)
     return answer(request, response)
+
+
+def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningConfig, Decision]:
+    """The checked request as the engine takes it; any refusal here changes nothing."""
+    expected = session.step + 1
+    if body.step is not None and body.step != expected:
+        raise ApiError(
+            409,
+            "step_conflict",
+            f"step {body.step} is neither the last applied step nor the next",
+            {"expected_step": expected, "last_step": session.step},
+        )
+    obs = check_observation(rt, body.observation)
+    planning = planning_for(rt, session, body.planner)
+    zero = np.zeros(rt.bundle.model.mdn.hidden, np.float32)
+    decision = Decision(
+        observation=obs,
+        lstm_c=zero if body.reset else session.lstm_c,
+        lstm_h=zero if body.reset else session.lstm_h,
+        weights=session.task_weights,
+        seed=session.seed,
+        step=expected,
+        knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+        delta=session.delta,
+    )
+    if rt.batcher.pending >= rt.settings.max_queue:
+        raise ApiError(
+            429, "queue_full", "too many decisions waiting", headers={"Retry-After": "1"}
+        )
+    return planning, decision
 
 
 async def save_session(rt, session: Session) -> None:

@@ -7,6 +7,9 @@ either is an independent copy: a request that fails half way changes nothing unt
 Recency and idleness are counted from the last ``create`` or ``put``; ``get`` refreshes
 neither, so reading a session does not keep it alive. An id that was evicted (idle TTL or
 the size limit) answers ``SessionExpired`` (410) rather than ``SessionNotFound`` (404).
+A full memory store evicts its least recently used session only once that one has been
+idle ``min_idle_to_evict_s``: a robot in the middle of an episode keeps its session, and
+the newcomer is told to come back (``SessionLimit``, 429).
 """
 
 from __future__ import annotations
@@ -55,7 +58,12 @@ class SessionExpired(KeyError):
 
 
 class SessionLimit(Exception):
-    """No session can be created: the store holds none at all (``max_sessions == 0``)."""
+    """No session can be created now: the store is full of sessions used too recently to
+    evict. ``retry_after_s``: when the least recently used one becomes evictable."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class SessionStore(Protocol):
@@ -113,9 +121,9 @@ def _check_ttl(idle_ttl_s: float) -> None:
 
 
 class MemorySessionStore:
-    """Sessions in this process: least recently used evicted when full, idle ones expired
-    lazily on access and by ``sweep()``. One event loop; no operation awaits in between, so
-    each is atomic."""
+    """Sessions in this process: when full, the least recently used is evicted (if idle
+    ``min_idle_to_evict_s``), idle ones expire lazily on access and by ``sweep()``. One event
+    loop; no operation awaits in between, so each is atomic."""
 
     def __init__(
         self,
@@ -123,12 +131,14 @@ class MemorySessionStore:
         idle_ttl_s: float,
         clock: Callable[[], float] = time.time,
         remember_evicted: int = 10_000,
+        min_idle_to_evict_s: float = 0.0,
     ) -> None:
         if max_sessions < 0:
             raise ValueError(f"max_sessions must be >= 0, got {max_sessions}")
         _check_ttl(idle_ttl_s)
         self.max_sessions = max_sessions
         self.idle_ttl_s = idle_ttl_s
+        self.min_idle_to_evict_s = min_idle_to_evict_s
         self.clock = clock
         self.remember_evicted = remember_evicted
         self.evictions = 0
@@ -171,9 +181,14 @@ class MemorySessionStore:
             raise ValueError(f"session {session.session_id!r} already exists")
         record = session_to_bytes(session)
         self.sweep()
+        now = self.clock()
         while len(self._entries) >= self.max_sessions:
-            self._evict(next(iter(self._entries)))
-        self._entries[session.session_id] = (record, self.clock())
+            oldest, (_, touched) = next(iter(self._entries.items()))
+            wait = self.min_idle_to_evict_s - (now - touched)
+            if wait > 0:
+                raise SessionLimit(f"all {self.max_sessions} sessions are in use", wait)
+            self._evict(oldest)
+        self._entries[session.session_id] = (record, now)
         self._evicted.pop(session.session_id, None)
 
     async def get(self, session_id: str) -> Session:

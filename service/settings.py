@@ -27,6 +27,10 @@ class Settings(BaseSettings):
     session_store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_sessions: int = Field(10_000, ge=1)
+    evict_idle_s: float = Field(
+        60.0, ge=0.0, description="a full memory store evicts its LRU session only once idle "
+        "this long; until then creating a session answers 429"
+    )  # fmt: skip
     session_ttl_s: float = Field(3600.0, gt=0.0, description="idle time before a session ends")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     default_deadline_ms: float = Field(10_000.0, gt=0.0)

@@ -1,10 +1,17 @@
 """Shared fixtures: a tiny PointMaze dataset and a tiny bundle trained on it through all stages."""
 
+import shutil
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
+import redis
 
-from service.local import running_server  # noqa: F401  (the tests' server)
+from service.local import (
+    free_port,
+    running_server,  # noqa: F401  (the tests' server)
+)
 from training.config import parse_config
 from training.data import collect
 from training.train import train
@@ -58,3 +65,41 @@ def umaze_data(tmp_path_factory) -> Path:
 def trained(umaze_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return train(parse_config(TINY), umaze_data, run_dir, progress=False)
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory) -> str:
+    """A real redis-server on a free loopback port, for one test module."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server binary not found on PATH (Debian: apt-get install redis-server)")
+    port = free_port()
+    workdir = tmp_path_factory.mktemp("redis")
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(
+        [REDIS_SERVER, *args, "--dir", str(workdir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {port}") from None
+                time.sleep(0.05)
+        client.close()
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -19,7 +19,6 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from test_sessions import redis_url  # noqa: F401  (a real redis-server on a free port)
 
 from service.cli import build_parser, cmd_serve
 from service.client import SESSION_HEADER, Client
@@ -220,7 +219,7 @@ def render_nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> Path:
     return path
 
 
-def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_url):  # noqa: F811
+def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_url):
     nginx = need_nginx()
     ports = [free_port(), free_port()]
     lb_port = free_port()

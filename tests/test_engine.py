@@ -65,30 +65,79 @@ def test_oversized_batches_are_refused(engine):
         engine.run(PlanShape("controller", 4, 8, 5, 8), decisions(engine, 5))
 
 
-def test_warm_up_compiles_every_size(engine):
-    assert engine.warm_up([PlanShape("controller", 4, 8, 5, 8)]) >= 0.0
+def test_warm_up_times_every_compiled_size(engine):
+    shape = PlanShape("controller", 4, 8, 5, 8)
+    assert engine.warm_up([shape]) > 0.0
+    assert {size for (s, size) in engine.call_seconds if s == shape} == {1, 4}
+    assert all(seconds > 0.0 for seconds in engine.call_seconds.values())
+
+
+def test_chunks_split_when_calls_cost_their_rows_and_pad_when_calls_cost_alike(trained):
+    engine = Engine(restore_bundle(trained.run_dir), batch_sizes=(1, 8, 32))
+    shape = PlanShape("online_adaptation", 4, 8, 5, 8)
+    assert engine.chunk_sizes(shape, 9) == [32]  # unmeasured: one padded call
+    engine.call_seconds = {(shape, size): 0.03 * size + 0.001 for size in (1, 8, 32)}  # a CPU
+    assert sorted(engine.chunk_sizes(shape, 9)) == [1, 8]
+    assert sorted(engine.chunk_sizes(shape, 31)) == [1] * 7 + [8] * 3
+    engine.call_seconds = {(shape, size): 0.005 + 0.0001 * size for size in (1, 8, 32)}  # a GPU
+    assert engine.chunk_sizes(shape, 9) == [32]
+    assert engine.chunk_sizes(shape, 3) == [8]
+    assert engine.chunk_sizes(shape, 1) == [1]
+
+
+def test_a_split_batch_answers_like_one_by_one(engine):
+    shape = PlanShape("online_adaptation", 4, 8, 5, 8)
+    batch = decisions(engine, 3)
+    engine.call_seconds = {(shape, 1): 0.01, (shape, 4): 0.04}  # cost ∝ rows: 3 = 1 + 1 + 1
+    assert engine.chunk_sizes(shape, 3) == [1, 1, 1]
+    for item, outcome in zip(batch, engine.run(shape, batch), strict=True):
+        np.testing.assert_array_equal(outcome.action, engine.run(shape, [item])[0].action)
+
+
+def run_batcher(engine, work):
+    """Runs `work(batcher)` on a fresh event loop; returns (its result, the batches' stats)."""
+    import asyncio
+
+    from service.batcher import Batcher
+
+    stats = []
+
+    async def main():
+        batcher = Batcher(engine, max_batch=4, max_wait_ms=200, on_batch=stats.append)
+        try:
+            return await work(batcher)
+        finally:
+            await batcher.close()
+
+    return asyncio.run(main()), stats
 
 
 def test_batcher_gathers_concurrent_decisions_and_keeps_their_answers(engine):
     import asyncio
 
-    from service.batcher import Batcher
-
     shape = PlanShape("random_shooting", 4, 8, 5, 8)
     batch = decisions(engine, 4)
     expected = [engine.run(shape, [d])[0].action for d in batch]
-    sizes = []
 
-    async def main():
-        batcher = Batcher(engine, max_batch=4, max_wait_ms=200, on_batch=lambda s: sizes.append(s))
-        outcomes = await asyncio.gather(*(batcher.submit(shape, d) for d in batch))
-        late = await batcher.submit(shape, batch[0])  # alone: flushed after max_wait_ms
-        await batcher.close()
-        return outcomes, late
+    async def work(batcher):
+        return await asyncio.gather(*(batcher.submit(shape, d) for d in batch))
 
-    outcomes, late = asyncio.run(main())
-    assert [s.size for s in sizes] == [4, 1]
-    assert sizes[1].queue_wait_s[0] >= 0.19
+    outcomes, stats = run_batcher(engine, work)
+    assert [s.size for s in stats] == [4]
     for outcome, action in zip(outcomes, expected, strict=True):
         np.testing.assert_allclose(outcome.action, action, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(late.action, expected[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_lone_decision_waits_only_for_decisions_still_arriving(engine):
+    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    (decision,) = decisions(engine, 1)
+
+    async def work(batcher):
+        await batcher.submit(shape, decision)  # nobody else arriving: no wait
+        with batcher.arriving():  # another request is being read, and never comes
+            await batcher.submit(shape, decision)
+
+    _, stats = run_batcher(engine, work)
+    assert [s.size for s in stats] == [1, 1]
+    assert stats[0].queue_wait_s[0] < 0.1
+    assert stats[1].queue_wait_s[0] >= 0.19  # max_wait_ms

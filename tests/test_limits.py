@@ -1,6 +1,8 @@
-"""Limits through a real server: a full queue answers 429, an evicted session 410."""
+"""Limits through a real server: a full queue or a full session store answers 429, an
+evicted session 410."""
 
 import asyncio
+import time
 
 import httpx
 
@@ -8,35 +10,50 @@ from service.local import running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]
+LONG = {
+    "planner": "online_adaptation",
+    "adaptation_steps": 1000,
+    "n_adaptation_samples": 512,
+}  # keeps the engine busy
 
 
-def test_queue_limit_and_lru_eviction(trained):
+def test_queue_and_session_limits(trained):
     settings = Settings(
-        model_dir=trained.run_dir, batch_sizes=(1, 2), max_batch=2, max_wait_ms=400,
-        max_queue=1, max_sessions=2, adapt_steps=(), sample_counts=(),
+        model_dir=trained.run_dir, batch_sizes=(1,), max_batch=1, max_queue=1,
+        max_sessions=3, evict_idle_s=1.0, adapt_steps=(1000,), sample_counts=(512,),
     )  # fmt: skip
     with running_server(settings) as (url, _):
 
-        async def two_at_once():
+        async def three_at_once():
             async with httpx.AsyncClient(base_url=url, timeout=30) as c:
-                ids = [(await c.post("/sessions", json={})).json()["session_id"] for _ in (0, 1)]
-                first = asyncio.create_task(
-                    c.post("/act", json={"session_id": ids[0], "observation": OBS})
+                ids = [(await c.post("/sessions", json={})).json()["session_id"] for _ in "abc"]
+                act = lambda i, **extra: c.post(  # noqa: E731
+                    "/act", json={"session_id": ids[i], "observation": OBS, **extra}
                 )
-                await asyncio.sleep(0.1)  # the first waits in the queue for a partner
-                second = await c.post("/act", json={"session_id": ids[1], "observation": OBS})
-                return (await first), second
+                busy = asyncio.create_task(act(0, planner=LONG))
+                await asyncio.sleep(0.2)  # the engine is computing the long adaptation
+                queued = asyncio.create_task(act(1))
+                await asyncio.sleep(0.1)  # and the second decision waits in the queue
+                refused = await act(2)
+                return await busy, await queued, refused, ids
 
-        first, second = asyncio.run(two_at_once())
-        assert first.status_code == 200
-        assert second.status_code == 429 and second.headers["retry-after"] == "1"
-        assert second.json()["error"]["code"] == "queue_full"
+        busy, queued, refused, ids = asyncio.run(three_at_once())
+        assert busy.status_code == 200 and queued.status_code == 200
+        assert busy.json()["timing"]["plan_ms"] > 300  # it was still computing
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "queue_full"
 
         with httpx.Client(base_url=url, timeout=30) as c:
-            ids = [c.post("/sessions", json={}).json()["session_id"] for _ in range(3)]
-            evicted = c.post("/act", json={"session_id": ids[0], "observation": OBS})
+            assert c.get(f"/sessions/{ids[2]}").json()["step"] == -1  # the refusal changed nothing
+            for i, step in ((2, 0), (1, 1), (0, 1)):  # all in use, ids[2] the least recently
+                body = {"session_id": ids[i], "observation": OBS, "step": step}
+                assert c.post("/act", json=body).status_code == 200
+            full = c.post("/sessions", json={})
+            assert full.status_code == 429 and full.json()["error"]["code"] == "session_limit"
+            assert 1 <= int(full.headers["retry-after"]) <= 2
+            time.sleep(1.0)  # ids[2] has idled long enough to make room
+            assert c.post("/sessions", json={}).status_code == 201
+            evicted = c.post("/act", json={"session_id": ids[2], "observation": OBS})
             assert evicted.status_code == 410
             assert evicted.json()["error"]["code"] == "session_expired"
-            assert (
-                c.post("/act", json={"session_id": ids[2], "observation": OBS}).status_code == 200
-            )
+            assert c.get(f"/sessions/{ids[0]}").json()["step"] == 1  # kept

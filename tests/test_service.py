@@ -1,24 +1,34 @@
-"""The service through a real uvicorn server on loopback, driven with httpx."""
+"""The service through a real uvicorn server on loopback, driven with httpx, with its
+sessions in a real redis-server (as deployed behind the load balancer)."""
 
 import asyncio
 import math
+import re
+from dataclasses import replace
 
 import httpx
 import msgpack
 import numpy as np
 import pytest
 
+from service.engine import Decision, Engine
 from service.local import running_server
+from service.sessions import RedisSessionStore
 from service.settings import Settings
+from training.checkpoint import restore_bundle
+from training.planners import PlanShape
+from training.tasks import default_task, task_weights
 
 KEY = "test-key"
 READINESS: list[int] = []
 
 
 @pytest.fixture(scope="module")
-def server(trained):
+def server(trained, redis_url):
     settings = Settings(
         model_dir=trained.run_dir,
+        session_store="redis",
+        redis_url=redis_url,
         api_key=KEY,
         batch_sizes=(1, 4),
         max_batch=4,
@@ -145,34 +155,77 @@ def test_msgpack_and_json_give_the_same_action(client):
     assert by_msgpack["action"] == by_json["action"]
 
 
-def test_concurrent_sessions_are_isolated(server):
-    """Sessions stepped concurrently (and so batched together) end where a sequential
-    replay of each one's own steps ends."""
-    n_sessions, n_steps = 12, 4
-    rng = np.random.default_rng(0)
-    observations = rng.normal(size=(n_sessions, n_steps, 4)).round(3).tolist()
+def sequential_replay(bundle, seed: int, observations) -> tuple[list, Decision]:
+    """One session's steps, one at a time in this process: its actions and last state."""
+    engine = Engine(bundle, batch_sizes=(1,))
+    model, params, planning = bundle.model, bundle.params, bundle.config.planning
+    decision = engine.probe(
+        np.asarray(task_weights(model, params, default_task(model, params)), np.float32),
+        (planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+    )
+    actions = []
+    for step, obs in enumerate(observations):
+        decision = replace(decision, observation=np.float32(obs), seed=seed, step=step)
+        (outcome,) = engine.run(PlanShape.of(planning), [decision])
+        actions.append(outcome.action)
+        decision = replace(decision, lstm_c=outcome.lstm_c, lstm_h=outcome.lstm_h)
+    return actions, decision
 
-    async def run(concurrent: bool) -> list[list[list[float]]]:
+
+def batch_sizes_seen(server) -> tuple[float, float]:
+    """(decisions, batches) the server's batch-size histogram has counted so far."""
+    text = httpx.get(f"{server}/metrics", headers={"X-API-Key": KEY}).text
+    value = lambda name: float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))  # noqa: E731
+    return value("worldplan_batch_size_sum"), value("worldplan_batch_size_count")
+
+
+def test_concurrent_sessions_are_isolated(server, trained, redis_url):
+    """64 sessions stepped concurrently (and so batched together) for 20 steps: each one's
+    LSTM state, as the store holds it, equals a sequential replay of its own steps."""
+    n_sessions, n_steps = 64, 20
+    observations = np.random.default_rng(0).normal(size=(n_sessions, n_steps, 4)).round(3)
+
+    async def drive_all() -> tuple[list[str], list[list]]:
         headers = {"X-API-Key": KEY}
-        async with httpx.AsyncClient(base_url=server, headers=headers, timeout=60) as c:
+        async with httpx.AsyncClient(base_url=server, headers=headers, timeout=120) as c:
             ids = []
             for i in range(n_sessions):
-                r = await c.post("/sessions", json={"seed": 1000 + i})
-                ids.append(r.json()["session_id"])
+                ids.append(
+                    (await c.post("/sessions", json={"seed": 1000 + i})).json()["session_id"]
+                )
 
             async def drive(i):
                 actions = []
                 for t in range(n_steps):
-                    body = {"session_id": ids[i], "observation": observations[i][t], "step": t}
-                    actions.append((await c.post("/act", json=body)).json()["action"])
+                    body = {"session_id": ids[i], "observation": observations[i, t].tolist(),
+                            "step": t}  # fmt: skip
+                    r = await c.post("/act", json=body)
+                    assert r.status_code == 200, r.text
+                    actions.append(r.json()["action"])
                 return actions
 
-            if concurrent:
-                return list(await asyncio.gather(*(drive(i) for i in range(n_sessions))))
-            return [await drive(i) for i in range(n_sessions)]
+            return ids, list(await asyncio.gather(*(drive(i) for i in range(n_sessions))))
 
-    together, alone = asyncio.run(run(True)), asyncio.run(run(False))
-    np.testing.assert_allclose(np.array(together), np.array(alone), rtol=1e-4, atol=1e-5)
+    async def stored(ids) -> list:
+        store = RedisSessionStore(redis_url, idle_ttl_s=3600)
+        try:
+            return [await store.get(sid) for sid in ids]
+        finally:
+            await store.close()
+
+    before = batch_sizes_seen(server)
+    ids, actions = asyncio.run(drive_all())
+    after = batch_sizes_seen(server)
+    decisions, batches = after[0] - before[0], after[1] - before[1]
+    assert decisions == n_sessions * n_steps and batches < decisions  # some ran together
+    sessions = asyncio.run(stored(ids))
+    bundle = restore_bundle(trained.run_dir)
+    for i, session in enumerate(sessions):
+        replayed, last = sequential_replay(bundle, 1000 + i, observations[i])
+        assert session.step == n_steps - 1
+        np.testing.assert_allclose(actions[i], replayed, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(session.lstm_c, last.lstm_c, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(session.lstm_h, last.lstm_h, rtol=1e-4, atol=1e-5)
 
 
 def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):

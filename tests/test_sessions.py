@@ -3,9 +3,6 @@
 import asyncio
 import contextlib
 import pickle
-import shutil
-import socket
-import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -28,7 +25,6 @@ from service.sessions import (
     session_to_bytes,
 )
 
-REDIS_SERVER = shutil.which("redis-server")
 HIDDEN = 16
 
 
@@ -87,46 +83,6 @@ def assert_same(a, b) -> None:
 
 
 # --- fixtures ------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory) -> str:
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server binary not found on PATH (Debian: apt-get install redis-server)")
-    port = _free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [REDIS_SERVER, *args, "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class FakeClock:
@@ -398,6 +354,32 @@ def test_sweep_evicts_idle_sessions():
         with pytest.raises(SessionExpired):
             await store.get(old[1].session_id)
         await store.get(old[0].session_id)
+
+    asyncio.run(main())
+
+
+def test_a_full_store_refuses_newcomers_until_its_oldest_session_idles():
+    async def main():
+        clock = FakeClock()
+        store = MemorySessionStore(max_sessions=2, idle_ttl_s=600, clock=clock,
+                                   min_idle_to_evict_s=30)  # fmt: skip
+        a, b, c = (make_session(delta=False) for _ in range(3))
+        await store.create(a)
+        clock.t += 10
+        await store.create(b)
+        clock.t += 5
+        with pytest.raises(SessionLimit) as refused:
+            await store.create(c)
+        assert refused.value.retry_after_s == pytest.approx(15)  # a idles 30 s at t = 30
+        assert store.evictions == 0 and await store.count() == 2
+        with pytest.raises(SessionNotFound):
+            await store.get(c.session_id)  # the refused one was not kept
+        clock.t += 15
+        await store.create(c)
+        assert store.evictions == 1
+        with pytest.raises(SessionExpired):
+            await store.get(a.session_id)
+        await store.get(b.session_id)
 
     asyncio.run(main())
 
