@@ -59,11 +59,18 @@ def serving_process(settings: Settings, timeout_s: float = 600.0, log=subprocess
         wait_ready(url, timeout_s, alive=lambda: process.poll() is None)
         yield url
     finally:
+        stop(process)
+
+
+def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
+    """Ends a child process: politely, then for good."""
+    if process.poll() is None:
         process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 @contextlib.contextmanager

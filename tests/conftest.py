@@ -11,6 +11,7 @@ import redis
 from service.local import (
     free_port,
     running_server,  # noqa: F401  (the tests' server)
+    stop,
 )
 from training.config import parse_config
 from training.data import collect
@@ -97,9 +98,4 @@ def redis_url(tmp_path_factory) -> str:
         client.close()
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc)

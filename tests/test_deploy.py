@@ -22,7 +22,7 @@ import yaml
 
 from service.cli import build_parser, cmd_serve
 from service.client import SESSION_HEADER, Client
-from service.local import free_port
+from service.local import free_port, settings_env, stop
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,14 +182,7 @@ def processes():
         yield started
     finally:
         for proc in started:
-            if proc.poll() is None:
-                proc.terminate()
-        for proc in started:
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 def start(started: list, argv: list[str], log: Path, env=None) -> subprocess.Popen:
@@ -224,15 +217,11 @@ def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_
     ports = [free_port(), free_port()]
     lb_port = free_port()
     lb = f"http://127.0.0.1:{lb_port}"
-    env = os.environ | {
-        "WORLDPLAN_SESSION_STORE": "redis",
-        "WORLDPLAN_REDIS_URL": redis_url,
-        "WORLDPLAN_WARM_UP": "false",
-        "WORLDPLAN_BATCH_SIZES": "[1]",
-        "WORLDPLAN_MAX_BATCH": "1",
-        "WORLDPLAN_ADAPT_STEPS": "[]",
-        "WORLDPLAN_SAMPLE_COUNTS": "[]",
-    }
+    replica_settings = Settings(
+        session_store="redis", redis_url=redis_url, warm_up=False,
+        batch_sizes=(1,), max_batch=1, adapt_steps=(), sample_counts=(),
+    )  # fmt: skip
+    env = os.environ | settings_env(replica_settings)
     conf = render_nginx_conf(tmp_path, lb_port, ports)
     user = " user root;" if os.geteuid() == 0 else ""  # workers that can use tmp_path
     nginx_argv = [nginx, "-e", "stderr", "-p", str(tmp_path), "-c", str(conf)]
