@@ -11,6 +11,7 @@ balancer can hash on to keep the session on one replica without reading the body
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -59,11 +60,15 @@ class Options:
             return None
         return codec.encode_body(body, self.headers["Content-Type"])
 
-    def delay(self, attempt: int, response: httpx.Response | None) -> float:
+    def retry_delay(self, attempt: int, response: httpx.Response | None) -> float | None:
+        """Seconds to wait before trying again, or None when this answer is final. No
+        response means the request was lost in transport."""
+        if attempt >= self.retries:
+            return None
+        if response is not None and response.status_code not in RETRY_STATUS:
+            return None
         retry_after = response.headers.get("retry-after") if response is not None else None
-        if retry_after:
-            return float(retry_after)
-        return self.backoff * 2**attempt
+        return float(retry_after) if retry_after else self.backoff * 2**attempt
 
 
 def decode(response: httpx.Response) -> Any:
@@ -94,6 +99,14 @@ def act_body(session_id, observation, step, reset, planner, use_msgpack) -> dict
     return body
 
 
+def adapt_body(session_id, task, observation, steps, persist) -> dict:
+    body = {"session_id": session_id, "persist": persist}
+    body |= {k: v for k, v in {"task": task, "steps": steps}.items() if v is not None}
+    if observation is not None:
+        body["observation"] = np.asarray(observation).tolist()
+    return body
+
+
 class Client:
     """Synchronous client. `with Client(url) as c: sid = c.create_session(); c.act(...)`."""
 
@@ -111,22 +124,18 @@ class Client:
         self, method: str, path: str, body: dict | None = None, session_id: str | None = None
     ) -> Any:
         opts = self.options
-        for attempt in range(opts.retries + 1):
-            response = None
+        for attempt in itertools.count():
             try:
                 response = self.http.request(
-                    method,
-                    path,
-                    content=opts.encode(body),
-                    headers=opts.headers_for(session_id),
+                    method, path, content=opts.encode(body), headers=opts.headers_for(session_id)
                 )
-                if response.status_code not in RETRY_STATUS or attempt == opts.retries:
-                    return decode(response)
             except httpx.TransportError:
-                if attempt == opts.retries:
+                if (wait := opts.retry_delay(attempt, None)) is None:
                     raise
-            time.sleep(opts.delay(attempt, response))
-        raise AssertionError("unreachable")
+            else:
+                if (wait := opts.retry_delay(attempt, response)) is None:
+                    return decode(response)
+            time.sleep(wait)
 
     def model(self) -> dict:
         return self.request("GET", "/model")
@@ -145,10 +154,7 @@ class Client:
         return self.request("POST", "/act", body, session_id)
 
     def adapt(self, session_id, task=None, observation=None, steps=None, persist=False) -> dict:
-        body = {"session_id": session_id, "persist": persist}
-        body |= {k: v for k, v in {"task": task, "steps": steps}.items() if v is not None}
-        if observation is not None:
-            body["observation"] = np.asarray(observation).tolist()
+        body = adapt_body(session_id, task, observation, steps, persist)
         return self.request("POST", "/adapt", body, session_id)
 
 
@@ -172,30 +178,38 @@ class AsyncClient:
         self, method: str, path: str, body: dict | None = None, session_id: str | None = None
     ) -> Any:
         opts = self.options
-        for attempt in range(opts.retries + 1):
-            response = None
+        for attempt in itertools.count():
             try:
                 response = await self.http.request(
-                    method,
-                    path,
-                    content=opts.encode(body),
-                    headers=opts.headers_for(session_id),
+                    method, path, content=opts.encode(body), headers=opts.headers_for(session_id)
                 )
-                if response.status_code not in RETRY_STATUS or attempt == opts.retries:
-                    return decode(response)
             except httpx.TransportError:
-                if attempt == opts.retries:
+                if (wait := opts.retry_delay(attempt, None)) is None:
                     raise
-            await asyncio.sleep(opts.delay(attempt, response))
-        raise AssertionError("unreachable")
+            else:
+                if (wait := opts.retry_delay(attempt, response)) is None:
+                    return decode(response)
+            await asyncio.sleep(wait)
+
+    async def model(self) -> dict:
+        return await self.request("GET", "/model")
 
     async def create_session(self, task=None, planner=None, seed=None) -> str:
         body = session_body(task, planner, seed)
         return (await self.request("POST", "/sessions", body))["session_id"]
 
+    async def session(self, session_id: str) -> dict:
+        return await self.request("GET", f"/sessions/{session_id}", session_id=session_id)
+
     async def act(self, session_id, observation, step=None, reset=False, planner=None) -> dict:
         body = act_body(session_id, observation, step, reset, planner, self.options.use_msgpack)
         return await self.request("POST", "/act", body, session_id)
+
+    async def adapt(
+        self, session_id, task=None, observation=None, steps=None, persist=False
+    ) -> dict:
+        body = adapt_body(session_id, task, observation, steps, persist)
+        return await self.request("POST", "/adapt", body, session_id)
 
     async def delete_session(self, session_id: str) -> None:
         await self.request("DELETE", f"/sessions/{session_id}", session_id=session_id)

@@ -38,7 +38,7 @@ async def run_loadtest(
     latencies: list[float] = []
     errors: Counter = Counter()
     async with AsyncClient(url, api_key=api_key, retries=0) as client:
-        model = await client.request("GET", "/model")
+        model = await client.model()
         overrides = {"planner": planner} if planner else None
         ids = [await client.create_session(planner=overrides, seed=i) for i in range(sessions)]
         deadline = time.perf_counter() + duration_s
