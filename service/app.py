@@ -18,7 +18,12 @@ from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import ApiError, error_response
 from service.metrics import Metrics
-from service.sessions import MemorySessionStore, RedisSessionStore, SessionStore
+from service.sessions import (
+    MemorySessionStore,
+    RedisSessionStore,
+    SessionStore,
+    StoreUnavailable,
+)
 from service.settings import Settings
 from training.checkpoint import Bundle, params_digest, restore_bundle
 from training.planners import PlanShape
@@ -142,6 +147,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(ApiError)
     async def api_error(request: Request, err: ApiError) -> JSONResponse:
         return error_response(err)
+
+    @app.exception_handler(StoreUnavailable)
+    async def store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
+        logging.getLogger("worldplan").warning("%s", err)
+        headers = {"Retry-After": "1"}
+        return error_response(ApiError(503, "store_unavailable", str(err), headers=headers))
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, err: RequestValidationError) -> JSONResponse:

@@ -36,7 +36,7 @@ ERRORS = {
     "413": "body too large",
     "422": "schema, task or planner limits",
     "429": "session or queue limit (Retry-After)",
-    "503": "not ready (Retry-After)",
+    "503": "not ready, or the session store unreachable (Retry-After)",
     "504": "deadline exceeded",
 }
 MEDIA = ("application/json", "application/msgpack")

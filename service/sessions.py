@@ -14,6 +14,7 @@ the newcomer is told to come back (``SessionLimit``, 429).
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections import OrderedDict
@@ -22,6 +23,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Protocol
 
 import numpy as np
+import redis
 import redis.asyncio as aioredis
 
 from service.codec import MSGPACK, CodecError, decode_body, encode_body
@@ -64,6 +66,10 @@ class SessionLimit(Exception):
     def __init__(self, message: str, retry_after_s: float | None = None):
         super().__init__(message)
         self.retry_after_s = retry_after_s
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be reached; nothing was read or written (503, retried by clients)."""
 
 
 class SessionStore(Protocol):
@@ -226,6 +232,19 @@ class MemorySessionStore:
         self._entries.clear()
 
 
+def _reachable(method):
+    """Redis's connection failures as StoreUnavailable, so callers need not know Redis."""
+
+    @functools.wraps(method)
+    async def call(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except (redis.ConnectionError, redis.TimeoutError) as err:
+            raise StoreUnavailable(f"the session store is unreachable: {err}") from None
+
+    return call
+
+
 class RedisSessionStore:
     """Sessions in Redis, so that any replica can continue one. Each session is one key whose
     expiry is the idle TTL (refreshed by ``put``); a second, long-lived ``seen:`` key written at
@@ -262,6 +281,7 @@ class RedisSessionStore:
             return SessionExpired(session_id)
         return SessionNotFound(session_id)
 
+    @_reachable
     async def create(self, session: Session) -> None:
         sid = session.session_id
         record = session_to_bytes(session)
@@ -272,12 +292,14 @@ class RedisSessionStore:
         if not created:
             raise ValueError(f"session {sid!r} already exists")
 
+    @_reachable
     async def get(self, session_id: str) -> Session:
         record = await self._redis.get(self._key(session_id))
         if record is None:
             raise await self._missing(session_id)
         return session_from_bytes(record)
 
+    @_reachable
     async def put(self, session: Session) -> None:
         sid = session.session_id
         record = session_to_bytes(session)
@@ -289,11 +311,13 @@ class RedisSessionStore:
         if not written:
             raise await self._missing(sid)
 
+    @_reachable
     async def delete(self, session_id: str) -> None:
         if not await self._redis.delete(self._key(session_id)):
             raise await self._missing(session_id)
         await self._redis.delete(self._seen(session_id))
 
+    @_reachable
     async def count(self) -> int:
         pattern = re.sub(r"([*?\[\]\\])", r"\\\1", self.prefix) + "session:*"
         n = 0

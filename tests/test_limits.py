@@ -1,12 +1,12 @@
 """Limits through a real server: a full queue or a full session store answers 429, an
-evicted session 410."""
+evicted session 410, an unreachable session store 503."""
 
 import asyncio
 import time
 
 import httpx
 
-from service.local import running_server
+from service.local import free_port, running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]
@@ -57,3 +57,20 @@ def test_queue_and_session_limits(trained):
             assert evicted.status_code == 410
             assert evicted.json()["error"]["code"] == "session_expired"
             assert c.get(f"/sessions/{ids[0]}").json()["step"] == 1  # kept
+
+
+def test_an_unreachable_session_store_is_503_with_the_error_shape(trained):
+    settings = Settings(
+        model_dir=trained.run_dir, session_store="redis", warm_up=False,
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
+        batch_sizes=(1,), max_batch=1, adapt_steps=(), sample_counts=(),
+    )  # fmt: skip
+    with running_server(settings) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
+        for method, path, body in [
+            ("POST", "/sessions", {}),
+            ("POST", "/act", {"session_id": "abc", "observation": OBS}),
+            ("GET", "/sessions/abc", None),
+        ]:
+            r = c.request(method, path, json=body)
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
+            assert r.json()["error"]["code"] == "store_unavailable"

@@ -13,6 +13,7 @@ import pytest
 import redis
 
 from service.codec import CodecError
+from service.local import free_port
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,
@@ -21,6 +22,7 @@ from service.sessions import (
     SessionLimit,
     SessionNotFound,
     SessionStore,
+    StoreUnavailable,
     session_from_bytes,
     session_to_bytes,
 )
@@ -389,6 +391,20 @@ def test_no_room_at_all_is_session_limit():
         store = MemorySessionStore(max_sessions=0, idle_ttl_s=60)
         with pytest.raises(SessionLimit):
             await store.create(make_session())
+
+    asyncio.run(main())
+
+
+def test_an_unreachable_redis_is_store_unavailable():
+    async def main():
+        store = RedisSessionStore(f"redis://127.0.0.1:{free_port()}/0", idle_ttl_s=60)
+        session = make_session()
+        calls = [store.create(session), store.get(session.session_id), store.put(session),
+                 store.delete(session.session_id), store.count()]  # fmt: skip
+        for call in calls:
+            with pytest.raises(StoreUnavailable, match="unreachable"):
+                await call
+        await store.close()
 
     asyncio.run(main())
 
