@@ -154,6 +154,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         headers = {"Retry-After": "1"}
         return error_response(ApiError(503, "store_unavailable", str(err), headers=headers))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, err: Exception) -> JSONResponse:
+        # Logged with its traceback by the server; the client gets the error shape.
+        message = f"internal error: {type(err).__name__}"
+        return error_response(ApiError(500, "internal_error", message))
+
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return error_response(ApiError.from_validation(err.errors()))

@@ -38,6 +38,7 @@ ERRORS = {
     "429": "session or queue limit (Retry-After)",
     "503": "not ready, or the session store unreachable (Retry-After)",
     "504": "deadline exceeded",
+    "500": "internal error (logged by the server)",
 }
 MEDIA = ("application/json", "application/msgpack")
 

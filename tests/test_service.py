@@ -10,6 +10,7 @@ import httpx
 import msgpack
 import numpy as np
 import pytest
+import redis
 
 from service.engine import Decision, Engine
 from service.local import running_server
@@ -342,3 +343,11 @@ def test_a_missed_deadline_is_504_and_the_step_can_be_retried(client):
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     assert client.get(f"/sessions/{sid}").json()["step"] == -1
     assert client.post("/act", json=body).json()["step"] == 0
+
+
+def test_a_damaged_session_record_is_a_500_with_the_error_shape(client, redis_url):
+    sid = new_session(client)
+    redis.Redis.from_url(redis_url).set(f"worldplan:session:{sid}", b"not a session record")
+    r = client.get(f"/sessions/{sid}")
+    assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
+    assert "CodecError" in r.json()["error"]["message"]
