@@ -71,31 +71,42 @@ def trained(umaze_data, tmp_path_factory):
 REDIS_SERVER = shutil.which("redis-server")
 
 
+def launch_redis(workdir: Path, port: int, *options: str) -> subprocess.Popen:
+    """A redis-server on a loopback port, returned once it answers PING."""
+    if REDIS_SERVER is None:
+        pytest.skip("redis-server binary not found on PATH (Debian: apt-get install redis-server)")
+    argv = [REDIS_SERVER, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(workdir)]
+    proc = subprocess.Popen([*argv, *options], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stop(proc)
+                raise RuntimeError(f"redis-server did not start on port {port}") from None
+            time.sleep(0.05)
+    client.close()
+    return proc
+
+
 @pytest.fixture(scope="module")
 def redis_url(tmp_path_factory) -> str:
     """A real redis-server on a free loopback port, for one test module."""
-    if REDIS_SERVER is None:
-        pytest.skip("redis-server binary not found on PATH (Debian: apt-get install redis-server)")
     port = free_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    proc = subprocess.Popen(
-        [REDIS_SERVER, *args, "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    proc = launch_redis(tmp_path_factory.mktemp("redis"), port, "--save", "", "--appendonly", "no")
     try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
         yield f"redis://127.0.0.1:{port}/0"
     finally:
+        stop(proc)
+
+
+@pytest.fixture
+def start_redis():
+    """launch_redis for one test; what it started is stopped at the end."""
+    started = []
+    yield lambda *args: started.append(launch_redis(*args)) or started[-1]
+    for proc in started:
         stop(proc)

@@ -2,6 +2,7 @@
 CLI, and deploy/nginx.conf balancing two real `worldplan serve` replicas that share a real
 redis-server, one of which is then killed."""
 
+import asyncio
 import contextlib
 import fnmatch
 import json
@@ -17,12 +18,14 @@ import tomllib
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 import yaml
 
 from service.cli import build_parser, cmd_serve
 from service.client import SESSION_HEADER, Client
 from service.local import free_port, settings_env, stop
+from service.sessions import RedisSessionStore, Session
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -89,6 +92,43 @@ def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
     assert target == "/etc/nginx/nginx.conf"
     conf = (ROOT / "deploy" / "nginx.conf").read_text()
     assert "server worldplan:8000;" in conf and "listen 8000;" in conf
+
+
+def test_sessions_outlive_a_crash_of_the_compose_redis(tmp_path, start_redis):
+    """Redis run with compose.yaml's own options, killed with SIGKILL after a write and
+    started again on the same directory, still holds the acknowledged session."""
+    options = load_yaml("compose.yaml")["services"]["redis"]["command"][1:]
+    port = free_port()
+    url = f"redis://127.0.0.1:{port}/0"
+    state = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    session = Session(
+        session_id="robot-1", seed=1, step=-1, lstm_c=state[0], lstm_h=state[1], task=None,
+        task_weights=None, planner={}, last_response=None, delta=None, created_at=0.0,
+        last_used=0.0,
+    )  # fmt: skip
+
+    async def write() -> None:
+        store = RedisSessionStore(url, idle_ttl_s=600)
+        await store.create(session)
+        session.step, session.lstm_h = 7, session.lstm_h + 1.0
+        await store.put(session)  # acknowledged: from here on it must survive
+        await store.close()
+
+    async def read() -> Session:
+        store = RedisSessionStore(url, idle_ttl_s=600)
+        try:
+            return await store.get(session.session_id)
+        finally:
+            await store.close()
+
+    redis_process = start_redis(tmp_path, port, *options)
+    asyncio.run(write())
+    redis_process.send_signal(signal.SIGKILL)
+    redis_process.wait()
+    start_redis(tmp_path, port, *options)
+    kept = asyncio.run(read())
+    assert kept.step == 7
+    np.testing.assert_array_equal(kept.lstm_h, session.lstm_h)
 
 
 def test_the_gpu_override_builds_the_cuda_extra_and_reserves_a_gpu():
