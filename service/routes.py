@@ -151,11 +151,12 @@ def check_observation(rt, value: Any) -> np.ndarray:
     return obs.astype(np.float32)
 
 
-async def within_deadline(rt, work, deadline_ms: float | None):
-    """The result of `work`, or 504 once the request's deadline (or the default) passes."""
+async def within_deadline(rt, work, deadline_ms: float | None, started: float):
+    """The result of `work`, or 504 once the request's deadline (or the default), counted
+    from `started` (perf_counter), passes: waiting for the session's lock counts too."""
     deadline = (deadline_ms or rt.settings.default_deadline_ms) / 1000.0
     try:
-        return await asyncio.wait_for(work, deadline)
+        return await asyncio.wait_for(work, max(0.0, started + deadline - time.perf_counter()))
     except TimeoutError:
         message = f"no answer within {deadline * 1000:.0f} ms"
         raise ApiError(504, "deadline_exceeded", message) from None
@@ -268,7 +269,7 @@ async def act(request: Request) -> Response:
             planning, decision = prepare_decision(rt, session, body)
             queued = time.perf_counter()
             decided = rt.batcher.enqueue(PlanShape.of(planning), decision)
-        outcome = await within_deadline(rt, decided, body.deadline_ms)
+        outcome = await within_deadline(rt, decided, body.deadline_ms, started)
         response = ActResponse(
             session_id=session.session_id,
             step=decision.step,
@@ -361,7 +362,7 @@ async def adapt(request: Request) -> Response:
         )
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
-        delta, diagnostics = await within_deadline(rt, work, body.deadline_ms)
+        delta, diagnostics = await within_deadline(rt, work, body.deadline_ms, started)
         request.app.state.metrics.observe_adaptation(diagnostics)
         session.task, session.task_weights = task, weights
         if body.persist:
