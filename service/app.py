@@ -10,6 +10,7 @@ import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
+import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +28,8 @@ from service.sessions import (
 from service.settings import Settings
 from training.checkpoint import Bundle, params_digest, restore_bundle
 from training.planners import PlanShape
+
+log = logging.getLogger("worldplan")
 
 
 @dataclass
@@ -102,16 +105,18 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
         shapes=published_shapes(bundle, settings),
     )
     app.state.runtime = runtime
+    log.info("restored %s from %s on %s", runtime.model_version, model_dir, jax.devices()[0])
     if settings.warm_up:
         runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
     runtime.ready = True
+    log.info("ready: %d programs compiled in %.1f s", engine.compiled, runtime.warm_up_s)
 
 
 async def prepare_or_report(app: FastAPI, settings: Settings) -> None:
     try:
         await prepare(app, settings)
     except Exception as err:  # the process stays up and /readyz says why
-        logging.getLogger("worldplan").exception("could not load the model")
+        log.exception("could not load the model")
         app.state.failure = f"{type(err).__name__}: {err}"
 
 
@@ -150,7 +155,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, err: StoreUnavailable) -> JSONResponse:
-        logging.getLogger("worldplan").warning("%s", err)
+        log.warning("%s", err)
         headers = {"Retry-After": "1"}
         return error_response(ApiError(503, "store_unavailable", str(err), headers=headers))
 

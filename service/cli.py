@@ -11,11 +11,20 @@ from training import cli as training_cli
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import logging
+
     import uvicorn
 
     from service.app import create_app
     from service.settings import Settings
 
+    # The service's own lines (restoring, compiling, ready) beside uvicorn's.
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    log = logging.getLogger("worldplan")
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # printed once, here
     uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info")
 
 

@@ -9,6 +9,7 @@ splits.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from training.planners import (
     session_key,
     zeros_like_psi,
 )
+
+log = logging.getLogger("worldplan")
 
 
 @dataclass
@@ -60,6 +63,7 @@ class Engine:
         # Seconds per call of each (shape, compiled size), measured by warm_up. Unmeasured
         # calls count 1 each, so a batch is then padded to one call.
         self.call_seconds: dict[tuple[PlanShape, int], float] = {}
+        self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
         self._zero_delta = zeros_like_psi(self.params)
         self._keys = jax.jit(jax.vmap(session_key))
 
@@ -174,15 +178,26 @@ class Engine:
 
     def warm_up(self, shapes: list[PlanShape]) -> float:
         """Compiles every (shape, batch size) program and times one call of each, which
-        `chunk_sizes` then weighs; returns the seconds it took."""
+        `chunk_sizes` then weighs; logs each shape; returns the seconds it took."""
         started = time.perf_counter()
+        self.compiled, self.programs = 0, len(shapes) * len(self.batch_sizes)
         probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0))
         for shape in shapes:
+            shape_started = time.perf_counter()
             for size in self.batch_sizes:
                 self._call(shape, [probe] * size, size)  # compiles
                 called = time.perf_counter()
                 self._call(shape, [probe] * size, size)
                 self.call_seconds[shape, size] = time.perf_counter() - called
+                self.compiled += 1
             if shape.planner == "online_adaptation":
                 self.adapt(shape, probe)
+            calls = ", ".join(
+                f"{size}: {1000 * self.call_seconds[shape, size]:.1f} ms"
+                for size in self.batch_sizes
+            )
+            log.info(
+                "compiled %s in %.1f s (%d of %d programs); one call per batch size: %s",
+                shape, time.perf_counter() - shape_started, self.compiled, self.programs, calls,
+            )  # fmt: skip
         return time.perf_counter() - started

@@ -36,7 +36,10 @@ def runtime(request: Request):
     if rt is None or not rt.ready:
         failure = getattr(request.app.state, "failure", None)
         message = f"the model failed to load: {failure}" if failure else "the model is loading"
-        raise ApiError(503, "not_ready", message, headers={"Retry-After": "1"})
+        detail = None
+        if rt is not None:  # restored, compiling
+            detail = {"compiled": rt.engine.compiled, "programs": rt.engine.programs}
+        raise ApiError(503, "not_ready", message, detail, headers={"Retry-After": "1"})
     return rt
 
 

@@ -69,6 +69,7 @@ def test_warm_up_times_every_compiled_size(engine):
     shape = PlanShape("controller", 4, 8, 5, 8)
     assert engine.warm_up([shape]) > 0.0
     assert {size for (s, size) in engine.call_seconds if s == shape} == {1, 4}
+    assert engine.compiled == engine.programs == 2  # what /readyz reports while compiling
     assert all(seconds > 0.0 for seconds in engine.call_seconds.values())
 
 

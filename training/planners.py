@@ -51,6 +51,13 @@ class PlanShape:
             config.n_adaptation_samples,
         )
 
+    def __str__(self) -> str:
+        sizes = f"sample_steps={self.sample_steps}, n_samples={self.n_samples}"
+        if self.planner == "online_adaptation":
+            sizes += f", adaptation_steps={self.adaptation_steps}, "
+            sizes += f"n_adaptation_samples={self.n_adaptation_samples}"
+        return f"{self.planner}({sizes})"
+
 
 class Knobs(NamedTuple):
     """The planner's continuous settings: inputs of the program, not part of its shape."""
