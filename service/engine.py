@@ -77,7 +77,9 @@ class Engine:
         On a GPU a call costs about the same at any size, so this pads n to one call; on a
         CPU a call costs about its rows, so this splits n exactly (9 -> 8 + 1) instead of
         padding it to 32."""
-        if not 1 <= n <= self.max_batch:
+        if n < 1:
+            raise ValueError("an empty batch")
+        if n > self.max_batch:
             raise ValueError(f"a batch of {n} exceeds the largest compiled size {self.max_batch}")
         cost = {size: self.call_seconds.get((shape, size), 1.0) for size in self.batch_sizes}
         best: list[tuple[float, list[int]]] = [(0.0, [])]  # best[m]: cheapest cover of m rows
