@@ -322,9 +322,22 @@ def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
             seen.clear()
+            after = {sid: [] for sid in sessions}
             for step in (3, 4):
                 for sid in sessions:
-                    assert client.act(sid, OBSERVATION, step=step)["step"] == step
+                    answer = client.act(sid, OBSERVATION, step=step)
+                    assert answer["step"] == step
+                    after[sid].append(answer["action"])
             for _, sid, upstream in seen:
                 assert upstream.split(", ")[-1] == alive, (sid, home[sid], upstream)
             assert {client.session(sid)["step"] for sid in sessions} == {4}
+
+        # and they act as if nothing had happened: a twin of each moved session (same seed,
+        # same observations) stepped on the surviving replica alone gives the same actions
+        with Client(f"http://{alive}", retries=0) as direct:
+            for seed, sid in enumerate(sessions):
+                if home[sid] != dead:
+                    continue
+                twin = direct.create_session(planner=planner, seed=seed)
+                actions = [direct.act(twin, OBSERVATION, step=t)["action"] for t in range(5)]
+                np.testing.assert_allclose(actions[3:], after[sid], rtol=1e-6, atol=1e-7)
