@@ -50,7 +50,8 @@ def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
 def server_settings(base: Settings, batching: bool, sessions: list[int]) -> Settings:
     if not batching:
         return base.model_copy(update={"batch_sizes": (1,), "max_batch": 1})
-    sizes = tuple(sorted({1, 8, 32, max(sessions)}))
+    top = max(sessions)  # no batch can be larger than the sessions stepping at once
+    sizes = tuple(sorted({size for size in (1, 8, 32) if size < top} | {top}))
     return base.model_copy(update={"batch_sizes": sizes, "max_batch": max(sizes)})
 
 
