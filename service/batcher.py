@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from service.engine import Decision, Engine, Outcome
+from service.engine import Decision, Engine
 from training.planners import PlanShape
 
 
@@ -84,9 +84,6 @@ class Batcher:
             self._flushers[shape] = asyncio.create_task(self._flush(shape))
         self._changed.set()
         return future
-
-    async def submit(self, shape: PlanShape, decision: Decision) -> Outcome:
-        return await self.enqueue(shape, decision)
 
     async def _flush(self, shape: PlanShape) -> None:
         queue = self._queues[shape]

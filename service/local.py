@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import uvicorn
@@ -24,13 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_ready(url: str, timeout_s: float, alive=lambda: True) -> list[int]:
-    """Polls /readyz until it says 200; returns the statuses seen on the way."""
+def wait_ready(
+    url: str,
+    timeout_s: float,
+    process: subprocess.Popen | None = None,
+    log: Path | None = None,
+) -> list[int]:
+    """Polls /readyz until it says 200; returns the statuses seen on the way. A server
+    `process` that exits first is an error that quotes the end of its `log`."""
     deadline = time.monotonic() + timeout_s
     seen: list[int] = []
     while not seen or seen[-1] != 200:
-        if not alive():
-            raise RuntimeError(f"the server at {url} exited before it was ready")
+        if process is not None and process.poll() is not None:
+            tail = log.read_text(errors="replace")[-3000:] if log else ""
+            raise RuntimeError(f"the server at {url} exited ({process.returncode})\n{tail}")
         with contextlib.suppress(httpx.TransportError):
             seen.append(httpx.get(f"{url}/readyz").status_code)
         if time.monotonic() > deadline:
@@ -56,7 +64,7 @@ def serving_process(settings: Settings, timeout_s: float = 600.0, log=subprocess
     process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, timeout_s, alive=lambda: process.poll() is None)
+        wait_ready(url, timeout_s, process)
         yield url
     finally:
         stop(process)

@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import yaml
 
 from service.cli import build_parser, cmd_serve
 from service.client import SESSION_HEADER, Client
-from service.local import free_port, settings_env, stop
+from service.local import free_port, settings_env, stop, wait_ready
 from service.sessions import RedisSessionStore, Session
 from service.settings import Settings
 
@@ -198,23 +197,6 @@ def need_nginx() -> str:
     return NGINX
 
 
-def wait_until(ready, what: str, procs=(), timeout_s: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not ready():
-        for proc, log in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{what}: exited {proc.returncode}\n{log.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready within {timeout_s:.0f} s")
-        time.sleep(0.1)
-
-
-def answers(url: str) -> bool:
-    with contextlib.suppress(httpx.TransportError):
-        return httpx.get(url, timeout=2).status_code == 200
-    return False
-
-
 @contextlib.contextmanager
 def processes():
     started: list[subprocess.Popen] = []
@@ -278,8 +260,8 @@ def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_
         nginx_log = tmp_path / "nginx.log"
         start(started, nginx_argv, nginx_log)
         for address, proc_log in replicas.items():
-            wait_until(lambda a=address: answers(f"http://{a}/readyz"), address, [proc_log])
-        wait_until(lambda: answers(f"{lb}/healthz"), "nginx", [(started[-1], nginx_log)])
+            wait_ready(f"http://{address}", 60, *proc_log)
+        wait_ready(lb, 60, started[-1], nginx_log)  # /readyz through nginx
 
         seen: list[tuple[str, str, str | None]] = []  # (path, X-Session-Id, X-Upstream)
 

@@ -121,7 +121,7 @@ def test_batcher_gathers_concurrent_decisions_and_keeps_their_answers(engine):
     expected = [engine.run(shape, [d])[0].action for d in batch]
 
     async def work(batcher):
-        return await asyncio.gather(*(batcher.submit(shape, d) for d in batch))
+        return await asyncio.gather(*(batcher.enqueue(shape, d) for d in batch))
 
     outcomes, stats = run_batcher(engine, work)
     assert [s.size for s in stats] == [4]
@@ -134,9 +134,9 @@ def test_a_lone_decision_waits_only_for_decisions_still_arriving(engine):
     (decision,) = decisions(engine, 1)
 
     async def work(batcher):
-        await batcher.submit(shape, decision)  # nobody else arriving: no wait
+        await batcher.enqueue(shape, decision)  # nobody else arriving: no wait
         with batcher.arriving():  # another request is being read, and never comes
-            await batcher.submit(shape, decision)
+            await batcher.enqueue(shape, decision)
 
     _, stats = run_batcher(engine, work)
     assert [s.size for s in stats] == [1, 1]
