@@ -63,9 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="serve planning over HTTP (WORLDPLAN_MODEL_DIR, else the bundled pointmaze-umaze)",
+        description="Every other setting is a WORLDPLAN_* environment variable "
+        "(service/settings.py; the README lists them): WORLDPLAN_MODEL_DIR, WORLDPLAN_API_KEY, "
+        "WORLDPLAN_BATCH_SIZES, WORLDPLAN_SESSION_STORE, WORLDPLAN_REDIS_URL, ...",
     )
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("drive", help="run a gymnasium environment through the service")
