@@ -27,7 +27,7 @@ from service.sessions import (
 )
 from service.settings import Settings
 from training.checkpoint import Bundle, params_digest, restore_bundle
-from training.planners import PlanShape
+from training.planners import PLANNERS, PlanShape
 
 log = logging.getLogger("worldplan")
 
@@ -59,19 +59,14 @@ class Runtime:
 
 def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
     """Every plan shape a request may ask for: the defaults of each planner, and online
-    adaptation at each published step count and sample count."""
+    adaptation at each published sample count (any step count up to the published maximum
+    runs in one program)."""
     base = bundle.config.planning
-    shapes = {
-        PlanShape(name, base.sample_steps, base.n_samples, base.adaptation_steps,
-                  base.n_adaptation_samples)
-        for name in ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
-    }  # fmt: skip
-    for steps in {*settings.adapt_steps, base.adaptation_steps}:
-        for samples in {*settings.sample_counts, base.n_adaptation_samples}:
-            shapes.add(
-                PlanShape("online_adaptation", base.sample_steps, base.n_samples, steps, samples)
-            )
-    return sorted(shapes, key=lambda s: (s.planner, s.adaptation_steps, s.n_adaptation_samples))
+    shapes = {PlanShape.of(base.model_copy(update={"planner": name})) for name in PLANNERS}
+    for samples in {*settings.sample_counts, base.n_adaptation_samples}:
+        update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
+        shapes.add(PlanShape.of(base.model_copy(update=update)))
+    return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
 
 
 def make_store(settings: Settings) -> SessionStore:

@@ -25,7 +25,7 @@ from service.loadtest import run_loadtest
 from service.local import serving_process
 from service.settings import Settings
 from training.checkpoint import restore_bundle
-from training.planners import PLANNERS, PlanShape
+from training.planners import PLANNERS, PlanShape, knob_values
 from training.tasks import default_task, task_weights
 
 
@@ -36,7 +36,7 @@ def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
     shape = PlanShape.of(planning)
     decision = engine.probe(
         task_weights(model, params, default_task(model, params)),
-        (planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+        knob_values(planning),
     )
     engine.run(shape, [decision])  # compiles
     times = []
@@ -68,7 +68,7 @@ def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, re
         "throughput": {},
     }
     # Only the default shapes: overrides are not benchmarked, and each costs a compilation.
-    base = Settings(model_dir=model_dir, adapt_steps=(), sample_counts=())
+    base = Settings(model_dir=model_dir, sample_counts=())
     for batching in (True, False):
         mode = "batching" if batching else "no_batching"
         with serving_process(server_settings(base, batching, sessions)) as url:

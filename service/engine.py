@@ -24,7 +24,7 @@ from training.planners import (
     compile_adapt,
     compile_decide,
     session_key,
-    zeros_like_psi,
+    zero_delta,
 )
 
 log = logging.getLogger("worldplan")
@@ -40,7 +40,7 @@ class Decision:
     weights: np.ndarray  # [P] task cumulant weights
     seed: int
     step: int
-    knobs: tuple[float, float, float]  # delta_phi_lr, kl_coef, guidance_scale
+    knobs: tuple[float, float, float, float]  # planners.knob_values: lr, λ, guidance, steps
     delta: dict | None = None  # Δφ warm start (online adaptation), None = 0
 
 
@@ -51,6 +51,25 @@ class Outcome:
     lstm_h: np.ndarray
     diagnostics: dict
     delta: dict | None  # Δφ after adaptation (online adaptation), else None
+
+
+def adaptation_diagnostics(
+    steps, objective, kept, kl, before, after, ess, fallback, chose_prior
+) -> dict:
+    """What a decision reports of its adaptation: the objective at the start and after each
+    of its `steps` steps, the kept step, the KL, mean V before and after, the effective
+    sample size of the reweighted prior samples, whether the support guard fell back, and
+    whether the chosen outcome was one of the prior's samples."""
+    return {
+        "objective": objective[: int(steps) + 1].tolist(),
+        "kept_step": int(kept),
+        "kl": float(kl),
+        "value_before": float(before),
+        "value_after": float(after),
+        "ess": float(ess),
+        "fallback": bool(fallback),
+        "chose_prior": bool(chose_prior),
+    }
 
 
 class Engine:
@@ -64,7 +83,6 @@ class Engine:
         # calls count 1 each, so a batch is then padded to one call.
         self.call_seconds: dict[tuple[PlanShape, int], float] = {}
         self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
-        self._zero_delta = zeros_like_psi(self.params)
         self._keys = jax.jit(jax.vmap(session_key))
 
     @property
@@ -111,7 +129,8 @@ class Engine:
         knobs = Knobs(*jnp.asarray([d.knobs for d in rows], jnp.float32).T)
         delta = None
         if adapts:
-            deltas = [d.delta if d.delta is not None else self._zero_delta for d in rows]
+            zero = zero_delta(self.params, shape)
+            deltas = [d.delta if d.delta is not None else zero for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
         out = compile_decide(self.model, shape, batched=True)(
             self.params,
@@ -131,11 +150,17 @@ class Engine:
                 lstm_h=out.lstm[1][i],
                 diagnostics={
                     "value": float(plan.value[i]),
-                    "objective": plan.objective[i].tolist(),
-                    "kept_step": int(plan.kept_step[i]),
-                    "kl": float(plan.kl[i]),
-                    "value_before": float(plan.value_before[i]),
-                    "value_after": float(plan.value_after[i]),
+                    **adaptation_diagnostics(
+                        rows[i].knobs[3] if adapts else 0,
+                        plan.objective[i],
+                        plan.kept_step[i],
+                        plan.kl[i],
+                        plan.value_before[i],
+                        plan.value_after[i],
+                        plan.ess[i],
+                        plan.fallback[i],
+                        plan.chose_prior[i],
+                    ),
                 },
                 delta=jax.tree.map(lambda x, i=i: x[i], plan.delta) if adapts else None,
             )
@@ -145,7 +170,7 @@ class Engine:
     def adapt(self, shape: PlanShape, decision: Decision) -> tuple[dict, dict]:
         """Δφ adaptation alone (no action, no M step): (Δφ, diagnostics)."""
         key = jax.random.fold_in(session_key(decision.seed, decision.step), 1)
-        delta = decision.delta if decision.delta is not None else self._zero_delta
+        delta = decision.delta if decision.delta is not None else zero_delta(self.params, shape)
         out = compile_adapt(self.model, shape)(
             self.params,
             jnp.asarray(decision.lstm_h),
@@ -155,15 +180,13 @@ class Engine:
             Knobs(*jnp.asarray(decision.knobs, jnp.float32)),
             delta,
         )
-        delta, trace, kept, kl, before, after = jax.device_get(out)
-        diagnostics = {
-            "objective": trace.tolist(),
-            "kept_step": int(kept),
-            "kl": float(kl),
-            "value_before": float(before),
-            "value_after": float(after),
-        }
-        return delta, diagnostics
+        a = jax.device_get(out)
+        s = a.steps
+        diagnostics = adaptation_diagnostics(
+            decision.knobs[3], s.objective, s.kept_step, s.kl, a.value_before, a.value_after,
+            a.ess, a.fallback, a.chose_prior,
+        )  # fmt: skip
+        return s.delta, diagnostics
 
     def probe(self, weights: np.ndarray, knobs: tuple[float, float, float]) -> Decision:
         """A first decision of a session: zero observation and zero LSTM state."""
@@ -183,7 +206,7 @@ class Engine:
         `chunk_sizes` then weighs; logs each shape; returns the seconds it took."""
         started = time.perf_counter()
         self.compiled, self.programs = 0, len(shapes) * len(self.batch_sizes)
-        probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0))
+        probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0, 1))
         for shape in shapes:
             shape_started = time.perf_counter()
             for size in self.batch_sizes:

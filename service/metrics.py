@@ -43,6 +43,11 @@ class Metrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 50), registry=r,
         )  # fmt: skip
         self.decisions = Counter("worldplan_decisions", "decisions made", ["planner"], registry=r)
+        self.guard_fallbacks = Counter(
+            "worldplan_adaptation_fallbacks",
+            "adaptations whose outcome the support guard rejected (planned with Δφ = 0)",
+            registry=r,
+        )
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
@@ -58,6 +63,8 @@ class Metrics:
     def observe_adaptation(self, diagnostics: dict) -> None:
         self.adaptation_value_gain.observe(diagnostics["value_after"] - diagnostics["value_before"])
         self.adaptation_kl.observe(diagnostics["kl"])
+        if diagnostics["fallback"]:
+            self.guard_fallbacks.inc()
 
     def render(self, active_sessions: int, evictions: int) -> bytes:
         self.active_sessions.set(active_sessions)

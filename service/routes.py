@@ -25,7 +25,7 @@ from service.schemas import (
 )
 from service.sessions import Session, SessionExpired, SessionLimit, SessionNotFound
 from training.config import PlanningConfig
-from training.planners import PlanShape
+from training.planners import PlanShape, knob_values
 from training.tasks import TaskError, default_task, task_weights
 
 router = APIRouter()
@@ -114,7 +114,7 @@ def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> Pl
         raise ApiError(
             422,
             "unsupported_planner_shape",
-            "adaptation_steps / n_adaptation_samples outside the published set",
+            "n_adaptation_samples outside the published set",
             {"planner_limits": planner_limits(rt)},
         )
     return planning
@@ -124,10 +124,10 @@ def planner_limits(rt) -> dict:
     oa = [s for s in rt.shapes if s.planner == "online_adaptation"]
     return {
         "planners": sorted({s.planner for s in rt.shapes}),
-        "adaptation_steps": sorted({s.adaptation_steps for s in oa}),
+        "adaptation_steps": {"ge": 0, "le": rt.bundle.config.planning.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
         "delta_phi_lr": {"gt": 0.0, "lt": 1.0},
-        "kl_coef": {"ge": 0.0},
+        "kl_coef": {"gt": 0.0},
         "guidance_scale": {"ge": 0.0},
     }
 
@@ -290,6 +290,10 @@ async def act(request: Request) -> Response:
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
         session.last_observation = decision.observation
+        if planning.planner == "online_adaptation" and planning.warm_start:
+            session.delta = outcome.delta  # the next step's Δφ starts here
+        elif body.reset:
+            session.delta = None
         await save_session(rt, session)
     return answer(request, response)
 
@@ -314,8 +318,8 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
         weights=session.task_weights,
         seed=session.seed,
         step=expected,
-        knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
-        delta=session.delta,
+        knobs=knob_values(planning),
+        delta=None if body.reset else session.delta,
     )
     if rt.batcher.pending >= rt.settings.max_queue:
         raise ApiError(
@@ -360,16 +364,18 @@ async def adapt(request: Request) -> Response:
             weights=weights,
             seed=session.seed,
             step=session.step + 1,
-            knobs=(planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+            knobs=knob_values(planning),
             delta=session.delta,
         )
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
         delta, diagnostics = await within_deadline(rt, work, body.deadline_ms, started)
         request.app.state.metrics.observe_adaptation(diagnostics)
-        session.task, session.task_weights = task, weights
         if body.persist:
             session.delta = delta
+        elif body.task is not None and body.task.model_dump() != session.task:
+            session.delta = None  # a warm start adapted to another task
+        session.task, session.task_weights = task, weights
         await save_session(rt, session)
     payload = {
         "session_id": session.session_id,

@@ -48,8 +48,11 @@ class PlannerOverrides(Body):
     adaptation_steps: int | None = Field(None, ge=0)
     n_adaptation_samples: int | None = Field(None, ge=1)
     delta_phi_lr: float | None = Field(None, gt=0.0)
-    kl_coef: float | None = Field(None, ge=0.0)
+    kl_coef: float | None = Field(None, gt=0.0)
     guidance_scale: float | None = Field(None, ge=0.0)
+    warm_start: bool | None = Field(
+        None, description="each step's Δφ starts from the previous step's (until a reset)"
+    )
 
 
 class CreateSession(Body):

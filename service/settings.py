@@ -18,9 +18,6 @@ class Settings(BaseSettings):
     max_batch: int = Field(32, ge=1, description="most decisions gathered into one call")
     max_wait_ms: float = Field(2.0, ge=0.0, description="longest a decision waits for others")
     max_queue: int = Field(1024, ge=1, description="queued decisions before /act answers 429")
-    adapt_steps: tuple[int, ...] = Field(
-        (10, 50), description="adaptation step counts compiled for /act and /adapt overrides"
-    )
     sample_counts: tuple[int, ...] = Field(
         (32,), description="n_adaptation_samples values compiled for overrides"
     )

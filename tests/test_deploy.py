@@ -241,7 +241,7 @@ def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_
     lb = f"http://127.0.0.1:{lb_port}"
     replica_settings = Settings(
         session_store="redis", redis_url=redis_url, warm_up=False,
-        batch_sizes=(1,), max_batch=1, adapt_steps=(), sample_counts=(),
+        batch_sizes=(1,), max_batch=1, sample_counts=(),
     )  # fmt: skip
     env = os.environ | settings_env(replica_settings)
     conf = render_nginx_conf(tmp_path, lb_port, ports)

@@ -7,7 +7,7 @@ from service.settings import Settings
 
 
 def test_drive_reaches_an_easy_goal_with_the_bundled_model():
-    settings = Settings(batch_sizes=(1,), max_batch=1, adapt_steps=(10,), sample_counts=(32,))
+    settings = Settings(batch_sizes=(1,), max_batch=1, sample_counts=(32,))
     options = {"reset_cell": [1, 1], "goal_cell": [1, 2]}  # the next cell along the corridor
     with running_server(settings) as (url, _), Client(url) as client:
         result = drive_episode(

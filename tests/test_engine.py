@@ -28,7 +28,7 @@ def decisions(engine, n):
                 weights=task_weights(model, params, {"kind": "goal", "goal": goal}),
                 seed=100 + i,
                 step=i,
-                knobs=(1e-3, 1.0 + i, 1.0),
+                knobs=(1e-3, 1.0 + i, 1.0, 5),
             )
         )
     return out
@@ -36,7 +36,7 @@ def decisions(engine, n):
 
 @pytest.mark.parametrize("planner", PLANNERS)
 def test_batched_padded_run_equals_one_by_one(engine, planner):
-    shape = PlanShape(planner, 4, 8, 5, 8)
+    shape = PlanShape(planner, 4, 8, 8)
     batch = decisions(engine, 3)
     together = engine.run(shape, batch)  # padded to 4
     assert len(together) == 3
@@ -52,7 +52,7 @@ def test_batched_padded_run_equals_one_by_one(engine, planner):
 
 
 def test_the_step_and_the_seed_change_the_draw(engine):
-    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    shape = PlanShape("random_shooting", 4, 8, 8)
     (base,) = decisions(engine, 1)
     first = engine.run(shape, [base])[0].action
     moved = engine.run(shape, [Decision(**{**base.__dict__, "step": base.step + 1})])[0].action
@@ -62,11 +62,11 @@ def test_the_step_and_the_seed_change_the_draw(engine):
 
 def test_oversized_batches_are_refused(engine):
     with pytest.raises(ValueError, match="largest compiled size 4"):
-        engine.run(PlanShape("controller", 4, 8, 5, 8), decisions(engine, 5))
+        engine.run(PlanShape("controller", 4, 8, 8), decisions(engine, 5))
 
 
 def test_warm_up_times_every_compiled_size(engine):
-    shape = PlanShape("controller", 4, 8, 5, 8)
+    shape = PlanShape("controller", 4, 8, 8)
     assert engine.warm_up([shape]) > 0.0
     assert {size for (s, size) in engine.call_seconds if s == shape} == {1, 4}
     assert engine.compiled == engine.programs == 2  # what /readyz reports while compiling
@@ -75,7 +75,7 @@ def test_warm_up_times_every_compiled_size(engine):
 
 def test_chunks_split_when_calls_cost_their_rows_and_pad_when_calls_cost_alike(trained):
     engine = Engine(restore_bundle(trained.run_dir), batch_sizes=(1, 8, 32))
-    shape = PlanShape("online_adaptation", 4, 8, 5, 8)
+    shape = PlanShape("online_adaptation", 4, 8, 8)
     assert engine.chunk_sizes(shape, 9) == [32]  # unmeasured: one padded call
     engine.call_seconds = {(shape, size): 0.03 * size + 0.001 for size in (1, 8, 32)}  # a CPU
     assert sorted(engine.chunk_sizes(shape, 9)) == [1, 8]
@@ -87,7 +87,7 @@ def test_chunks_split_when_calls_cost_their_rows_and_pad_when_calls_cost_alike(t
 
 
 def test_a_split_batch_answers_like_one_by_one(engine):
-    shape = PlanShape("online_adaptation", 4, 8, 5, 8)
+    shape = PlanShape("online_adaptation", 4, 8, 8)
     batch = decisions(engine, 3)
     engine.call_seconds = {(shape, 1): 0.01, (shape, 4): 0.04}  # cost ∝ rows: 3 = 1 + 1 + 1
     assert engine.chunk_sizes(shape, 3) == [1, 1, 1]
@@ -116,7 +116,7 @@ def run_batcher(engine, work):
 def test_batcher_gathers_concurrent_decisions_and_keeps_their_answers(engine):
     import asyncio
 
-    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    shape = PlanShape("random_shooting", 4, 8, 8)
     batch = decisions(engine, 4)
     expected = [engine.run(shape, [d])[0].action for d in batch]
 
@@ -130,7 +130,7 @@ def test_batcher_gathers_concurrent_decisions_and_keeps_their_answers(engine):
 
 
 def test_a_lone_decision_waits_only_for_decisions_still_arriving(engine):
-    shape = PlanShape("random_shooting", 4, 8, 5, 8)
+    shape = PlanShape("random_shooting", 4, 8, 8)
     (decision,) = decisions(engine, 1)
 
     async def work(batcher):

@@ -12,7 +12,7 @@ from service.settings import Settings
 OBS = [0.5, -0.5, 0.1, 0.0]
 LONG = {
     "planner": "online_adaptation",
-    "adaptation_steps": 1000,
+    "adaptation_steps": 200,
     "n_adaptation_samples": 512,
 }  # keeps the engine busy
 
@@ -20,7 +20,7 @@ LONG = {
 def test_queue_and_session_limits(trained):
     settings = Settings(
         model_dir=trained.run_dir, batch_sizes=(1,), max_batch=1, max_queue=1,
-        max_sessions=3, evict_idle_s=1.0, adapt_steps=(1000,), sample_counts=(512,),
+        max_sessions=3, evict_idle_s=1.0, sample_counts=(512,),
     )  # fmt: skip
     with running_server(settings) as (url, _):
 
@@ -63,7 +63,7 @@ def test_an_unreachable_session_store_is_503_with_the_error_shape(trained):
     settings = Settings(
         model_dir=trained.run_dir, session_store="redis", warm_up=False,
         redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens there
-        batch_sizes=(1,), max_batch=1, adapt_steps=(), sample_counts=(),
+        batch_sizes=(1,), max_batch=1, sample_counts=(),
     )  # fmt: skip
     with running_server(settings) as (url, _), httpx.Client(base_url=url, timeout=30) as c:
         for method, path, body in [

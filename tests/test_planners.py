@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from training.checkpoint import restore_bundle
-from training.diffusion import cosine_schedule, ddim_sample, v_loss
+from training.diffusion import cosine_schedule, ddim_sample, sample_with_path_kl, v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.value import least_squares_weights
@@ -15,10 +15,12 @@ from training.planners import (
     PLANNERS,
     Knobs,
     PlanShape,
-    adapt_delta,
+    adapt,
     compile_decide,
     plan,
-    zeros_like_psi,
+    tilt_weights,
+    with_delta,
+    zero_delta,
 )
 from training.tasks import TaskError, task_weights
 
@@ -91,43 +93,65 @@ def planning_state(bundle, seed=0):
     return jax.random.normal(jax.random.key(seed), (model.state_dim,))
 
 
-def test_online_adaptation_objective_increases_over_its_steps(bundle):
+def knobs(lr=1e-3, kl_coef=1.0, steps=8):
+    return Knobs(jnp.float32(lr), jnp.float32(kl_coef), jnp.float32(0.0), jnp.float32(steps))
+
+
+SEED_RULE = {"adaptation": "gradient", "kl_estimator": "seed", "adapt_params": "all",
+             "support_guard": False}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [SEED_RULE, {**SEED_RULE, "kl_estimator": "path", "adapt_params": "film"},
+     {"adaptation": "reweighted", "adapt_params": "head", "support_guard": False}],
+)  # fmt: skip
+def test_the_adaptation_objective_increases_over_its_steps(bundle, rule):
     model, params = bundle.model, bundle.params
-    shape = PlanShape("online_adaptation", 4, 8, 8, 16)
-    knobs = Knobs(jnp.float32(1e-3), jnp.float32(1.0), jnp.float32(0.0))
-    delta, trace, kept, kl, before, after = adapt_delta(
-        model, shape, params, planning_state(bundle), goal_weights(bundle),
-        jax.random.key(1), knobs, zeros_like_psi(params),
-    )  # fmt: skip
-    trace = np.asarray(trace)
-    assert trace.shape == (9,)
+    shape = PlanShape("online_adaptation", 4, 8, 16, **rule)
+    a = adapt(model, shape, params, planning_state(bundle), goal_weights(bundle),
+              jax.random.key(1), knobs(steps=8), zero_delta(params, shape))  # fmt: skip
+    trace = np.asarray(a.steps.objective)
+    assert trace.shape == (shape.max_adaptation_steps + 1,)
+    assert np.all(trace[9:] == 0.0)  # past the 8 steps taken
+    trace = trace[:9]
     assert trace[-1] > trace[0]
     assert np.sum(np.diff(trace) > 0) >= 6  # rises on most steps
-    assert int(kept) == 8  # the last iterate is the best one
-    assert float(after) > float(before) and float(kl) > 0.0
-    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(delta)) > 0.0
+    assert int(a.steps.kept_step) == int(np.argmax(trace))
+    assert float(a.steps.kl) > 0.0
+    assert set(a.steps.delta) == set(zero_delta(params, shape))
+    assert max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(a.steps.delta)) > 0.0
+
+
+def test_the_step_count_is_an_input_up_to_the_published_maximum(bundle):
+    model, params = bundle.model, bundle.params
+    shape = PlanShape("online_adaptation", 4, 8, 8, max_adaptation_steps=12)
+    state, weights, zero = planning_state(bundle), goal_weights(bundle), zero_delta(params, shape)
+    run = jax.jit(lambda k: adapt(model, shape, params, state, weights, jax.random.key(1), k,
+                                  zero))  # fmt: skip
+    traces = {n: np.asarray(run(knobs(steps=n)).steps.objective) for n in (3, 7, 12, 50)}
+    np.testing.assert_allclose(traces[3][:3], traces[7][:3], rtol=1e-5)  # the same first steps
+    assert np.all(traces[3][4:] == 0.0) and traces[7][7] != 0.0
+    np.testing.assert_array_equal(traces[50], traces[12])  # clipped to the maximum
 
 
 def test_large_kl_coefficient_keeps_delta_near_zero_and_plans_like_random_shooting(bundle):
     model, params = bundle.model, bundle.params
     state, weights, key = planning_state(bundle, 3), goal_weights(bundle), jax.random.key(5)
+    shape = PlanShape("online_adaptation", 4, 8, 8, **SEED_RULE)
 
     def adapted(kl_coef):
-        knobs = Knobs(jnp.float32(1e-3), jnp.float32(kl_coef), jnp.float32(0.0))
-        shape = PlanShape("online_adaptation", 4, 8, 10, 8)
-        return plan(model, shape, params, state, weights, key, knobs)
+        return plan(model, shape, params, state, weights, key, knobs(kl_coef=kl_coef, steps=10))
 
     def largest(delta):
         return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(delta))
 
-    free, held = adapted(0.0), adapted(1e6)
+    free, held = adapted(1e-6), adapted(1e6)
     assert largest(free.delta) > 1e-3
     assert largest(held.delta) == 0.0 and int(held.kept_step) == 0
-    assert np.all(np.asarray(held.objective[1:]) < float(held.objective[0]))
-    shooting = plan(
-        model, PlanShape("random_shooting", 4, 8, 10, 8), params, state, weights, key,
-        Knobs(jnp.float32(1e-3), jnp.float32(1e6), jnp.float32(0.0)),
-    )  # fmt: skip
+    assert np.all(np.asarray(held.objective[1:11]) < float(held.objective[0]))
+    shooting = plan(model, PlanShape("random_shooting", 4, 8, 8), params, state, weights, key,
+                    knobs(kl_coef=1e6))  # fmt: skip
     np.testing.assert_allclose(np.asarray(held.action), np.asarray(shooting.action), rtol=1e-6)
     assert float(held.value) == pytest.approx(float(shooting.value), rel=1e-6)
 
@@ -142,7 +166,7 @@ def test_every_planner_acts_inside_the_action_space(bundle, planner):
     for seed in range(4):
         obs = jax.random.normal(jax.random.key(seed), (4,)) * 3.0
         lstm = tuple(jax.random.normal(jax.random.key(seed + 10), (2, model.mdn.hidden)))
-        delta = zeros_like_psi(params) if planner == "online_adaptation" else None
+        delta = zero_delta(params, PlanShape.of(config)) if planner == "online_adaptation" else None
         for weights in (goal_weights(bundle), huge):
             out = decide(params, lstm, obs, weights, jax.random.key(seed), Knobs.of(config), delta)
             action = np.asarray(out.plan.action)
@@ -163,7 +187,7 @@ def test_batched_decisions_equal_one_by_one_decisions(bundle, planner):
     keys = jax.random.split(jax.random.key(2), n)
     delta = None
     if planner == "online_adaptation":
-        delta = jax.tree.map(lambda x: jnp.stack([x] * n), zeros_like_psi(params))
+        delta = jax.tree.map(lambda x: jnp.stack([x] * n), zero_delta(params, shape))
     # Each session brings its own knobs: the second one a different KL coefficient.
     knob_rows = [knobs, knobs._replace(kl_coef=jnp.float32(3.0)), knobs]
     stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *knob_rows)
@@ -217,9 +241,143 @@ def test_bad_tasks_are_refused_clearly(bundle, task, message):
 def test_controller_planner_is_the_controller(bundle):
     model, params = bundle.model, bundle.params
     state = planning_state(bundle)
-    out = plan(model, PlanShape("controller", 4, 8, 5, 8), params, state, goal_weights(bundle),
+    out = plan(model, PlanShape("controller", 4, 8, 8), params, state, goal_weights(bundle),
                jax.random.key(0), Knobs.of(bundle.config.planning))  # fmt: skip
     z, h = state[: model.latent_dim], state[model.latent_dim :]
     mean, _ = model.controller.apply({"params": params["controller"]}, z, h)
     np.testing.assert_allclose(np.asarray(out.action), np.clip(np.asarray(mean), -1, 1))
     assert initial_state((), 4)[0].shape == (4,)
+
+
+def test_reweighting_weights_are_exp_value_over_lambda_normalised():
+    values = jnp.array([0.0, 1.0, 2.0, 5.0])
+    for kl_coef in (0.5, 1.0, 4.0):
+        w, ess = tilt_weights(values, jnp.float32(kl_coef))
+        expected = np.exp(np.asarray(values) / kl_coef)
+        expected /= expected.sum()
+        np.testing.assert_allclose(np.asarray(w), expected, rtol=1e-6)
+        assert float(ess) == pytest.approx(1.0 / np.sum(expected**2), rel=1e-6)
+    assert float(tilt_weights(values, jnp.float32(1e6))[1]) == pytest.approx(4.0, rel=1e-4)
+    assert float(tilt_weights(values, jnp.float32(1e-3))[1]) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_adaptation_reports_the_effective_sample_size(bundle):
+    model, params = bundle.model, bundle.params
+    shape = PlanShape("online_adaptation", 4, 8, 16)
+    ess = {
+        kl_coef: float(adapt(model, shape, params, planning_state(bundle), goal_weights(bundle),
+                             jax.random.key(2), knobs(kl_coef=kl_coef, steps=2),
+                             zero_delta(params, shape)).ess)
+        for kl_coef in (1e-3, 1e6)
+    }  # fmt: skip
+    assert ess[1e-3] == pytest.approx(1.0, abs=0.05)  # all weight on the best sample
+    assert ess[1e6] == pytest.approx(16.0, rel=1e-3)  # uniform weights
+
+
+def perturbed(tree, scale, seed=0):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    noise = [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    return jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise, strict=True)])
+
+
+def test_path_kl_is_zero_without_change_and_grows_with_a_perturbation(bundle):
+    model, params = bundle.model, bundle.params
+    base = params["psi_ema"]
+    n = 64
+    cond = jnp.broadcast_to(planning_state(bundle), (n, model.state_dim))
+    noise = jax.random.normal(jax.random.key(0), (n, model.psi_dim))
+    path_noise = jax.random.normal(jax.random.key(1), (4, n, model.psi_dim))
+
+    def path_kl(psi_params):
+        _, kl = sample_with_path_kl(model.predict_v, psi_params, base, model.schedule, cond,
+                                    noise, path_noise)  # fmt: skip
+        return float(jnp.mean(kl))
+
+    kls = [path_kl(perturbed(base, scale)) for scale in (0.0, 0.003, 0.01, 0.03)]
+    assert kls[0] < 1e-9  # (two compiled calls of one network agree to float rounding)
+    assert 1e-6 < kls[1] < kls[2] < kls[3]
+
+
+TWO_MODES = np.array([[-2.0, 0.0], [2.0, 0.0]])  # the prior's modes; high value lies above them
+
+
+@pytest.fixture(scope="module")
+def two_mode_model():
+    """A world model whose psi-model (psi of 2 dimensions) is a two-mode prior, the same at
+    every state, with V(psi) = 3 psi_y: values rise off the support, above the modes."""
+    from training.config import parse_config
+    from training.models.world import Spaces, WorldModel
+
+    config = parse_config({
+        "env": "pointmaze-umaze",
+        "vae": {"latent_dim": 2, "hidden": [8]},
+        "mdn": {"hidden": 4, "n_mixtures": 1},
+        "successor": {"n_features": 1, "hidden": 64, "depth": 2, "diffusion_steps": 100},
+        "readout": {"hidden": 8, "depth": 1},
+    })  # fmt: skip
+    model = WorldModel.build(config, Spaces((4,), "vector", (-1.0, -1.0), (1.0, 1.0)))
+    params = model.init(jax.random.key(0))
+    tx = optax.adam(3e-3)
+    cond = jnp.zeros((256, model.state_dim))
+
+    @jax.jit
+    def step(psi, opt_state, key):
+        k_mode, k_x, k_loss = jax.random.split(key, 3)
+        centres = jnp.asarray(TWO_MODES)[jax.random.randint(k_mode, (256,), 0, 2)]
+        x = centres + 0.3 * jax.random.normal(k_x, (256, 2))
+        loss_fn = lambda p: v_loss(model.predict_v, p, model.schedule, x, cond, k_loss)  # noqa: E731
+        updates, opt_state = tx.update(jax.grad(loss_fn)(psi), opt_state)
+        return optax.apply_updates(psi, updates), opt_state
+
+    psi, opt_state = params["psi"], tx.init(params["psi"])
+    for i in range(1500):
+        psi, opt_state = step(psi, opt_state, jax.random.key(i + 1))
+    return model, {**params, "psi": psi, "psi_ema": psi}
+
+
+def off_support_fraction(model, params, delta, n=512):
+    noise = jax.random.normal(jax.random.key(123), (n, 2))
+    psi = model.sample_psi(with_delta(params["psi_ema"], delta), jnp.zeros((n, model.state_dim)),
+                           noise, 10)  # fmt: skip
+    distance = np.min(np.linalg.norm(np.asarray(psi)[:, None] - TWO_MODES, axis=-1), axis=-1)
+    return float(np.mean(distance > 1.0)), float(np.mean(np.asarray(psi)[:, 1]))
+
+
+def test_reweighted_adaptation_stays_in_support_where_the_seed_rule_leaves_it(two_mode_model):
+    model, params = two_mode_model
+    state, weights = jnp.zeros(model.state_dim), jnp.array([0.0, 3.0])
+    prior_off, prior_y = off_support_fraction(model, params, {})
+    assert prior_off < 0.05  # the prior lies on its two modes
+
+    def adapted(rule, kl_coef):
+        shape = PlanShape("online_adaptation", 10, 32, 256, **rule, adapt_params="all",
+                          support_guard=False)  # fmt: skip
+        a = adapt(model, shape, params, state, weights, jax.random.key(1),
+                  knobs(lr=1e-2, kl_coef=kl_coef, steps=30), zero_delta(params, shape))  # fmt: skip
+        return off_support_fraction(model, params, a.steps.delta)
+
+    seed_off, seed_y = adapted({"adaptation": "gradient", "kl_estimator": "seed"}, 0.01)
+    tilted_off, tilted_y = adapted({"adaptation": "reweighted"}, 0.3)
+    assert seed_y > prior_y + 0.5 and seed_off > 0.5  # pushed off the modes, upwards
+    assert tilted_y > prior_y  # leaning to the higher values ...
+    assert tilted_off < 0.1  # ... that the prior's own samples have
+
+
+def test_the_guard_falls_back_when_delta_is_off_support(two_mode_model):
+    model, params = two_mode_model
+    state, weights = jnp.zeros(model.state_dim), jnp.array([0.0, 3.0])
+    shape = PlanShape("online_adaptation", 10, 32, 64)
+    zero = zero_delta(params, shape)
+    # The output bias shifts every prediction of v, so every sample, off the modes.
+    shifted = {"out": {**zero["out"], "bias": jnp.array([0.0, -3.0])}}
+
+    def run(delta):
+        return adapt(model, shape, params, state, weights, jax.random.key(4), knobs(steps=0), delta)
+
+    off = run(shifted)
+    assert bool(off.fallback)
+    assert all(float(jnp.max(jnp.abs(x))) == 0.0 for x in jax.tree.leaves(off.steps.delta))
+    distance = np.min(np.linalg.norm(np.asarray(off.psi) - TWO_MODES, axis=-1))
+    assert distance < 1.0  # the prior's own sample was chosen
+    assert not bool(run(zero).fallback)

@@ -17,7 +17,7 @@ from service.local import running_server
 from service.sessions import RedisSessionStore
 from service.settings import Settings
 from training.checkpoint import restore_bundle
-from training.planners import PlanShape
+from training.planners import PlanShape, knob_values
 from training.tasks import default_task, task_weights
 
 KEY = "test-key"
@@ -34,7 +34,6 @@ def server(trained, redis_url):
         batch_sizes=(1, 4),
         max_batch=4,
         max_wait_ms=5,
-        adapt_steps=(5,),
         sample_counts=(8,),
     )
     with running_server(settings) as (url, readiness):
@@ -69,7 +68,7 @@ def test_probes_and_model(client, server):
     assert info["observation_space"]["shape"] == [4]
     assert info["action_space"] == {"shape": [2], "low": [-1.0, -1.0], "high": [1.0, 1.0]}
     assert info["default_task"]["kind"] == "goal"
-    assert info["planner_limits"]["adaptation_steps"] == [5]
+    assert info["planner_limits"]["adaptation_steps"] == {"ge": 0, "le": 200}
 
 
 def test_api_key_is_required(server):
@@ -123,8 +122,10 @@ def test_schema_errors_are_422_with_the_error_shape(client):
     assert r.status_code == 422
     assert r.json()["error"]["code"] == "invalid_request"
     assert "planner.planner" in r.json()["error"]["message"]
-    r = client.post("/sessions", json={"planner": {"adaptation_steps": 7}})
+    r = client.post("/sessions", json={"planner": {"n_adaptation_samples": 7}})
     assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"
+    r = client.post("/sessions", json={"planner": {"adaptation_steps": 201}})
+    assert r.status_code == 422 and "max_adaptation_steps" in r.json()["error"]["message"]
     r = client.post("/sessions", json={"planner": {"delta_phi_lr": 5.0}})
     assert r.status_code == 422 and "delta_phi_lr" in r.json()["error"]["message"]
     r = client.post("/sessions", json={"task": {"kind": "goal", "goal": [1.0]}})
@@ -162,14 +163,16 @@ def sequential_replay(bundle, seed: int, observations) -> tuple[list, Decision]:
     model, params, planning = bundle.model, bundle.params, bundle.config.planning
     decision = engine.probe(
         np.asarray(task_weights(model, params, default_task(model, params)), np.float32),
-        (planning.delta_phi_lr, planning.kl_coef, planning.guidance_scale),
+        knob_values(planning),
     )
     actions = []
     for step, obs in enumerate(observations):
         decision = replace(decision, observation=np.float32(obs), seed=seed, step=step)
         (outcome,) = engine.run(PlanShape.of(planning), [decision])
         actions.append(outcome.action)
-        decision = replace(decision, lstm_c=outcome.lstm_c, lstm_h=outcome.lstm_h)
+        decision = replace(
+            decision, lstm_c=outcome.lstm_c, lstm_h=outcome.lstm_h, delta=outcome.delta
+        )  # the warm start carries Δφ over
     return actions, decision
 
 
@@ -241,8 +244,8 @@ def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
     assert r.status_code == 200, r.text
     diag = r.json()["diagnostics"]
     assert len(diag["objective"]) == 6 and diag["steps"] == 5 and not diag["persisted"]
-    # the kept iterate's objective V - λ KL beats the start's V, so its V does too
-    assert diag["value_after"] >= diag["value_before"] - 1e-5
+    assert diag["objective"][diag["kept_step"]] == max(diag["objective"])
+    assert diag["kl"] >= 0.0 and diag["ess"] >= 1.0
     goal = {"kind": "goal", "goal": [0.9, -0.9]}
     r = client.post(
         "/adapt",
@@ -257,8 +260,44 @@ def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
         for sid in (a, c)
     }
     assert acts[a]["action"] == acts[c]["action"]  # without persist, nothing of Δφ stays
-    r = client.post("/adapt", json={"session_id": a, "observation": OBS})  # 50 steps: not compiled
-    assert r.status_code == 422 and r.json()["error"]["code"] == "unsupported_planner_shape"
+
+
+def test_adapt_takes_any_step_count_up_to_the_published_maximum(client):
+    sid = new_session(client)
+    client.post("/act", json={"session_id": sid, "observation": OBS})
+    limit = client.get("/model").json()["planner_limits"]["adaptation_steps"]["le"]
+    for steps in (37, limit):  # neither was compiled on its own
+        r = client.post("/adapt", json={"session_id": sid, "steps": steps})
+        assert r.status_code == 200, r.text
+        assert len(r.json()["diagnostics"]["objective"]) == steps + 1
+    r = client.post("/adapt", json={"session_id": sid, "steps": limit + 1})
+    assert r.status_code == 422 and "max_adaptation_steps" in r.json()["error"]["message"]
+
+
+def test_act_reports_adaptation_and_carries_delta_over_until_a_reset(client, server):
+    oa = {"planner": "online_adaptation"}
+    carried, cold, reset, fresh = (new_session(client, seed=5, planner=oa) for _ in range(4))
+    act = lambda sid, **extra: client.post(  # noqa: E731
+        "/act", json={"session_id": sid, "observation": OBS, **extra}
+    ).json()
+    first = act(carried)
+    diag = first["diagnostics"]
+    assert {"ess", "fallback", "chose_prior", "kl", "kept_step", "objective"} <= diag.keys()
+    assert 1.0 <= diag["ess"] <= 8.0  # 8 prior samples in the test's published shape
+    assert first["action"] == act(cold, planner={**oa, "warm_start": False})["action"]
+    act(reset)
+    act(fresh, planner={"planner": "random_shooting"})  # leaves no Δφ behind
+    second = {
+        carried: act(carried),
+        cold: act(cold, planner={**oa, "warm_start": False}),
+        reset: act(reset, reset=True),
+        fresh: act(fresh, reset=True),
+    }
+    # The same LSTM state; only the warm-started session starts from the first step's Δφ.
+    assert second[carried]["diagnostics"]["objective"] != second[cold]["diagnostics"]["objective"]
+    # A reset starts from zero LSTM state and Δφ = 0, as the session that never adapted.
+    assert second[reset]["action"] == second[fresh]["action"]
+    assert "worldplan_adaptation_fallbacks_total" in client.get("/metrics").text
 
 
 def test_metrics_count_requests_batches_and_adaptation(client):

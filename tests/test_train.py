@@ -19,7 +19,7 @@ from training.checkpoint import params_digest, restore_bundle
 from training.cli import main as cli_main
 from training.config import ConfigError, load_config, parse_config, with_steps
 from training.models.mdn_rnn import initial_state
-from training.planners import PLANNERS, Knobs, PlanShape, compile_decide, zeros_like_psi
+from training.planners import PLANNERS, Knobs, PlanShape, compile_decide
 from training.tasks import task_weights
 from training.train import METRICS_FILE, read_metrics, train
 
@@ -35,8 +35,7 @@ def probe_outputs(run_dir: str) -> str:
     for planner in PLANNERS:
         config = bundle.config.planning.model_copy(update={"planner": planner})
         decide = compile_decide(model, PlanShape.of(config))
-        delta = zeros_like_psi(params) if planner == "online_adaptation" else None
-        out = decide(params, lstm, obs, weights, jax.random.key(7), Knobs.of(config), delta)
+        out = decide(params, lstm, obs, weights, jax.random.key(7), Knobs.of(config), None)
         leaves += [out.plan.action, out.plan.value, out.plan.objective, out.lstm[0], out.lstm[1]]
     return "".join(np.asarray(x, np.float32).tobytes().hex() for x in leaves)
 

@@ -84,10 +84,40 @@ class PlanningConfig(Strict):
     sample_steps: int = Field(10, gt=0, le=100, description="DDIM steps at decision time")
     n_samples: int = Field(32, gt=0, le=4096, description="psi samples to choose from")
     guidance_scale: float = Field(1.0, ge=0.0)
+    adaptation: Literal["reweighted", "gradient"] = Field(
+        "reweighted",
+        description="Δφ rule: fit the prior's samples weighted by exp(V / λ), or the seed's "
+        "gradient ascent through the sampler",
+    )
+    kl_estimator: Literal["path", "seed"] = Field(
+        "path",
+        description="gradient rule's KL: between the samplers' paths, or the seed's proxy",
+    )
+    adapt_params: Literal["all", "film", "head"] = Field(
+        "head", description="psi-network layers Δφ covers: all, FiLM and output, output"
+    )
+    support_guard: bool = Field(
+        True, description="fall back to Δφ = 0 when the chosen outcome is off the prior's support"
+    )
+    warm_start: bool = Field(
+        True, description="each step's Δφ starts from the previous step's (reset per episode)"
+    )
     delta_phi_lr: float = Field(1e-3, gt=0.0, lt=1.0)
     adaptation_steps: int = Field(10, ge=0, le=1000)
-    kl_coef: float = Field(1.0, ge=0.0)
+    max_adaptation_steps: int = Field(
+        200, gt=0, le=1000, description="most adaptation steps one compiled program takes"
+    )
+    kl_coef: float = Field(1.0, gt=0.0)
     n_adaptation_samples: int = Field(32, gt=0, le=4096)
+
+    @model_validator(mode="after")
+    def _steps_within_maximum(self) -> PlanningConfig:
+        if self.adaptation_steps > self.max_adaptation_steps:
+            raise ValueError(
+                f"adaptation_steps {self.adaptation_steps} exceeds max_adaptation_steps "
+                f"{self.max_adaptation_steps}"
+            )
+        return self
 
 
 class TrainConfig(Strict):

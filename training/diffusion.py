@@ -67,6 +67,22 @@ def ddim_timesteps(schedule: Schedule, n_sample_steps: int) -> jax.Array:
     return jnp.stack([ts[:-1], ts[1:]], axis=-1)
 
 
+def ddim_sigma(ab: jax.Array, ab_prev: jax.Array, eta: float) -> jax.Array:
+    """The noise a DDIM step adds: 0 for eta = 0 (deterministic), DDPM's for eta = 1."""
+    return eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
+
+
+def ddim_mean(schedule: Schedule, x, v, t, t_prev, eta: float, clip: float):
+    """(mean of x_{t_prev} given x_t and the predicted v, clean estimate x0, sigma)."""
+    ab, ab_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
+    a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
+    x0 = jnp.clip(a * x - s * v, -clip, clip)
+    eps = (x - a * x0) / s
+    sigma = ddim_sigma(ab, ab_prev, eta)
+    direction = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma**2, 0.0))
+    return jnp.sqrt(ab_prev) * x0 + direction * eps, x0, sigma
+
+
 def ddim_sample(
     v_fn: VFn,
     params,
@@ -99,3 +115,46 @@ def ddim_sample(
 
     x, _ = jax.lax.scan(step, noise, ddim_timesteps(schedule, n_sample_steps))
     return x
+
+
+def sample_with_path_kl(
+    v_fn: VFn,
+    params,
+    base_params,
+    schedule: Schedule,
+    condition: jax.Array,
+    noise: jax.Array,
+    step_noise: jax.Array,
+    eta: float = 1.0,
+    clip: float = 5.0,
+) -> tuple[jax.Array, jax.Array]:
+    """Stochastic DDIM samples of the model `params`, and the KL between the paths of the
+    two samplers, KL(sampler(params) || sampler(base_params)), along these samples' paths.
+
+    Both samplers take Gaussian steps of the same variance sigma_t^2 on the same
+    schedule, so the path KL is the sum over steps of |mean - base mean|^2 / (2 sigma_t^2),
+    each mean taken at the sampled x_t (the deterministic last step, sigma = 0, adds
+    nothing). `step_noise` [K, ..., D] holds the noise of each of the K steps: fixed, it
+    makes samples and KL differentiable functions of the parameters.
+    Returns (samples [..., D], path KL [...]).
+    """
+    n_steps = step_noise.shape[0]
+
+    def step(carry, inputs):
+        x, kl = carry
+        (t, t_prev), z = inputs
+        t_fraction = jnp.full(x.shape[:-1], t / schedule.n_steps)
+        mean, _, sigma = ddim_mean(
+            schedule, x, v_fn(params, x, t_fraction, condition), t, t_prev, eta, clip
+        )
+        base_mean, _, _ = ddim_mean(
+            schedule, x, v_fn(base_params, x, t_fraction, condition), t, t_prev, eta, clip
+        )
+        gap = jnp.sum(jnp.square(mean - base_mean), axis=-1)
+        kl = kl + jnp.where(sigma > 0, gap / (2.0 * jnp.maximum(sigma, 1e-8) ** 2), 0.0)
+        return (mean + sigma * z, kl), None
+
+    start = (noise, jnp.zeros(noise.shape[:-1]))
+    pairs = ddim_timesteps(schedule, n_steps)
+    (x, kl), _ = jax.lax.scan(step, start, (pairs, step_noise))
+    return x, kl

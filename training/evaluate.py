@@ -22,15 +22,62 @@ from training.checkpoint import Bundle
 from training.config import PlanningConfig
 from training.envs import bfs_path, free_cells, make_env
 from training.models.mdn_rnn import initial_state
-from training.planners import PLANNERS, Knobs, PlanShape, compile_decide, zeros_like_psi
-from training.tasks import task_weights
+from training.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
+from training.tasks import default_task, task_weights
 
-ABLATION_GRID = {
-    "kl_coef": [0.1, 0.5, 1.0, 2.0, 5.0],
-    "adaptation_steps": [5, 10, 15, 20],
-    "delta_phi_lr": [1e-4, 5e-4, 1e-3, 5e-3],
-    "n_adaptation_samples": [16, 32, 64],
+# The seed's exact online adaptation: gradient ascent through the sampler on all of the
+# psi-model, the seed's KL proxy, no warm start, no guard, the seed's knob values.
+SEED_ADAPTATION = {
+    "planner": "online_adaptation",
+    "adaptation": "gradient",
+    "kl_estimator": "seed",
+    "adapt_params": "all",
+    "support_guard": False,
+    "warm_start": False,
+    "delta_phi_lr": 1e-3,
+    "adaptation_steps": 10,
+    "kl_coef": 1.0,
+    "n_adaptation_samples": 32,
 }
+# What `worldplan eval` can compare: the planners, and two variants that are baselines.
+VARIANTS = {
+    **{name: {"planner": name} for name in PLANNERS},
+    "online_adaptation_seed": SEED_ADAPTATION,
+    # n_samples is set to what fits in online adaptation's time per decision
+    "random_shooting_matched": {"planner": "random_shooting"},
+}
+EVAL_ORDER = ("controller", "random_shooting", "random_shooting_matched", "guided_diffusion",
+              "online_adaptation", "online_adaptation_seed")  # fmt: skip
+# One setting moved at a time off the bundle's defaults; `rule` names the adaptation rule
+# and, for the gradient rule, its KL estimator.
+ABLATION_GRID = {
+    "rule": ["reweighted", "gradient/path", "gradient/seed"],
+    "adapt_params": ["head", "film", "all"],
+    "warm_start": [True, False],
+    "support_guard": [True, False],
+    "kl_coef": [0.1, 0.3, 1.0, 3.0, 10.0],
+    "adaptation_steps": [0, 2, 5, 10, 20],
+    "delta_phi_lr": [1e-3, 3e-3, 1e-2, 3e-2],
+    "n_adaptation_samples": [32, 64, 128, 256],
+}
+
+
+def ablation_update(knob: str, value) -> dict:
+    """The planning-config fields one ablation setting changes."""
+    if knob == "rule":
+        adaptation, _, estimator = str(value).partition("/")
+        return {"adaptation": adaptation, **({"kl_estimator": estimator} if estimator else {})}
+    return {knob: value}
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The 95% Wilson score interval of a success rate (None without trials)."""
+    if n == 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
 
 
 @dataclass(frozen=True)
@@ -78,6 +125,9 @@ class EpisodeResult:
     plan_ms: list[float]
     value_gain: float  # mean over steps of V after - V before adaptation
     kl: float  # mean over steps
+    ess: float  # mean over steps of the effective sample size of the reweighted samples
+    fallback_rate: float  # fraction of steps the support guard fell back to Δφ = 0
+    prior_choice_rate: float  # fraction of steps whose outcome was one of the prior's samples
     objective: list[float]  # mean over steps of the objective trace, relative to its start
 
 
@@ -96,10 +146,13 @@ class EpisodeRunner:
         obs, _ = self.env.reset(seed=spec.seed, options=options)
         goal = np.asarray(obs["desired_goal"], np.float32)
         weights = jnp.asarray(task_weights(model, params, {"kind": "goal", "goal": goal}))
-        delta = zeros_like_psi(params) if self.shape.planner == "online_adaptation" else None
+        adapts = self.shape.planner == "online_adaptation"
+        delta = zero_delta(params, self.shape) if adapts else None  # reset per episode
+        n_steps = self.planning.adaptation_steps if adapts else 0
         lstm = initial_state((), model.mdn.hidden)
         key = jax.random.key(spec.seed)
         plan_ms, gains, kls, traces = [], [], [], []
+        ess, fallbacks, chose_prior = [], [], []
         total, success, step = 0.0, False, 0
         while True:
             started = time.perf_counter()
@@ -110,9 +163,14 @@ class EpisodeRunner:
             action = np.asarray(out.plan.action)  # waits for the result
             plan_ms.append(1000 * (time.perf_counter() - started))
             lstm = out.lstm
+            if adapts and self.planning.warm_start:
+                delta = out.plan.delta
             gains.append(float(out.plan.value_after - out.plan.value_before))
             kls.append(float(out.plan.kl))
-            trace = np.asarray(out.plan.objective)
+            ess.append(float(out.plan.ess))
+            fallbacks.append(bool(out.plan.fallback))
+            chose_prior.append(bool(out.plan.chose_prior))
+            trace = np.asarray(out.plan.objective)[: n_steps + 1]
             traces.append(trace - trace[0])
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
@@ -131,6 +189,9 @@ class EpisodeRunner:
             plan_ms=[round(ms, 3) for ms in plan_ms],
             value_gain=float(np.mean(gains)),
             kl=float(np.mean(kls)),
+            ess=float(np.mean(ess)),
+            fallback_rate=float(np.mean(fallbacks)),
+            prior_choice_rate=float(np.mean(chose_prior)),
             objective=np.mean(traces, axis=0).tolist(),
         )
 
@@ -139,19 +200,32 @@ def summarise_episodes(episodes: list[EpisodeResult]) -> dict:
     def rate(items):
         return float(np.mean([e.success for e in items])) if items else None
 
+    def interval(items):
+        return wilson_interval(sum(e.success for e in items), len(items))
+
+    rare = [e for e in episodes if e.rare]
+    common = [e for e in episodes if not e.rare]
+
     reached = [e.steps for e in episodes if e.success]
     plan_ms = np.concatenate([e.plan_ms for e in episodes])
     return {
         "episodes": len(episodes),
+        "episodes_rare": len(rare),
         "success_rate": rate(episodes),
-        "success_rare": rate([e for e in episodes if e.rare]),
-        "success_common": rate([e for e in episodes if not e.rare]),
+        "success_rare": rate(rare),
+        "success_common": rate(common),
+        "interval": interval(episodes),
+        "interval_rare": interval(rare),
+        "interval_common": interval(common),
         "mean_return": float(np.mean([e.episode_return for e in episodes])),
         "mean_steps_to_goal": float(np.mean(reached)) if reached else None,
         "plan_ms_median": float(np.median(plan_ms)),
         "plan_ms_p90": float(np.percentile(plan_ms, 90)),
         "value_gain": float(np.mean([e.value_gain for e in episodes])),
         "kl": float(np.mean([e.kl for e in episodes])),
+        "ess": float(np.mean([e.ess for e in episodes])),
+        "fallback_rate": float(np.mean([e.fallback_rate for e in episodes])),
+        "prior_choice_rate": float(np.mean([e.prior_choice_rate for e in episodes])),
         "objective": np.mean([e.objective for e in episodes], axis=0).tolist(),
     }
 
@@ -162,13 +236,15 @@ def evaluate(
     goals: list[GoalSpec],
     max_steps: int | None = None,
     progress: bool = True,
+    label: str | None = None,
 ) -> dict:
+    label = label or planning.planner
     runner = EpisodeRunner(bundle, planning, max_steps)
     episodes = [
-        runner.run(spec)
-        for spec in tqdm(goals, desc=planning.planner, unit="ep", disable=not progress)
+        runner.run(spec) for spec in tqdm(goals, desc=label, unit="ep", disable=not progress)
     ]
     return {
+        "label": label,
         "planner": planning.planner,
         "planning": planning.model_dump(mode="json"),
         "summary": summarise_episodes(episodes),
@@ -195,22 +271,73 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def with_interval(summary: dict, which: str = "") -> str:
+    """`0.75 [0.57, 0.87]`: a success rate and its 95% Wilson interval."""
+    suffix = f"_{which}" if which else ""
+    rate, interval = summary[f"success{suffix or '_rate'}"], summary[f"interval{suffix}"]
+    if rate is None:
+        return "–"
+    return f"{rate:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def comparison_table(env_id: str, results: list[dict]) -> str:
-    header = [f"{env_id} planner", "success", "rare goals", "common goals", "return"]
+    header = [f"{env_id} planner", "samples", "success [95% CI]", "rare goals", "common goals"]
     header += ["steps to goal", "plan ms (p50)"]
     rows = [
         [
-            f"`{r['planner']}`",
-            fmt(r["summary"]["success_rate"]),
-            fmt(r["summary"]["success_rare"]),
-            fmt(r["summary"]["success_common"]),
-            fmt(r["summary"]["mean_return"]),
+            f"`{r['label']}`",
+            str(r["planning"]["n_samples"]) if r["planner"] != "controller" else "–",
+            with_interval(r["summary"]),
+            with_interval(r["summary"], "rare"),
+            with_interval(r["summary"], "common"),
             fmt(r["summary"]["mean_steps_to_goal"], ".0f"),
             fmt(r["summary"]["plan_ms_median"], ".1f"),
         ]
         for r in results
     ]
     return markdown_table(header, rows)
+
+
+def decision_ms(bundle: Bundle, planning: PlanningConfig, repeats: int = 30) -> float:
+    """Median wall time of one whole decision of `planning` (compiled first), in ms."""
+    model, params = bundle.model, bundle.params
+    shape = PlanShape.of(planning)
+    decide = compile_decide(model, shape)
+    lstm = initial_state((), model.mdn.hidden)
+    obs = jnp.asarray(params["normaliser"]["mean"])
+    weights = jnp.asarray(task_weights(model, params, default_task(model, params)))
+    delta = zero_delta(params, shape) if planning.planner == "online_adaptation" else None
+    times = []
+    for i in range(repeats + 1):  # the first call compiles
+        started = time.perf_counter()
+        out = decide(params, lstm, obs, weights, jax.random.key(i), Knobs.of(planning), delta)
+        jax.block_until_ready(out)
+        times.append(time.perf_counter() - started)
+    return 1000 * float(np.median(times[1:]))
+
+
+def matched_sample_count(bundle: Bundle, budget_ms: float, largest: int = 4096) -> int:
+    """The most random-shooting samples (a power of two) whose decision takes no longer
+    than `budget_ms`: random shooting given online adaptation's compute."""
+    base = bundle.config.planning.model_copy(update={"planner": "random_shooting"})
+    best, n = base.n_samples, base.n_samples
+    while n <= largest:
+        if decision_ms(bundle, base.model_copy(update={"n_samples": n})) > budget_ms:
+            break
+        best, n = n, 2 * n
+    return best
+
+
+def variant_planning(bundle: Bundle, name: str, budget_ms: float | None) -> PlanningConfig:
+    planning = bundle.config.planning.model_copy(update=VARIANTS[name])
+    if name == "random_shooting_matched":
+        if budget_ms is None:
+            adaptation = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
+            budget_ms = decision_ms(bundle, adaptation)
+        planning = planning.model_copy(
+            update={"n_samples": matched_sample_count(bundle, budget_ms)}
+        )
+    return planning
 
 
 def compare_planners(
@@ -223,18 +350,21 @@ def compare_planners(
     max_steps: int | None = None,
     progress: bool = True,
 ) -> list[dict]:
-    """Every planner on the same goals; writes eval.json and eval.md into out_dir."""
-    unknown = sorted(set(planners) - set(PLANNERS))
+    """Every planner (or variant) on the same goals; writes eval.json and eval.md into
+    out_dir. The compute-matched random shooting gets the samples that fit in online
+    adaptation's time per decision, timed here on this machine."""
+    unknown = sorted(set(planners) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(PLANNERS)}")
+        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
     goals = repeat_goals(evaluation_goals(bundle, n_goals, seed), episodes_per_goal)
-    results = []
-    for planner in planners:
-        planning = bundle.config.planning.model_copy(update={"planner": planner})
-        results.append(evaluate(bundle, planning, goals, max_steps, progress))
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"env": bundle.env_id, "seed": seed, "goals": [asdict(g) for g in goals]}
-    (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
+    results = []
+    for name in planners:
+        planning = variant_planning(bundle, name, None)
+        results.append(evaluate(bundle, planning, goals, max_steps, progress, label=name))
+        # Written after every planner: a long evaluation that stops keeps what it measured.
+        (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
     (out_dir / "eval.md").write_text(comparison_table(bundle.env_id, results))
     return results
 
@@ -258,8 +388,9 @@ def ablate(
     rows = []
     for knob, values in grid.items():
         for value in values:
-            planning = base.model_copy(update={knob: value})
-            result = evaluate(bundle, planning, goals, max_steps, progress)
+            planning = base.model_copy(update=ablation_update(knob, value))
+            label = f"{knob}={value}"
+            result = evaluate(bundle, planning, goals, max_steps, progress, label)
             rows.append({"knob": knob, "value": value, "summary": result["summary"]})
             # Written after every setting: a long sweep that stops keeps what it measured.
             record = {"env": bundle.env_id, "seed": seed, "defaults": base.model_dump()}
@@ -270,16 +401,18 @@ def ablate(
 
 
 def ablation_table(env_id: str, rows: list[dict]) -> str:
-    header = [f"{env_id}: knob", "value", "success", "rare goals", "value gain", "KL"]
-    header.append("ms / decision")
+    header = [f"{env_id}: setting", "value", "success [95% CI]", "rare goals", "value gain"]
+    header += ["KL", "ESS", "fallbacks", "ms / decision"]
     cells = [
         [
             r["knob"],
-            f"{r['value']:g}",
-            fmt(r["summary"]["success_rate"]),
-            fmt(r["summary"]["success_rare"]),
+            str(r["value"]),
+            with_interval(r["summary"]),
+            with_interval(r["summary"], "rare"),
             fmt(r["summary"]["value_gain"], ".3g"),
             fmt(r["summary"]["kl"], ".3g"),
+            fmt(r["summary"]["ess"], ".3g"),
+            fmt(r["summary"]["fallback_rate"], ".2f"),
             fmt(r["summary"]["plan_ms_median"], ".1f"),
         ]
         for r in rows

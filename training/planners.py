@@ -4,12 +4,26 @@ Every planner maps (params, planning state s = [z, h], task weights w, key) to a
 - `controller`: C(z, h), the World Models reactive baseline;
 - `random_shooting`: N samples of psi from p(psi | s), keep the best by V, read out;
 - `guided_diffusion`: the same with grad V added to the score while sampling;
-- `online_adaptation`: K Adam steps on Δφ to maximise E[V(psi)] - λ KL for the
-  psi-model with parameters φ + Δφ, then as random shooting with the adapted model.
+- `online_adaptation`: adapt Δφ so that p_{φ+Δφ}(psi | s) leans towards high values,
+  E[V(psi)] - λ KL(p_{φ+Δφ} || p_φ), then as random shooting with the adapted model.
 
-Values are V(psi) = psi . w on un-normalised psi. Shapes (sample counts, step counts) are
-static and fix a compilation; the learning rate, KL coefficient and guidance scale are
-ordinary inputs, so changing them compiles nothing.
+Online adaptation has two rules (`planning.adaptation`):
+- `reweighted` (the default): the maximiser of E_q[V] - λ KL(q || p) is q* ∝ p exp(V / λ),
+  which never leaves p's support. Prior samples are weighted by exp(V / λ) (self-normalised)
+  and Δφ takes K Adam steps on their weighted denoising loss: no backpropagation through
+  the sampler.
+- `gradient` (the seed's): K Adam steps on mean V(psi ~ p_{φ+Δφ}) - λ KL through the DDIM
+  sampler, with KL either the path KL between the two samplers (`kl_estimator: path`, on a
+  stochastic sampler) or the seed's proxy 0.5 Σ Δφ² + 0.1 mean((V - V_prior)²) (`seed`).
+Δφ covers the layers `planning.adapt_params` names (all, the FiLM layers and the output, or
+the output alone). The support guard falls back to Δφ = 0, that is to the prior's own
+samples, when the chosen adapted outcome is less plausible under the base model than the
+prior's samples are.
+
+Values are V(psi) = psi . w on un-normalised psi. Shapes (sample counts, the rule) are
+static and fix a compilation; the learning rate, KL coefficient, guidance scale and the
+number of adaptation steps (up to `max_adaptation_steps`) are ordinary inputs, so changing
+them compiles nothing.
 """
 
 from __future__ import annotations
@@ -24,11 +38,17 @@ import jax.numpy as jnp
 import optax
 
 from training.config import PlanningConfig
+from training.diffusion import sample_with_path_kl
 from training.models.mdn_rnn import MDNRNN, LSTMState
 from training.models.value import linear_value
 from training.models.world import WorldModel, denormalise
 
 PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
+# Which psi-network layers Δφ adapts, by name prefix (None: every layer).
+ADAPTED_LAYERS = {"all": None, "film": ("film_", "out"), "head": ("out",)}
+FIT_DRAWS = 4  # noise draws per prior sample in the reweighted denoising loss
+GUARD_QUANTILE = 0.95  # of the prior samples' spacing: how far a chosen outcome may lie
+PATH_KL_ETA = 1.0  # the stochastic sampler of the path KL: DDPM-like steps
 
 
 @dataclass(frozen=True)
@@ -38,8 +58,12 @@ class PlanShape:
     planner: str
     sample_steps: int
     n_samples: int
-    adaptation_steps: int
     n_adaptation_samples: int
+    adaptation: str = "reweighted"
+    kl_estimator: str = "path"
+    adapt_params: str = "head"
+    support_guard: bool = True
+    max_adaptation_steps: int = 200
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -47,15 +71,22 @@ class PlanShape:
             config.planner,
             config.sample_steps,
             config.n_samples,
-            config.adaptation_steps,
             config.n_adaptation_samples,
+            config.adaptation,
+            config.kl_estimator,
+            config.adapt_params,
+            config.support_guard,
+            config.max_adaptation_steps,
         )
 
     def __str__(self) -> str:
         sizes = f"sample_steps={self.sample_steps}, n_samples={self.n_samples}"
         if self.planner == "online_adaptation":
-            sizes += f", adaptation_steps={self.adaptation_steps}, "
-            sizes += f"n_adaptation_samples={self.n_adaptation_samples}"
+            sizes += f", n_adaptation_samples={self.n_adaptation_samples}, "
+            sizes += f"adaptation={self.adaptation}"
+            if self.adaptation == "gradient":
+                sizes += f", kl_estimator={self.kl_estimator}"
+            sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
         return f"{self.planner}({sizes})"
 
 
@@ -65,34 +96,57 @@ class Knobs(NamedTuple):
     delta_phi_lr: jax.Array
     kl_coef: jax.Array
     guidance_scale: jax.Array
+    adaptation_steps: jax.Array  # a whole number, up to the shape's max_adaptation_steps
 
     @classmethod
     def of(cls, config: PlanningConfig) -> Knobs:
-        return cls(
-            jnp.float32(config.delta_phi_lr),
-            jnp.float32(config.kl_coef),
-            jnp.float32(config.guidance_scale),
-        )
+        return cls(*(jnp.float32(x) for x in knob_values(config)))
+
+
+def knob_values(config: PlanningConfig) -> tuple[float, float, float, float]:
+    """The knobs of a planning config as plain numbers, in Knobs' order."""
+    return (config.delta_phi_lr, config.kl_coef, config.guidance_scale, config.adaptation_steps)
 
 
 class Plan(NamedTuple):
     action: jax.Array  # [A]
     value: jax.Array  # V of the chosen outcome
-    objective: jax.Array  # [K + 1]: the adaptation objective at Δφ start, after 1 ... K steps
+    objective: jax.Array  # [max steps + 1]: the objective at Δφ start, after 1 ... K steps
     kept_step: jax.Array  # which of those iterates was kept (the one of highest objective)
-    kl: jax.Array  # the KL term after adaptation
-    value_before: jax.Array  # mean V of the samples before adaptation
-    value_after: jax.Array  # mean V of the samples after adaptation
-    delta: dict | None  # Δφ after adaptation (online_adaptation only)
+    kl: jax.Array  # the KL term of the kept iterate
+    value_before: jax.Array  # mean V of the prior's samples
+    value_after: jax.Array  # mean V of the adapted model's samples
+    ess: jax.Array  # effective sample size of the reweighted prior samples (reweighted rule)
+    fallback: jax.Array  # the support guard fell back to Δφ = 0
+    chose_prior: jax.Array  # the chosen outcome is one of the prior's samples
+    delta: dict | None  # Δφ after adaptation (online_adaptation only): the next warm start
 
 
 def tree_add(a, b):
     return jax.tree.map(jnp.add, a, b)
 
 
-def zeros_like_psi(params: dict) -> dict:
-    """Δφ = 0: a warm start that changes nothing."""
-    return jax.tree.map(jnp.zeros_like, params["psi_ema"])
+def adapted_part(psi_params: dict, adapt_params: str) -> dict:
+    """The layers of the psi network that Δφ covers."""
+    prefixes = ADAPTED_LAYERS[adapt_params]
+    if prefixes is None:
+        return psi_params
+    return {name: layer for name, layer in psi_params.items() if name.startswith(prefixes)}
+
+
+def zero_delta(params: dict, shape: PlanShape) -> dict:
+    """Δφ = 0 over the adapted layers: a warm start that changes nothing."""
+    part = adapted_part(params["psi_ema"], shape.adapt_params)
+    return jax.tree.map(jnp.zeros_like, part)
+
+
+def with_delta(psi_params: dict, delta: dict) -> dict:
+    """φ + Δφ, where Δφ covers some of φ's layers."""
+    return {**psi_params, **{name: tree_add(psi_params[name], d) for name, d in delta.items()}}
+
+
+def squared_norm(tree) -> jax.Array:
+    return sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree))
 
 
 def value_fn(params: dict, weights: jax.Array) -> Callable[[jax.Array], jax.Array]:
@@ -100,116 +154,241 @@ def value_fn(params: dict, weights: jax.Array) -> Callable[[jax.Array], jax.Arra
     return lambda psi: linear_value(denormalise(psi, params["psi_norm"]), weights)
 
 
-def choose_and_read_out(model: WorldModel, params, psi_params, state, weights, noise, steps):
-    """Samples psi with `psi_params`, keeps the one of highest value, reads out its action."""
-    cond = jnp.broadcast_to(state, (noise.shape[0], state.shape[-1]))
-    psi = model.sample_psi(psi_params, cond, noise, steps)
-    values = value_fn(params, weights)(psi)
-    best = jnp.argmax(values)
-    action = model.readout.apply({"params": params["readout"]}, state, psi[best])
-    return action, values[best], jnp.mean(values)
+def broadcast_state(state: jax.Array, n: int) -> jax.Array:
+    return jnp.broadcast_to(state, (n, state.shape[-1]))
+
+
+def read_out(model: WorldModel, params, state, psi) -> jax.Array:
+    return model.readout.apply({"params": params["readout"]}, state, psi)
 
 
 def plan_controller(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
     z, h = jnp.split(state, [model.latent_dim])
     action, _ = model.controller.apply({"params": params["controller"]}, z, h)
     zero = jnp.float32(0.0)
-    return Plan(action, zero, jnp.zeros(1), 0, zero, zero, zero, None)
+    no = jnp.bool_(False)
+    return Plan(action, zero, jnp.zeros(1), 0, zero, zero, zero, zero, no, no, None)
 
 
 def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, knobs, delta):
     # The same key split as online adaptation: with Δφ = 0 both choose among the same samples.
     _, k_choose = jax.random.split(key)
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
-    action, best, mean = choose_and_read_out(
-        model, params, params["psi_ema"], state, weights, noise, shape.sample_steps
-    )
-    return Plan(action, best, mean[None], 0, jnp.float32(0.0), mean, mean, None)
+    psi = model.sample_psi(params["psi_ema"], broadcast_state(state, noise.shape[0]), noise,
+                           shape.sample_steps)  # fmt: skip
+    values = value_fn(params, weights)(psi)
+    best, mean, zero = jnp.argmax(values), jnp.mean(values), jnp.float32(0.0)
+    action = read_out(model, params, state, psi[best])
+    no = jnp.bool_(False)
+    return Plan(action, values[best], mean[None], 0, zero, mean, mean, zero, no, no, None)
 
 
 def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta):
     _, k_choose = jax.random.split(key)
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
-    cond = jnp.broadcast_to(state, (shape.n_samples, state.shape[-1]))
     value = value_fn(params, weights)
     # V is linear in psi: dividing by |grad V| makes the scale a step in standard deviations.
     grad_norm = jnp.linalg.norm(weights * params["psi_norm"]["std"]) + 1e-8
     psi = model.sample_psi(
         params["psi_ema"],
-        cond,
+        broadcast_state(state, shape.n_samples),
         noise,
         shape.sample_steps,
         guide_fn=lambda x0: value(x0) / grad_norm,
         guidance_scale=knobs.guidance_scale,
     )
     values = value(psi)
-    best = jnp.argmax(values)
-    action = model.readout.apply({"params": params["readout"]}, state, psi[best])
-    mean = jnp.mean(values)
-    return Plan(action, values[best], mean[None], 0, jnp.float32(0.0), mean, mean, None)
+    best, mean, zero = jnp.argmax(values), jnp.mean(values), jnp.float32(0.0)
+    action = read_out(model, params, state, psi[best])
+    no = jnp.bool_(False)
+    return Plan(action, values[best], mean[None], 0, zero, mean, mean, zero, no, no, None)
 
 
-def adapt_delta(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
-    """K Adam steps on -(mean V(psi ~ p_{φ+Δφ}) - λ KL), with
-    KL = 0.5 Σ Δφ² + 0.1 mean((V_adapted - V_prior)²).
+class Steps(NamedTuple):
+    """What K optimiser steps on Δφ leave: the kept iterate and the objective trace."""
 
-    The same reparameterised noise serves every step (common random numbers), so the
-    objectives of the iterates compare fairly; the iterate with the highest objective,
-    the starting one included, is kept. Adam's steps have the size of the learning rate
-    whatever the gradient's scale, so with a large λ the later iterates oscillate around
-    Δφ = 0 at a cost in KL: keeping the best one returns the start instead.
-    Returns (Δφ, objective trace [K + 1], index of the kept iterate, its KL, mean V
-    before adaptation, mean V of the kept iterate).
-    """
-    base = params["psi_ema"]
-    noise = jax.random.normal(key, (shape.n_adaptation_samples, model.psi_dim))
-    cond = jnp.broadcast_to(state, (noise.shape[0], state.shape[-1]))
-    value = value_fn(params, weights)
+    delta: dict
+    objective: jax.Array  # [max steps + 1], zero past the steps taken
+    kept_step: jax.Array
+    kl: jax.Array  # the KL term of the kept iterate
 
-    def sample_values(psi_params):
-        return value(model.sample_psi(psi_params, cond, noise, shape.sample_steps))
 
-    v_prior = jax.lax.stop_gradient(sample_values(base))
-
-    def objective(d):
-        v = sample_values(tree_add(base, d))
-        param_kl = 0.5 * sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(d))
-        kl = param_kl + 0.1 * jnp.mean(jnp.square(v - v_prior))
-        return jnp.mean(v) - knobs.kl_coef * kl, (kl, jnp.mean(v))
-
+def ascend(objective_fn, delta: dict, knobs: Knobs, max_steps: int) -> Steps:
+    """knobs.adaptation_steps Adam steps (a run-time count, at most max_steps) up
+    `objective_fn(Δφ) -> (objective, kl)`, keeping the iterate of highest objective (the
+    start included). Adam's first step has the size of the learning rate on every
+    parameter whatever the gradient; keeping the best iterate means no step is taken that
+    makes the objective worse than where it started."""
+    n = jnp.clip(jnp.round(knobs.adaptation_steps).astype(jnp.int32), 0, max_steps)
     tx = optax.adam(knobs.delta_phi_lr)
+    grad_fn = jax.value_and_grad(objective_fn, has_aux=True)
 
     def keep_better(best, candidate):
         better = candidate[1] > best[1]
         return jax.tree.map(lambda b, c: jnp.where(better, c, b), best, candidate)
 
-    def step(carry, k):
-        d, opt_state, best = carry
-        (obj, aux), grads = jax.value_and_grad(objective, has_aux=True)(d)
-        best = keep_better(best, (d, obj, aux, k))
-        ascent = jax.tree.map(jnp.negative, grads)
-        updates, opt_state = tx.update(ascent, opt_state, d)
-        return (optax.apply_updates(d, updates), opt_state, best), obj
+    def step(k, carry):
+        d, opt_state, best, trace = carry
+        (obj, kl), grads = grad_fn(d)
+        best = keep_better(best, (d, obj, kl, k))
+        updates, opt_state = tx.update(jax.tree.map(jnp.negative, grads), opt_state, d)
+        return optax.apply_updates(d, updates), opt_state, best, trace.at[k].set(obj)
 
-    start = (delta, jnp.float32(-jnp.inf), (jnp.float32(0.0), jnp.float32(0.0)), 0)
-    steps = jnp.arange(shape.adaptation_steps)
-    (last, _, best), trace = jax.lax.scan(step, (delta, tx.init(delta), start), steps)
-    final, aux = objective(last)
-    kept, _, (kl, v_after), index = keep_better(best, (last, final, aux, shape.adaptation_steps))
-    return kept, jnp.append(trace, final), index, kl, jnp.mean(v_prior), v_after
+    start = (delta, jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.int32(0))
+    trace = jnp.zeros(max_steps + 1)
+    last, _, best, trace = jax.lax.fori_loop(0, n, step, (delta, tx.init(delta), start, trace))
+    final, kl = objective_fn(last)
+    kept, _, kl, index = keep_better(best, (last, final, kl, n))
+    return Steps(kept, trace.at[n].set(final), index, kl)
+
+
+class Adaptation(NamedTuple):
+    """One adaptation at a planning state, and the outcome it chooses."""
+
+    steps: Steps
+    ess: jax.Array
+    value_before: jax.Array  # mean V of the prior's samples
+    value_after: jax.Array  # mean V of the adapted model's samples
+    psi: jax.Array  # the chosen outcome (normalised)
+    value: jax.Array  # its V
+    fallback: jax.Array  # the guard rejected the adapted outcome: psi is the prior's best
+    chose_prior: jax.Array  # psi is the prior's best (fallback, or it had the higher value)
+
+
+def tilt_weights(values: jax.Array, kl_coef: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Self-normalised weights exp(V / λ) of prior samples, which turn them into samples of
+    q* ∝ p exp(V / λ), and their effective sample size 1 / Σ w²."""
+    w = jax.nn.softmax(values / kl_coef)
+    return w, 1.0 / jnp.sum(jnp.square(w))
+
+
+def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
+    """Δφ fitted to q* ∝ p exp(V / λ): weighted denoising loss on the prior's samples.
+    Returns (Steps, prior samples, their values, ESS). The KL reported is that of the
+    reweighted samples from the prior, Σ w log(N w): the KL the target pays."""
+    base = params["psi_ema"]
+    n = shape.n_adaptation_samples
+    k_prior, k_t, k_noise = jax.random.split(key, 3)
+    cond = broadcast_state(state, n)
+    prior = model.sample_psi(base, cond, jax.random.normal(k_prior, (n, model.psi_dim)),
+                             shape.sample_steps)  # fmt: skip
+    values = value(prior)
+    w, ess = tilt_weights(values, knobs.kl_coef)
+    kl = jnp.sum(w * jnp.log(jnp.maximum(n * w, 1e-30)))
+    # Fixed noise levels and noise (common random numbers): the iterates compare fairly.
+    schedule = model.schedule
+    t = jax.random.randint(k_t, (FIT_DRAWS, n), 1, schedule.n_steps + 1)
+    eps = jax.random.normal(k_noise, (FIT_DRAWS, n, model.psi_dim))
+    ab = schedule.alpha_bar[t][..., None]
+    x_t = jnp.sqrt(ab) * prior + jnp.sqrt(1.0 - ab) * eps
+    target = jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * prior
+    t_fraction = t / schedule.n_steps
+    if shape.adapt_params == "head":
+        # Δφ leaves the layers below the output alone: their features are computed once.
+        features = jax.vmap(lambda x, tf: model.psi_features(base, x, tf, cond))(x_t, t_fraction)
+
+        def predict(d):
+            out = with_delta(base, d)["out"]
+            return features @ out["kernel"] + out["bias"]
+
+    else:
+
+        def predict(d):
+            psi_params = with_delta(base, d)
+            return jax.vmap(lambda x, tf: model.predict_v(psi_params, x, tf, cond))(x_t, t_fraction)
+
+    def objective(d):
+        loss = jnp.sum(w * jnp.mean(jnp.square(predict(d) - target), axis=(0, 2)))
+        return -loss, kl
+
+    steps = ascend(objective, delta, knobs, shape.max_adaptation_steps)
+    return steps, prior, values, ess
+
+
+def gradient_steps(model, shape, params, state, value, key, knobs, delta):
+    """The seed's rule: Adam steps on mean V - λ KL through the sampler, with the path KL
+    of stochastic samplers or the seed's proxy. Returns (Steps, prior samples, values, 1)."""
+    base = params["psi_ema"]
+    n = shape.n_adaptation_samples
+    k_noise, k_path = jax.random.split(key)
+    noise = jax.random.normal(k_noise, (n, model.psi_dim))
+    cond = broadcast_state(state, n)
+    if shape.kl_estimator == "path":
+        path_noise = jax.random.normal(k_path, (shape.sample_steps, n, model.psi_dim))
+
+        def sample(psi_params):
+            return sample_with_path_kl(model.predict_v, psi_params, base, model.schedule, cond,
+                                       noise, path_noise, PATH_KL_ETA)  # fmt: skip
+
+        prior = sample(base)[0]
+
+        def objective(d):
+            psi, kl = sample(with_delta(base, d))
+            kl = jnp.mean(kl)
+            return jnp.mean(value(psi)) - knobs.kl_coef * kl, kl
+
+    else:
+        prior = model.sample_psi(base, cond, noise, shape.sample_steps)
+        v_prior = value(prior)
+
+        def objective(d):
+            v = value(model.sample_psi(with_delta(base, d), cond, noise, shape.sample_steps))
+            kl = 0.5 * squared_norm(d) + 0.1 * jnp.mean(jnp.square(v - v_prior))
+            return jnp.mean(v) - knobs.kl_coef * kl, kl
+
+    prior = jax.lax.stop_gradient(prior)
+    steps = ascend(objective, delta, knobs, shape.max_adaptation_steps)
+    return steps, prior, value(prior), jnp.float32(n)
+
+
+def outside_support(prior: jax.Array, prior_best: jax.Array, candidate: jax.Array) -> jax.Array:
+    """Whether the candidate outcome lies farther from the prior's samples than they lie
+    from each other: its distance to the nearest prior sample exceeds both the
+    GUARD_QUANTILE of the prior samples' nearest-neighbour distances and that of the
+    prior's own choice, which lies in the tail where samples are sparse (normalised psi)."""
+    gaps = jnp.linalg.norm(prior[:, None] - prior[None], axis=-1)
+    spacing = jnp.min(jnp.where(jnp.eye(prior.shape[0], dtype=bool), jnp.inf, gaps), axis=1)
+    distance = jnp.min(jnp.linalg.norm(prior - candidate, axis=-1))
+    return distance > jnp.maximum(jnp.quantile(spacing, GUARD_QUANTILE), spacing[prior_best])
+
+
+def adapt(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
+    """Δφ adaptation from the warm start `delta`, then `n_samples` outcomes of the adapted
+    model; the best by V is chosen unless the support guard sends the choice back to the
+    prior's samples (and Δφ back to 0). Under the reweighted rule the prior's best competes
+    with the adapted model's best by V."""
+    k_adapt, k_choose = jax.random.split(key)
+    value = value_fn(params, weights)
+    rule = reweighted_steps if shape.adaptation == "reweighted" else gradient_steps
+    steps, prior, prior_values, ess = rule(model, shape, params, state, value, k_adapt, knobs,
+                                           delta)  # fmt: skip
+    noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
+    psi = model.sample_psi(with_delta(params["psi_ema"], steps.delta),
+                           broadcast_state(state, shape.n_samples), noise,
+                           shape.sample_steps)  # fmt: skip
+    values = value(psi)
+    best = jnp.argmax(values)
+    prior_best = jnp.argmax(prior_values)
+    fallback = jnp.bool_(False)
+    if shape.support_guard:
+        fallback = outside_support(prior, prior_best, psi[best])
+    chose_prior = fallback
+    if shape.adaptation == "reweighted":
+        # The prior's samples, weighted, are samples of the target q* too: they compete.
+        chose_prior = fallback | (prior_values[prior_best] > values[best])
+    chosen = jnp.where(chose_prior, prior[prior_best], psi[best])
+    chosen_value = jnp.where(chose_prior, prior_values[prior_best], values[best])
+    kept = jax.tree.map(lambda d: jnp.where(fallback, jnp.zeros_like(d), d), steps.delta)
+    return Adaptation(steps._replace(delta=kept), ess, jnp.mean(prior_values),
+                      jnp.mean(values), chosen, chosen_value, fallback, chose_prior)  # fmt: skip
 
 
 def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
-    k_adapt, k_choose = jax.random.split(key)
-    delta, trace, kept, kl, v_before, v_after = adapt_delta(
-        model, shape, params, state, weights, k_adapt, knobs, delta
-    )
-    noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
-    adapted = tree_add(params["psi_ema"], delta)
-    action, best, _ = choose_and_read_out(
-        model, params, adapted, state, weights, noise, shape.sample_steps
-    )
-    return Plan(action, best, trace, kept, kl, v_before, v_after, delta)
+    a = adapt(model, shape, params, state, weights, key, knobs, delta)
+    action = read_out(model, params, state, a.psi)
+    return Plan(action, a.value, a.steps.objective, a.steps.kept_step, a.steps.kl,
+                a.value_before, a.value_after, a.ess, a.fallback, a.chose_prior,
+                a.steps.delta)  # fmt: skip
 
 
 PLANNER_FNS = {
@@ -225,7 +404,7 @@ def plan(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs
     if shape.planner not in PLANNER_FNS:
         raise ValueError(f"unknown planner {shape.planner!r}; known: {', '.join(PLANNERS)}")
     if delta is None:
-        delta = zeros_like_psi(params)
+        delta = zero_delta(params, shape)
     p = PLANNER_FNS[shape.planner](model, shape, params, state, weights, key, knobs, delta)
     low = jnp.asarray(model.spaces.action_low)
     high = jnp.asarray(model.spaces.action_high)
@@ -266,10 +445,11 @@ def session_key(seed: jax.Array, step: jax.Array) -> jax.Array:
 
 @functools.cache
 def compile_adapt(model: WorldModel, shape: PlanShape) -> Callable:
-    """jit of Δφ adaptation alone at the state [V(obs), h]: what /adapt runs."""
+    """jit of Δφ adaptation alone at the state [V(obs), h] (no action, no M step): what
+    /adapt runs."""
 
     def fn(params, lstm_h, obs, weights, key, knobs, delta):
         state = jnp.concatenate([model.encode(params, obs), lstm_h], axis=-1)
-        return adapt_delta(model, shape, params, state, weights, key, knobs, delta)
+        return adapt(model, shape, params, state, weights, key, knobs, delta)
 
     return jax.jit(fn)

@@ -37,21 +37,33 @@ def time_embedding(t_fraction: jax.Array, dim: int = 32) -> jax.Array:
 
 
 class PsiNoiseModel(nn.Module):
-    """v(psi_t, t, s): an MLP whose hidden layers are modulated by (s, t) (FiLM)."""
+    """v(psi_t, t, s): an MLP whose hidden layers are modulated by (s, t) (FiLM).
+
+    Its layers are named so that online adaptation can adapt a subset of them: the FiLM
+    layers `film_i`, through which the state conditions the prediction, and the output `out`.
+    """
 
     psi_dim: int
     hidden: int = 256
     depth: int = 3
 
     @nn.compact
-    def __call__(self, psi_t: jax.Array, t_fraction: jax.Array, state: jax.Array) -> jax.Array:
+    def __call__(
+        self, psi_t: jax.Array, t_fraction: jax.Array, state: jax.Array, features_only=False
+    ) -> jax.Array:
+        """The predicted v, or with `features_only` what the output layer reads."""
         cond = jnp.concatenate([state, time_embedding(t_fraction)], axis=-1)
-        cond = nn.silu(nn.Dense(self.hidden)(cond))
-        x = nn.Dense(self.hidden)(psi_t)
-        for _ in range(self.depth):
-            scale, shift = jnp.split(nn.Dense(2 * self.hidden)(cond), 2, axis=-1)
-            x = x + nn.Dense(self.hidden)(nn.silu(nn.LayerNorm()(x) * (1 + scale) + shift))
-        return nn.Dense(self.psi_dim, kernel_init=nn.initializers.zeros)(nn.silu(x))
+        cond = nn.silu(nn.Dense(self.hidden, name="cond")(cond))
+        x = nn.Dense(self.hidden, name="embed")(psi_t)
+        for i in range(self.depth):
+            film = nn.Dense(2 * self.hidden, name=f"film_{i}")(cond)
+            scale, shift = jnp.split(film, 2, axis=-1)
+            h = nn.silu(nn.LayerNorm(name=f"norm_{i}")(x) * (1 + scale) + shift)
+            x = x + nn.Dense(self.hidden, name=f"mlp_{i}")(h)
+        features = nn.silu(x)
+        if features_only:
+            return features
+        return nn.Dense(self.psi_dim, kernel_init=nn.initializers.zeros, name="out")(features)
 
 
 def ema_update(ema: dict, params: dict, decay: float) -> dict:

@@ -183,6 +183,10 @@ class WorldModel:
     def predict_v(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
         return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state)
 
+    def psi_features(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
+        """What the psi network's output layer `out` reads: v = features @ kernel + bias."""
+        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state, True)
+
     def sample_psi(self, psi_params, state, noise, n_steps, guide_fn=None, guidance_scale=0.0):
         """Normalised psi samples for `noise` [..., P] at planning states [..., S]."""
         return ddim_sample(
