@@ -85,6 +85,10 @@ class Engine:
         self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
         self._keys = jax.jit(jax.vmap(session_key))
 
+    def _zero_delta(self, shape: PlanShape) -> dict:
+        # On the host, as the Δφ a session brings back is: one compiled program serves both.
+        return jax.device_get(zero_delta(self.params, shape))
+
     @property
     def max_batch(self) -> int:
         return self.batch_sizes[-1]
@@ -129,7 +133,7 @@ class Engine:
         knobs = Knobs(*jnp.asarray([d.knobs for d in rows], jnp.float32).T)
         delta = None
         if adapts:
-            zero = zero_delta(self.params, shape)
+            zero = self._zero_delta(shape)
             deltas = [d.delta if d.delta is not None else zero for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
         out = compile_decide(self.model, shape, batched=True)(
@@ -170,7 +174,7 @@ class Engine:
     def adapt(self, shape: PlanShape, decision: Decision) -> tuple[dict, dict]:
         """Δφ adaptation alone (no action, no M step): (Δφ, diagnostics)."""
         key = jax.random.fold_in(session_key(decision.seed, decision.step), 1)
-        delta = decision.delta if decision.delta is not None else zero_delta(self.params, shape)
+        delta = decision.delta if decision.delta is not None else self._zero_delta(shape)
         out = compile_adapt(self.model, shape)(
             self.params,
             jnp.asarray(decision.lstm_h),

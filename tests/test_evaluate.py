@@ -67,31 +67,39 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
     printed = capsys.readouterr().out
     assert "`online_adaptation`" in printed and "`controller`" in printed
     record = json.loads((out / "eval.json").read_text())
-    assert [r["planner"] for r in record["results"]] == [
-        "controller",
-        "random_shooting",
-        "guided_diffusion",
-        "online_adaptation",
-    ]
+    labels = ["controller", "random_shooting", "random_shooting_matched", "guided_diffusion",
+              "online_adaptation", "online_adaptation_seed"]  # fmt: skip
+    assert [r["label"] for r in record["results"]] == labels
+    by_label = {r["label"]: r for r in record["results"]}
+    # Random shooting given online adaptation's time takes at least its own samples.
+    matched = by_label["random_shooting_matched"]["planning"]["n_samples"]
+    assert matched >= by_label["random_shooting"]["planning"]["n_samples"]
+    seed_rule = by_label["online_adaptation_seed"]["planning"]
+    assert (seed_rule["adaptation"], seed_rule["kl_estimator"]) == ("gradient", "seed")
     goal_cells = [g["goal_cell"] for g in record["goals"]]
     for result in record["results"]:
         assert [e["goal_cell"] for e in result["episodes"]] == goal_cells
-    assert (out / "eval.md").read_text().count("\n") == 6
+        low, high = result["summary"]["interval"]
+        assert 0.0 <= low <= result["summary"]["success_rate"] <= high <= 1.0
+    assert (out / "eval.md").read_text().count("\n") == 8
     assert cli_main([*argv, "--planner", "teleport", "--out", str(out)]) == 2
     assert "unknown planner" in capsys.readouterr().err
 
 
 def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
-    grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4]}
+    grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4], "rule": ["gradient/seed"]}
     rows = ablate(bundle, 2, 0, tmp_path, grid, max_steps=5, progress=False)
     assert [(r["knob"], r["value"]) for r in rows] == [
         ("kl_coef", 0.1),
         ("kl_coef", 5.0),
         ("adaptation_steps", 2),
         ("adaptation_steps", 4),
+        ("rule", "gradient/seed"),
     ]
     assert len(rows[2]["summary"]["objective"]) == 3 and len(rows[3]["summary"]["objective"]) == 5
+    assert rows[4]["summary"]["ess"] == 8.0  # the gradient rule weighs no samples
     assert json.loads((tmp_path / "ablation.json").read_text())["rows"][0]["knob"] == "kl_coef"
-    assert (tmp_path / "ablation.md").read_text().count("\n") == 6
-    for name in ("success.png", "objective.png", "value_gain.png", "cost.png"):
+    assert (tmp_path / "ablation.md").read_text().count("\n") == 7
+    names = ("success.png", "objective.png", "value_gain.png", "cost.png", "success_vs_cost.png")
+    for name in names:
         assert (tmp_path / name).stat().st_size > 5_000

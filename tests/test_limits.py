@@ -13,14 +13,14 @@ OBS = [0.5, -0.5, 0.1, 0.0]
 LONG = {
     "planner": "online_adaptation",
     "adaptation_steps": 200,
-    "n_adaptation_samples": 512,
+    "n_adaptation_samples": 4096,
 }  # keeps the engine busy
 
 
 def test_queue_and_session_limits(trained):
     settings = Settings(
         model_dir=trained.run_dir, batch_sizes=(1,), max_batch=1, max_queue=1,
-        max_sessions=3, evict_idle_s=1.0, sample_counts=(512,),
+        max_sessions=3, evict_idle_s=1.0, sample_counts=(4096,),
     )  # fmt: skip
     with running_server(settings) as (url, _):
 
@@ -31,15 +31,15 @@ def test_queue_and_session_limits(trained):
                     "/act", json={"session_id": ids[i], "observation": OBS, **extra}
                 )
                 busy = asyncio.create_task(act(0, planner=LONG))
-                await asyncio.sleep(0.2)  # the engine is computing the long adaptation
+                await asyncio.sleep(0.02)  # the engine is computing the long adaptation
                 queued = asyncio.create_task(act(1))
-                await asyncio.sleep(0.1)  # and the second decision waits in the queue
+                await asyncio.sleep(0.02)  # and the second decision waits in the queue
                 refused = await act(2)
                 return await busy, await queued, refused, ids
 
         busy, queued, refused, ids = asyncio.run(three_at_once())
         assert busy.status_code == 200 and queued.status_code == 200
-        assert busy.json()["timing"]["plan_ms"] > 300  # it was still computing
+        assert busy.json()["timing"]["plan_ms"] > 40  # it was still computing
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
         assert refused.json()["error"]["code"] == "queue_full"
 

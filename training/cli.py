@@ -68,11 +68,10 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from training.checkpoint import restore_bundle
-    from training.evaluate import compare_planners, comparison_table
-    from training.planners import PLANNERS
+    from training.evaluate import EVAL_ORDER, compare_planners, comparison_table
 
     bundle = restore_bundle(args.run_dir)
-    planners = list(PLANNERS) if args.planner == "all" else args.planner.split(",")
+    planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     results = compare_planners(
         bundle, planners, args.goals, args.episodes, args.seed, out, args.max_steps, not args.quiet
@@ -155,14 +154,20 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")
-    add_episode_options(p, goals=20, out="eval")
-    p.add_argument("--planner", default="all", help="a planner, a comma list, or all")
+    add_episode_options(p, goals=30, out="eval")
+    p.add_argument(
+        "--planner",
+        default="all",
+        help="a planner, a comma list, or all; besides the four planners, "
+        "random_shooting_matched (as many samples as fit in online adaptation's time) and "
+        "online_adaptation_seed (the seed's exact rule)",
+    )
     p.add_argument("--episodes", type=int, default=1, help="episodes per goal")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="sweep the online-adaptation knobs one at a time")
-    add_episode_options(p, goals=10, out="ablation")
-    p.add_argument("--knobs", help="comma list of knobs (default: all four)")
+    add_episode_options(p, goals=20, out="ablation")
+    p.add_argument("--knobs", help="comma list of settings to sweep (default: all)")
     p.set_defaults(func=cmd_ablate)
 
     p = sub.add_parser("export", help="the latest step of a run as a serving bundle")

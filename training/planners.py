@@ -346,8 +346,10 @@ def outside_support(prior: jax.Array, prior_best: jax.Array, candidate: jax.Arra
     from each other: its distance to the nearest prior sample exceeds both the
     GUARD_QUANTILE of the prior samples' nearest-neighbour distances and that of the
     prior's own choice, which lies in the tail where samples are sparse (normalised psi)."""
-    gaps = jnp.linalg.norm(prior[:, None] - prior[None], axis=-1)
-    spacing = jnp.min(jnp.where(jnp.eye(prior.shape[0], dtype=bool), jnp.inf, gaps), axis=1)
+    norms = jnp.sum(jnp.square(prior), axis=-1)
+    gaps = norms[:, None] + norms[None] - 2.0 * prior @ prior.T  # squared, without [N, N, P]
+    gaps = jnp.where(jnp.eye(prior.shape[0], dtype=bool), jnp.inf, gaps)
+    spacing = jnp.sqrt(jnp.maximum(jnp.min(gaps, axis=1), 0.0))
     distance = jnp.min(jnp.linalg.norm(prior - candidate, axis=-1))
     return distance > jnp.maximum(jnp.quantile(spacing, GUARD_QUANTILE), spacing[prior_best])
 

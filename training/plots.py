@@ -50,8 +50,10 @@ def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Pa
             ys = [r["summary"][key] for r in sub]
             if all(y is None for y in ys):
                 continue
-            ax.plot([r["value"] for r in sub], ys, "o-", label=label)
-        if knob == "delta_phi_lr":
+            xs = [r["value"] if isinstance(r["value"], float | int) else str(r["value"])
+                  for r in sub]  # fmt: skip
+            ax.plot(xs, ys, "o-", label=label)
+        if knob in ("delta_phi_lr", "kl_coef"):
             ax.set_xscale("log")
         ax.set_xlabel(knob)
         ax.grid(alpha=0.3)
@@ -64,7 +66,7 @@ def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
     """The ablation of online adaptation as four figures beside ablation.json."""
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in ("success.png", "objective.png", "value_gain.png")]
-    paths.append(out_dir / "cost.png")
+    paths += [out_dir / "cost.png", out_dir / "success_vs_cost.png"]
     _knob_panels(
         rows,
         {"success_rate": "all goals", "success_rare": "rare goals"},
@@ -84,7 +86,29 @@ def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
     save_figure(fig, paths[1])
     _knob_panels(rows, {"value_gain": "V after - V before"}, "value gain", paths[2])
     _knob_panels(rows, {"plan_ms_median": "median ms", "plan_ms_p90": "p90 ms"}, "cost", paths[3])
+    plot_success_against_cost(rows, paths[4])
     return paths
+
+
+def plot_success_against_cost(rows: list[dict], path: Path) -> Path:
+    """Rare-goal success (with its 95% interval) against the median ms per decision, one
+    point per setting, labelled."""
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for r in rows:
+        s = r["summary"]
+        if s["success_rare"] is None:
+            continue
+        low, high = s["interval_rare"]
+        x, y = s["plan_ms_median"], s["success_rare"]
+        ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", ms=4, capsize=2, alpha=0.7)
+        ax.annotate(f"{r['knob']}={r['value']}", (x, y), fontsize=6, xytext=(3, 3),
+                    textcoords="offset points")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel("ms per decision (median)")
+    ax.set_ylabel("success on rarely visited goals")
+    ax.set_title("online adaptation settings: success against cost")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, path)
 
 
 def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Path) -> Path:
