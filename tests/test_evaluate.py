@@ -103,3 +103,15 @@ def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
     names = ("success.png", "objective.png", "value_gain.png", "cost.png", "success_vs_cost.png")
     for name in names:
         assert (tmp_path / name).stat().st_size > 5_000
+
+
+def test_episodes_carry_delta_over_between_steps_only_with_warm_start(bundle):
+    spec = evaluation_goals(bundle, 1, seed=0)[0]
+    base = bundle.config.planning.model_copy(
+        update={"planner": "online_adaptation", "support_guard": False, "adaptation_steps": 3}
+    )
+    warm = EpisodeRunner(bundle, base, max_steps=4).run(spec)
+    cold = EpisodeRunner(bundle, base.model_copy(update={"warm_start": False}), 4).run(spec)
+    again = EpisodeRunner(bundle, base, max_steps=4).run(spec)
+    assert warm.objective == again.objective  # each episode starts again from Δφ = 0
+    assert warm.objective != cold.objective  # later steps start where the last one ended
