@@ -396,8 +396,17 @@ def ablate(
             record = {"env": bundle.env_id, "seed": seed, "defaults": base.model_dump()}
             (out_dir / "ablation.json").write_text(json.dumps({**record, "rows": rows}, indent=1))
     (out_dir / "ablation.md").write_text(ablation_table(bundle.env_id, rows))
-    plot_ablation(rows, out_dir)
+    plot_ablation(rows, out_dir, ablation_defaults(base))
     return rows
+
+
+def ablation_defaults(planning: PlanningConfig) -> dict:
+    """The value every swept setting has in `planning`, as the grid names it."""
+    values = planning.model_dump()
+    rule = planning.adaptation
+    if rule == "gradient":
+        rule += f"/{planning.kl_estimator}"
+    return {**{knob: values.get(knob) for knob in ABLATION_GRID}, "rule": rule}
 
 
 def ablation_table(env_id: str, rows: list[dict]) -> str:

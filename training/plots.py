@@ -62,7 +62,7 @@ def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Pa
     save_figure(fig, path)
 
 
-def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
+def plot_ablation(rows: list[dict], out_dir: str | Path, defaults: dict) -> list[Path]:
     """The ablation of online adaptation as four figures beside ablation.json."""
     out_dir = Path(out_dir)
     paths = [out_dir / name for name in ("success.png", "objective.png", "value_gain.png")]
@@ -86,28 +86,45 @@ def plot_ablation(rows: list[dict], out_dir: str | Path) -> list[Path]:
     save_figure(fig, paths[1])
     _knob_panels(rows, {"value_gain": "V after - V before"}, "value gain", paths[2])
     _knob_panels(rows, {"plan_ms_median": "median ms", "plan_ms_p90": "p90 ms"}, "cost", paths[3])
-    plot_success_against_cost(rows, paths[4])
+    plot_success_against_cost(rows, paths[4], defaults)
     return paths
 
 
-def plot_success_against_cost(rows: list[dict], path: Path) -> Path:
-    """Rare-goal success (with its 95% interval) against the median ms per decision, one
-    point per setting, labelled."""
-    fig, ax = plt.subplots(figsize=(7.5, 5))
+def plot_success_against_cost(rows: list[dict], path: Path, defaults: dict) -> Path:
+    """Rare-goal success (with its 95% interval) against the median ms per decision: one
+    colour per setting swept, each point labelled with its value; the defaults, which every
+    sweep passes through, as one black star."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = dict(zip(dict.fromkeys(r["knob"] for r in rows), plt.cm.tab10.colors, strict=False))
+    shown = set()
     for r in rows:
         s = r["summary"]
         if s["success_rare"] is None:
             continue
-        low, high = s["interval_rare"]
         x, y = s["plan_ms_median"], s["success_rare"]
-        ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", ms=4, capsize=2, alpha=0.7)
-        ax.annotate(f"{r['knob']}={r['value']}", (x, y), fontsize=6, xytext=(3, 3),
-                    textcoords="offset points")  # fmt: skip
+        low, high = s["interval_rare"]
+        is_default = defaults.get(r["knob"], r["value"]) == r["value"]
+        style = {"color": "k", "marker": "*", "ms": 10} if is_default else {
+            "color": colours[r["knob"]], "marker": "o", "ms": 5}  # fmt: skip
+        label = "defaults" if is_default else r["knob"]
+        ax.errorbar(x, y, yerr=[[y - low], [high - y]], capsize=2, alpha=0.75, ls="none",
+                    label=None if label in shown else label, **style)  # fmt: skip
+        shown.add(label)
+        if not is_default:
+            ax.annotate(str(r["value"]), (x, y), fontsize=7, xytext=(4, 2),
+                        textcoords="offset points", color=colours[r["knob"]])  # fmt: skip
     ax.set_xscale("log")
+    ax.set_xticks([t for t in (0.5, 1, 2, 5, 10, 20, 50, 100, 200, 500) if ax.get_xlim()[0]
+                   <= t <= ax.get_xlim()[1]])  # fmt: skip
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel("ms per decision (median)")
-    ax.set_ylabel("success on rarely visited goals")
+    ax.set_ylabel("success on rarely visited goals (95% interval)")
     ax.set_title("online adaptation settings: success against cost")
     ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     return save_figure(fig, path)
 
 
