@@ -17,8 +17,8 @@ Online adaptation has two rules (`planning.adaptation`):
   stochastic sampler) or the seed's proxy 0.5 Σ Δφ² + 0.1 mean((V - V_prior)²) (`seed`).
 Δφ covers the layers `planning.adapt_params` names (all, the FiLM layers and the output, or
 the output alone). The support guard falls back to Δφ = 0, that is to the prior's own
-samples, when the chosen adapted outcome is less plausible under the base model than the
-prior's samples are.
+samples, when the chosen adapted outcome lies farther from the prior's samples than they
+lie from each other.
 
 Values are V(psi) = psi . w on un-normalised psi. Shapes (sample counts, the rule) are
 static and fix a compilation; the learning rate, KL coefficient, guidance scale and the
