@@ -280,13 +280,23 @@ def with_interval(summary: dict, which: str = "") -> str:
     return f"{rate:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
+def sample_counts(result: dict) -> str:
+    """The psi samples a decision draws: online adaptation's prior samples + adapted ones."""
+    planning = result["planning"]
+    if result["planner"] == "controller":
+        return "–"
+    if result["planner"] == "online_adaptation":
+        return f"{planning['n_adaptation_samples']} + {planning['n_samples']}"
+    return str(planning["n_samples"])
+
+
 def comparison_table(env_id: str, results: list[dict]) -> str:
     header = [f"{env_id} planner", "samples", "success [95% CI]", "rare goals", "common goals"]
     header += ["steps to goal", "plan ms (p50)"]
     rows = [
         [
             f"`{r['label']}`",
-            str(r["planning"]["n_samples"]) if r["planner"] != "controller" else "–",
+            sample_counts(r),
             with_interval(r["summary"]),
             with_interval(r["summary"], "rare"),
             with_interval(r["summary"], "common"),

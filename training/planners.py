@@ -307,7 +307,8 @@ def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
 
 def gradient_steps(model, shape, params, state, value, key, knobs, delta):
     """The seed's rule: Adam steps on mean V - λ KL through the sampler, with the path KL
-    of stochastic samplers or the seed's proxy. Returns (Steps, prior samples, values, 1)."""
+    of stochastic samplers or the seed's proxy. Returns (Steps, prior samples, their
+    values, N): unweighted, every prior sample counts."""
     base = params["psi_ema"]
     n = shape.n_adaptation_samples
     k_noise, k_path = jax.random.split(key)
