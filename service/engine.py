@@ -192,7 +192,7 @@ class Engine:
         )  # fmt: skip
         return s.delta, diagnostics
 
-    def probe(self, weights: np.ndarray, knobs: tuple[float, float, float]) -> Decision:
+    def probe(self, weights: np.ndarray, knobs: tuple[float, ...]) -> Decision:
         """A first decision of a session: zero observation and zero LSTM state."""
         model = self.model
         return Decision(

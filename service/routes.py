@@ -365,7 +365,7 @@ async def adapt(request: Request) -> Response:
             seed=session.seed,
             step=session.step + 1,
             knobs=knob_values(planning),
-            delta=session.delta,
+            delta=None if task != session.task else session.delta,  # a new task starts at 0
         )
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
@@ -373,7 +373,7 @@ async def adapt(request: Request) -> Response:
         request.app.state.metrics.observe_adaptation(diagnostics)
         if body.persist:
             session.delta = delta
-        elif body.task is not None and body.task.model_dump() != session.task:
+        elif task != session.task:
             session.delta = None  # a warm start adapted to another task
         session.task, session.task_weights = task, weights
         await save_session(rt, session)

@@ -300,6 +300,21 @@ def test_act_reports_adaptation_and_carries_delta_over_until_a_reset(client, ser
     assert "worldplan_adaptation_fallbacks_total" in client.get("/metrics").text
 
 
+def test_a_new_task_drops_the_warm_start(client):
+    oa = {"planner": "online_adaptation"}
+    warm, cold = (new_session(client, seed=9, planner=oa) for _ in range(2))
+    act = lambda sid, **extra: client.post(  # noqa: E731
+        "/act", json={"session_id": sid, "observation": OBS, **extra}
+    ).json()
+    act(warm)  # keeps its Δφ
+    act(cold, planner={**oa, "warm_start": False})  # keeps none
+    goal = {"kind": "goal", "goal": [-0.9, 0.9]}
+    for sid in (warm, cold):
+        r = client.post("/adapt", json={"session_id": sid, "task": goal, "steps": 3})
+        assert r.status_code == 200, r.text
+    assert act(warm)["action"] == act(cold)["action"]  # both start the new task from Δφ = 0
+
+
 def test_metrics_count_requests_batches_and_adaptation(client):
     sid = new_session(client)
     oa = {"planner": "online_adaptation"}
