@@ -72,15 +72,19 @@ def ddim_sigma(ab: jax.Array, ab_prev: jax.Array, eta: float) -> jax.Array:
     return eta * jnp.sqrt((1.0 - ab_prev) / (1.0 - ab) * (1.0 - ab / ab_prev))
 
 
-def ddim_mean(schedule: Schedule, x, v, t, t_prev, eta: float, clip: float):
-    """(mean of x_{t_prev} given x_t and the predicted v, clean estimate x0, sigma)."""
+def clean_estimate(schedule: Schedule, x, v, t, clip: float) -> jax.Array:
+    """x0 = sqrt(ᾱ_t) x_t - sqrt(1 - ᾱ_t) v, clipped."""
+    ab = schedule.alpha_bar[t]
+    return jnp.clip(jnp.sqrt(ab) * x - jnp.sqrt(1.0 - ab) * v, -clip, clip)
+
+
+def step_mean(schedule: Schedule, x, x0, t, t_prev, sigma) -> jax.Array:
+    """The mean of x_{t_prev} given x_t and the clean estimate x0, for a step that adds
+    noise of standard deviation sigma (0: deterministic DDIM)."""
     ab, ab_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
-    a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
-    x0 = jnp.clip(a * x - s * v, -clip, clip)
-    eps = (x - a * x0) / s
-    sigma = ddim_sigma(ab, ab_prev, eta)
+    eps = (x - jnp.sqrt(ab) * x0) / jnp.sqrt(1.0 - ab)
     direction = jnp.sqrt(jnp.maximum(1.0 - ab_prev - sigma**2, 0.0))
-    return jnp.sqrt(ab_prev) * x0 + direction * eps, x0, sigma
+    return jnp.sqrt(ab_prev) * x0 + direction * eps
 
 
 def ddim_sample(
@@ -103,15 +107,12 @@ def ddim_sample(
 
     def step(x, pair):
         t, t_prev = pair
-        ab, ab_prev = schedule.alpha_bar[t], schedule.alpha_bar[t_prev]
-        a, s = jnp.sqrt(ab), jnp.sqrt(1.0 - ab)
         v = v_fn(params, x, jnp.full(x.shape[:-1], t / schedule.n_steps), condition)
-        x0 = jnp.clip(a * x - s * v, -clip, clip)
+        x0 = clean_estimate(schedule, x, v, t, clip)
         if guide_fn is not None:
             grad = jax.grad(lambda y: jnp.sum(guide_fn(y)))(x0)
-            x0 = jnp.clip(x0 + guidance_scale * (1.0 - ab) * grad, -clip, clip)
-        eps = (x - a * x0) / s
-        return jnp.sqrt(ab_prev) * x0 + jnp.sqrt(1.0 - ab_prev) * eps, None
+            x0 = jnp.clip(x0 + guidance_scale * (1.0 - schedule.alpha_bar[t]) * grad, -clip, clip)
+        return step_mean(schedule, x, x0, t, t_prev, 0.0), None
 
     x, _ = jax.lax.scan(step, noise, ddim_timesteps(schedule, n_sample_steps))
     return x
@@ -144,12 +145,13 @@ def sample_with_path_kl(
         x, kl = carry
         (t, t_prev), z = inputs
         t_fraction = jnp.full(x.shape[:-1], t / schedule.n_steps)
-        mean, _, sigma = ddim_mean(
-            schedule, x, v_fn(params, x, t_fraction, condition), t, t_prev, eta, clip
-        )
-        base_mean, _, _ = ddim_mean(
-            schedule, x, v_fn(base_params, x, t_fraction, condition), t, t_prev, eta, clip
-        )
+        sigma = ddim_sigma(schedule.alpha_bar[t], schedule.alpha_bar[t_prev], eta)
+
+        def mean_of(psi_params):
+            x0 = clean_estimate(schedule, x, v_fn(psi_params, x, t_fraction, condition), t, clip)
+            return step_mean(schedule, x, x0, t, t_prev, sigma)
+
+        mean, base_mean = mean_of(params), mean_of(base_params)
         gap = jnp.sum(jnp.square(mean - base_mean), axis=-1)
         kl = kl + jnp.where(sigma > 0, gap / (2.0 * jnp.maximum(sigma, 1e-8) ** 2), 0.0)
         return (mean + sigma * z, kl), None
