@@ -162,12 +162,23 @@ def read_out(model: WorldModel, params, state, psi) -> jax.Array:
     return model.readout.apply({"params": params["readout"]}, state, psi)
 
 
+def plan_without_adaptation(action, value, mean) -> Plan:
+    """The plan of a planner that adapts nothing: no objective trace, no KL, no Δφ."""
+    zero, no = jnp.float32(0.0), jnp.bool_(False)
+    return Plan(action, value, mean[None], 0, zero, mean, mean, zero, no, no, None)
+
+
+def best_sample_plan(model: WorldModel, params, state, values, psi) -> Plan:
+    """Reads out the sample of highest value."""
+    best = jnp.argmax(values)
+    action = read_out(model, params, state, psi[best])
+    return plan_without_adaptation(action, values[best], jnp.mean(values))
+
+
 def plan_controller(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
     z, h = jnp.split(state, [model.latent_dim])
     action, _ = model.controller.apply({"params": params["controller"]}, z, h)
-    zero = jnp.float32(0.0)
-    no = jnp.bool_(False)
-    return Plan(action, zero, jnp.zeros(1), 0, zero, zero, zero, zero, no, no, None)
+    return plan_without_adaptation(action, jnp.float32(0.0), jnp.float32(0.0))
 
 
 def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -176,11 +187,7 @@ def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, k
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
     psi = model.sample_psi(params["psi_ema"], broadcast_state(state, noise.shape[0]), noise,
                            shape.sample_steps)  # fmt: skip
-    values = value_fn(params, weights)(psi)
-    best, mean, zero = jnp.argmax(values), jnp.mean(values), jnp.float32(0.0)
-    action = read_out(model, params, state, psi[best])
-    no = jnp.bool_(False)
-    return Plan(action, values[best], mean[None], 0, zero, mean, mean, zero, no, no, None)
+    return best_sample_plan(model, params, state, value_fn(params, weights)(psi), psi)
 
 
 def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -197,11 +204,7 @@ def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, 
         guide_fn=lambda x0: value(x0) / grad_norm,
         guidance_scale=knobs.guidance_scale,
     )
-    values = value(psi)
-    best, mean, zero = jnp.argmax(values), jnp.mean(values), jnp.float32(0.0)
-    action = read_out(model, params, state, psi[best])
-    no = jnp.bool_(False)
-    return Plan(action, values[best], mean[None], 0, zero, mean, mean, zero, no, no, None)
+    return best_sample_plan(model, params, state, value(psi), psi)
 
 
 class Steps(NamedTuple):
