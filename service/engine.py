@@ -84,10 +84,14 @@ class Engine:
         self.call_seconds: dict[tuple[PlanShape, int], float] = {}
         self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
         self._keys = jax.jit(jax.vmap(session_key))
+        self._zero_deltas: dict[PlanShape, dict] = {}
 
     def _zero_delta(self, shape: PlanShape) -> dict:
-        # On the host, as the Δφ a session brings back is: one compiled program serves both.
-        return jax.device_get(zero_delta(self.params, shape))
+        """Δφ = 0 of a shape, made once. On the host, as the Δφ a session brings back is:
+        one compiled program serves both."""
+        if shape not in self._zero_deltas:
+            self._zero_deltas[shape] = jax.device_get(zero_delta(self.params, shape))
+        return self._zero_deltas[shape]
 
     @property
     def max_batch(self) -> int:
