@@ -338,12 +338,11 @@ def matched_sample_count(bundle: Bundle, budget_ms: float, largest: int = 4096) 
     return best
 
 
-def variant_planning(bundle: Bundle, name: str, budget_ms: float | None) -> PlanningConfig:
+def variant_planning(bundle: Bundle, name: str) -> PlanningConfig:
     planning = bundle.config.planning.model_copy(update=VARIANTS[name])
     if name == "random_shooting_matched":
-        if budget_ms is None:
-            adaptation = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
-            budget_ms = decision_ms(bundle, adaptation)
+        adaptation = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
+        budget_ms = decision_ms(bundle, adaptation)
         planning = planning.model_copy(
             update={"n_samples": matched_sample_count(bundle, budget_ms)}
         )
@@ -371,7 +370,7 @@ def compare_planners(
     record = {"env": bundle.env_id, "seed": seed, "goals": [asdict(g) for g in goals]}
     results = []
     for name in planners:
-        planning = variant_planning(bundle, name, None)
+        planning = variant_planning(bundle, name)
         results.append(evaluate(bundle, planning, goals, max_steps, progress, label=name))
         # Written after every planner: a long evaluation that stops keeps what it measured.
         (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
