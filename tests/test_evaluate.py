@@ -7,6 +7,7 @@ import pytest
 
 from training.checkpoint import restore_bundle
 from training.cli import main as cli_main
+from training.data import episode_observations, open_dataset
 from training.envs import bfs_path, make_env
 from training.evaluate import (
     EpisodeRunner,
@@ -16,6 +17,7 @@ from training.evaluate import (
     repeat_goals,
     summarise_episodes,
 )
+from training.tails import data_futures
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +117,29 @@ def test_episodes_carry_delta_over_between_steps_only_with_warm_start(bundle):
     again = EpisodeRunner(bundle, base, max_steps=4).run(spec)
     assert warm.objective == again.objective  # each episode starts again from Δφ = 0
     assert warm.objective != cold.objective  # later steps start where the last one ended
+
+
+def test_data_futures_are_the_discounted_sums_the_episodes_had(bundle, umaze_data):
+    observations, futures = data_futures(bundle, str(umaze_data))
+    episode = next(open_dataset(str(umaze_data)).iterate_episodes())
+    obs = episode_observations(episode.observations)[:-1].astype(np.float32)
+    phi = np.asarray(bundle.model.phi(bundle.params, obs, bundle.model.encode(bundle.params, obs)))
+    discounts = bundle.config.successor.gamma ** np.arange(len(phi))
+    np.testing.assert_allclose(observations[: len(obs)], obs)
+    np.testing.assert_allclose(futures[0], discounts @ phi, rtol=1e-4, atol=1e-4)
+    assert observations.shape[0] == futures.shape[0] > len(obs)  # every episode's states
+
+
+def test_tails_command_sets_the_data_against_the_model(trained, tmp_path, capsys):
+    out = tmp_path / "tails"
+    argv = ["tails", str(trained.run_dir), "--goals", "6", "--seed", "0", "--samples", "64"]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    records = json.loads((out / "tails.json").read_text())
+    rare = rare_cells_of(restore_bundle(trained.run_dir))
+    assert records and all(tuple(r["goal_cell"]) in rare for r in records)
+    for r in records:
+        assert r["model_max"] >= r["model_best_of_batch"] >= r["model_mean"]
+        if r["data_states"]:
+            assert r["data_max"] >= r["data_p99"]
+    assert (out / "tails.md").read_text().count("\n") == len(records) + 2
+    assert "model best of 64" in capsys.readouterr().out

@@ -98,6 +98,28 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     print(f"wrote ablation.json, ablation.md and plots to {out}")
 
 
+def cmd_tails(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from training.checkpoint import restore_bundle
+    from training.evaluate import evaluation_goals
+    from training.tails import as_records, outcome_tails, tails_table
+
+    bundle = restore_bundle(args.run_dir)
+    drawn = evaluation_goals(bundle, args.goals, args.seed)
+    goals = list({(g.start_cell, g.goal_cell): g for g in drawn if g.rare}.values())
+    tails = outcome_tails(bundle, args.data or bundle.metadata["dataset"], goals, args.samples)
+    table = tails_table(bundle.env_id, tails, args.samples)
+    print(table)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "tails.md").write_text(table)
+        (out / "tails.json").write_text(json.dumps(as_records(tails), indent=1))
+        print(f"wrote {out / 'tails.json'} and {out / 'tails.md'}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from training.checkpoint import export_bundle
 
@@ -169,6 +191,17 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     add_episode_options(p, goals=20, out="ablation")
     p.add_argument("--knobs", help="comma list of settings to sweep (default: all)")
     p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser(
+        "tails", help="rare goals: the value of the data's futures against the psi-model's samples"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--data", help="the bundle's dataset (default: the one it was trained on)")
+    p.add_argument("--goals", type=int, default=20, help="goals drawn as eval draws them")
+    p.add_argument("--seed", type=int, default=1, help="seed of the goals (default: the tuning 1)")
+    p.add_argument("--samples", type=int, default=4096, help="psi samples per start cell")
+    p.add_argument("--out", help="directory for tails.json and tails.md")
+    p.set_defaults(func=cmd_tails)
 
     p = sub.add_parser("export", help="the latest step of a run as a serving bundle")
     p.add_argument("run_dir")

@@ -181,10 +181,11 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
     sf = model.config.successor
     rows = sample_rows(k_rows, trans.states.shape[0], sf.batch_size)
     warmup = step < stage_bounds(model.config)["psi"][0] + sf.mc_warmup_steps
-    x0 = jnp.where(
+    # A cond, not a where: during the warm-up the Bellman target's sampling is not run.
+    x0 = jax.lax.cond(
         warmup,
-        normalise(trans.mc_psi[rows], params["psi_norm"]),
-        bellman_target(model, params, trans, rows, k_target),
+        lambda: normalise(trans.mc_psi[rows], params["psi_norm"]),
+        lambda: bellman_target(model, params, trans, rows, k_target),
     )
     loss = v_loss(model.predict_v, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
     return loss, {"target_abs": jnp.mean(jnp.abs(x0))}
