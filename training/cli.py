@@ -100,23 +100,24 @@ def cmd_ablate(args: argparse.Namespace) -> None:
 
 def cmd_tails(args: argparse.Namespace) -> None:
     import json
+    from dataclasses import asdict
     from pathlib import Path
 
     from training.checkpoint import restore_bundle
     from training.evaluate import evaluation_goals
-    from training.tails import as_records, outcome_tails, tails_table
+    from training.tails import outcome_tails, tails_table
 
     bundle = restore_bundle(args.run_dir)
     drawn = evaluation_goals(bundle, args.goals, args.seed)
     goals = list({(g.start_cell, g.goal_cell): g for g in drawn if g.rare}.values())
     tails = outcome_tails(bundle, args.data or bundle.metadata["dataset"], goals, args.samples)
-    table = tails_table(bundle.env_id, tails, args.samples)
+    table = tails_table(bundle.env_id, tails, bundle.config.planning.n_samples, args.samples)
     print(table)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "tails.md").write_text(table)
-        (out / "tails.json").write_text(json.dumps(as_records(tails), indent=1))
+        (out / "tails.json").write_text(json.dumps([asdict(t) for t in tails], indent=1))
         print(f"wrote {out / 'tails.json'} and {out / 'tails.md'}")
 
 

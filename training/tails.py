@@ -9,7 +9,7 @@ samples does not, no planner on that model reaches the goal from there.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
@@ -20,12 +20,9 @@ from training.data import episode_observations, open_dataset
 from training.envs import make_env
 from training.evaluate import GoalSpec, fmt, markdown_table
 from training.models.mdn_rnn import initial_state
-from training.models.world import denormalise
-from training.planners import broadcast_state
+from training.planners import broadcast_state, value_fn
 from training.tasks import task_weights
 from training.train import monte_carlo_psi
-
-BATCH = 32  # the "best of" a random-shooting decision of the packaged configs sees
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class Tail:
     data_p99: float | None  # V of their futures: 99th percentile
     data_max: float | None
     model_mean: float  # V of the model's samples at the cell's centre
-    model_best_of_batch: float  # median over batches of BATCH samples of the best
+    model_best_of_batch: float  # median over batches of the planner's n_samples of the best
     model_max: float  # best of all samples
 
 
@@ -63,7 +60,7 @@ def model_values(bundle: Bundle, obs: np.ndarray, weights, n_samples: int, key) 
     noise = jax.random.normal(key, (n_samples, model.psi_dim))
     psi = model.sample_psi(params["psi_ema"], broadcast_state(state, n_samples), noise,
                            bundle.config.planning.sample_steps)  # fmt: skip
-    return np.asarray(denormalise(psi, params["psi_norm"]) @ weights)
+    return np.asarray(value_fn(params, weights)(psi))
 
 
 def outcome_tails(
@@ -73,6 +70,7 @@ def outcome_tails(
     """The data's and the model's outcome values for each (start, goal) pair."""
     maze = make_env(bundle.env_id).unwrapped.maze
     observations, futures = data_futures(bundle, data_path)
+    batch = bundle.config.planning.n_samples  # what one random-shooting decision sees
     tails = []
     for i, spec in enumerate(goals):
         centre = np.asarray(maze.cell_rowcol_to_xy(np.array(spec.start_cell)), np.float32)
@@ -82,7 +80,7 @@ def outcome_tails(
         data_v = futures[near] @ weights
         obs = np.concatenate([centre, np.zeros(observations.shape[1] - 2, np.float32)])
         v = model_values(bundle, obs, jnp.asarray(weights), n_samples, jax.random.key(i))
-        batches = v[: n_samples // BATCH * BATCH].reshape(-1, BATCH).max(axis=1)
+        batches = v[: n_samples // batch * batch].reshape(-1, batch).max(axis=1)
         tails.append(
             Tail(
                 spec.start_cell,
@@ -98,9 +96,9 @@ def outcome_tails(
     return tails
 
 
-def tails_table(env_id: str, tails: list[Tail], n_samples: int) -> str:
+def tails_table(env_id: str, tails: list[Tail], batch: int, n_samples: int) -> str:
     header = [f"{env_id}: start → rare goal", "data states", "data V p99", "data V max"]
-    header += ["model V mean", f"model best of {BATCH}", f"model best of {n_samples}"]
+    header += ["model V mean", f"model best of {batch}", f"model best of {n_samples}"]
     rows = [
         [
             f"{t.start_cell} → {t.goal_cell}",
@@ -114,7 +112,3 @@ def tails_table(env_id: str, tails: list[Tail], n_samples: int) -> str:
         for t in tails
     ]
     return markdown_table(header, rows)
-
-
-def as_records(tails: list[Tail]) -> list[dict]:
-    return [asdict(t) for t in tails]
