@@ -134,10 +134,41 @@ def test_pointmaze_skew_keeps_resets_off_and_goals_mostly_off_rare_cells():
     assert len(goals) >= 3
 
 
-def test_skew_is_pointmaze_only():
+def _wall_fraction(env, policy, steps):
+    """Fraction of steps the point spends in its cell's outer band on a side with a wall."""
+    maze = env.unwrapped.maze
+    obs, info = env.reset(seed=0, options=policy.reset_options())
+    policy.reset(obs, info)
+    near_wall = 0
+    for _ in range(steps):
+        obs, *_ = env.step(policy.act(obs))
+        pos = obs["observation"][:2]
+        row, col = (int(v) for v in maze.cell_xy_to_rowcol(pos))
+        dx, dy = (pos - maze.cell_rowcol_to_xy(np.array([row, col]))) / maze.maze_size_scaling
+        # Rows grow downwards while y grows upwards.
+        sides = [(0, int(np.sign(dx))) if abs(dx) > 0.3 else None,
+                 (-int(np.sign(dy)), 0) if abs(dy) > 0.3 else None]  # fmt: skip
+        near_wall += any(s and maze.maze_map[row + s[0]][col + s[1]] == 1 for s in sides)
+    return near_wall / steps
+
+
+def test_waypoint_jitter_moves_waypoints_off_centre_and_the_data_to_cell_edges():
+    env = make_env("pointmaze-medium")
+    jittered = make_behaviour_policy(
+        "pointmaze-medium", env, np.random.default_rng(0), waypoint_jitter=0.4
+    )
+    centred = make_behaviour_policy("pointmaze-medium", env, np.random.default_rng(0))
+    jittered.reset(*env.reset(seed=0, options=jittered.reset_options()))
+    offsets = np.array([jittered._waypoint(c) - jittered._centre(c) for c in jittered._path[1:]])
+    assert np.all(np.abs(offsets) <= 0.4) and np.all(np.abs(offsets).max(axis=1) > 0.0)
+    assert _wall_fraction(env, jittered, 1500) > _wall_fraction(env, centred, 1500) + 0.05
+
+
+@pytest.mark.parametrize("option", [{"skew": 0.2}, {"noise": 0.5}, {"waypoint_jitter": 0.3}])
+def test_maze_options_are_pointmaze_only(option):
     env = make_env("pendulum")
-    with pytest.raises(ValueError, match="skew"):
-        make_behaviour_policy("pendulum", env, np.random.default_rng(0), skew=0.2)
+    with pytest.raises(ValueError, match=f"{next(iter(option))}: only for the pointmaze"):
+        make_behaviour_policy("pendulum", env, np.random.default_rng(0), **option)
 
 
 @pytest.mark.parametrize("name", sorted(ENVIRONMENTS))
@@ -268,12 +299,14 @@ def test_same_seed_same_dataset(tmp_path):
     assert episode_seeds(7, 3) == episode_seeds(7, 3) != episode_seeds(8, 3)
 
 
-def test_skewed_dataset_records_rare_cells(tmp_path):
+def test_skewed_dataset_records_rare_cells_and_behaviour_options(tmp_path):
     out = collect(
-        "pointmaze-medium", 1, tmp_path / "skew", skew=0.3, max_episode_steps=20, progress=False
-    )
+        "pointmaze-medium", 1, tmp_path / "skew", skew=0.3, noise=0.3, waypoint_jitter=0.2,
+        max_episode_steps=20, progress=False,
+    )  # fmt: skip
     info = json.loads((out / "worldplan.json").read_text())
     assert info["skew"] == 0.3 and info["env"] == "pointmaze-medium"
+    assert info["noise"] == 0.3 and info["waypoint_jitter"] == 0.2
     assert [tuple(c) for c in info["rare_cells"]] == rare_cells(MEDIUM_MAZE, 0.3)
     meta = next(iter(open_dataset(out).storage.get_episode_metadata([0])))
     assert tuple(meta["options"]["reset_cell"]) not in set(rare_cells(MEDIUM_MAZE, 0.3))

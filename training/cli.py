@@ -8,6 +8,7 @@ import sys
 import time
 
 from training.config import ConfigError
+from training.envs import MAZE_ACTION_NOISE
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
@@ -20,6 +21,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
         args.out or f"data/{args.env}",
         seed=args.seed,
         skew=args.skew,
+        noise=args.noise,
+        waypoint_jitter=args.waypoint_jitter,
         max_episode_steps=args.max_episode_steps,
         progress=not args.quiet,
     )
@@ -161,6 +164,19 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
         default=0.0,
         help="pointmaze: fraction of free cells (the far end of the maze) kept free of starts "
         "and behaviour goals, so they are rarely visited",
+    )
+    p.add_argument(
+        "--noise",
+        type=float,
+        default=MAZE_ACTION_NOISE,
+        help="pointmaze: standard deviation of the noise on the behaviour policy's actions",
+    )
+    p.add_argument(
+        "--waypoint-jitter",
+        type=float,
+        default=0.0,
+        help="pointmaze: how far (in cells, per axis) each waypoint lies off its cell's "
+        "centre, so the data covers cell edges and walls too",
     )
     p.add_argument("--max-episode-steps", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from training.envs import (
     ENVIRONMENTS,
+    MAZE_ACTION_NOISE,
     get_env_spec,
     make_behaviour_policy,
     make_env,
@@ -41,6 +42,8 @@ def collect(
     *,
     seed: int = 0,
     skew: float = 0.0,
+    noise: float = MAZE_ACTION_NOISE,
+    waypoint_jitter: float = 0.0,
     max_episode_steps: int | None = None,
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
@@ -68,7 +71,8 @@ def collect(
                 env, record_infos=False, data_format="hdf5", jpeg_encoding=False
             )
             try:
-                policy = make_behaviour_policy(env_name, env, np.random.default_rng(seed), skew)
+                rng = np.random.default_rng(seed)
+                policy = make_behaviour_policy(env_name, env, rng, skew, noise, waypoint_jitter)
                 seeds = episode_seeds(seed, episodes)
                 for episode_seed in tqdm(
                     seeds, desc=f"collect {env_name}", unit="ep", disable=not progress
@@ -81,12 +85,15 @@ def collect(
                         dataset_id,
                         algorithm_name=f"worldplan behaviour policy for {env_name}",
                         author="worldplan",
-                        description=f"{episodes} episodes of {env_name}, seed {seed}, skew {skew}",
+                        description=f"{episodes} episodes of {env_name}, seed {seed}, skew {skew}, "
+                        f"action noise {noise}, waypoint jitter {waypoint_jitter}",
                     )
                 sidecar = {
                     "env": env_name,
                     "seed": seed,
                     "skew": skew,
+                    "noise": noise,
+                    "waypoint_jitter": waypoint_jitter,
                     "episodes": episodes,
                     "max_episode_steps": steps,
                     "env_kwargs": env_kwargs or {},

@@ -97,14 +97,32 @@ class BehaviourPolicy(Protocol):
     def act(self, obs: Any) -> np.ndarray: ...
 
 
+MAZE_ACTION_NOISE = 0.2  # standard deviation of the Gaussian added to the maze PD actions
+
+
 def make_behaviour_policy(
-    name: str, env: gym.Env, rng: np.random.Generator, skew: float = 0.0
+    name: str,
+    env: gym.Env,
+    rng: np.random.Generator,
+    skew: float = 0.0,
+    noise: float = MAZE_ACTION_NOISE,
+    waypoint_jitter: float = 0.0,
 ) -> BehaviourPolicy:
+    """The environment's behaviour policy; skew, noise and waypoint_jitter shape the
+    pointmaze one (MazeWaypointPolicy) and are errors elsewhere."""
     spec = get_env_spec(name)
     if name.startswith("pointmaze"):
-        return MazeWaypointPolicy(env.unwrapped.maze, env.action_space, rng, skew=skew)
-    if skew:
-        raise ValueError(f"skew only applies to the pointmaze environments, not {name!r}")
+        maze = env.unwrapped.maze
+        return MazeWaypointPolicy(maze, env.action_space, rng, skew, noise=noise,
+                                  waypoint_jitter=waypoint_jitter)  # fmt: skip
+    changed = {
+        "skew": skew,
+        "noise": noise != MAZE_ACTION_NOISE,
+        "waypoint_jitter": waypoint_jitter,
+    }
+    if any(changed.values()):
+        options = ", ".join(option for option, value in changed.items() if value)
+        raise ValueError(f"{options}: only for the pointmaze environments, not {name!r}")
     if spec.name == "pendulum":
         return UniformRandomPolicy(env.action_space, rng)
     if spec.name == "carracing":
@@ -175,10 +193,13 @@ def _as_cell(cell: Any) -> Cell:
 
 
 class MazeWaypointPolicy:
-    """Wanders a PointMaze: BFS to a random goal cell, PD-steering through cell centres.
+    """Wanders a PointMaze: BFS to a random goal cell, PD-steering through its cells.
 
     Episodes never start in the rare cells, and a behaviour goal lies in one only with
     probability `rare_goal_prob`: the rare part of the maze is visited, but rarely.
+    Each waypoint lies `waypoint_jitter` (a fraction of a cell, uniform per axis) off its
+    cell's centre, drawn afresh with each plan, so the data also covers cell edges and
+    wall contact: the states a planner's own mistakes lead to.
     """
 
     def __init__(
@@ -189,7 +210,8 @@ class MazeWaypointPolicy:
         skew: float = 0.0,
         kp: float = 10.0,
         kd: float = 1.0,
-        noise: float = 0.2,
+        noise: float = MAZE_ACTION_NOISE,
+        waypoint_jitter: float = 0.0,
         waypoint_reach: float = 0.3,
         goal_reach: float = 0.15,
         rare_goal_prob: float = 0.05,
@@ -199,6 +221,8 @@ class MazeWaypointPolicy:
         self.rng = rng
         self.kp, self.kd, self.noise = kp, kd, noise
         scale = float(maze.maze_size_scaling)
+        self.jitter = waypoint_jitter * scale
+        self._offsets: dict[Cell, np.ndarray] = {}
         self.waypoint_reach, self.goal_reach = waypoint_reach * scale, goal_reach * scale
         self.rare = rare_cells(maze.maze_map, skew)
         rare = set(self.rare)
@@ -236,7 +260,7 @@ class MazeWaypointPolicy:
             self._index += 1
         if self._index == last and self._dist(pos, self._path[last]) < self.goal_reach:
             self._plan(cell, self._pick_goal(exclude=cell))
-        target = self._centre(self._path[self._index])
+        target = self._waypoint(self._path[self._index])
         action = self.kp * (target - pos) - self.kd * vel
         action = action + self.rng.normal(0.0, self.noise, size=action.shape)
         return np.clip(action, self.low, self.high).astype(np.float32)
@@ -244,6 +268,11 @@ class MazeWaypointPolicy:
     def _plan(self, start: Cell, goal: Cell) -> None:
         self._path = bfs_path(self.maze.maze_map, start, goal)
         self._index = min(1, len(self._path) - 1)
+        self._offsets = (
+            {cell: self.rng.uniform(-self.jitter, self.jitter, size=2) for cell in self._path[1:]}
+            if self.jitter
+            else {}
+        )
 
     def _pick_cell(self, exclude: Cell | None, cells: list[Cell] | None = None) -> Cell:
         cells = cells or self.candidates
@@ -259,14 +288,20 @@ class MazeWaypointPolicy:
         cell = _as_cell(self.maze.cell_xy_to_rowcol(np.asarray(pos)))
         if self.maze.maze_map[cell[0]][cell[1]] == 1:
             # Contact can push the centre a hair into a wall cell; use the nearest free cell.
-            cell = min(free_cells(self.maze.maze_map), key=lambda rc: self._dist(pos, rc))
+            cell = min(
+                free_cells(self.maze.maze_map),
+                key=lambda rc: float(np.linalg.norm(self._centre(rc) - pos)),
+            )
         return cell
 
     def _centre(self, cell: Cell) -> np.ndarray:
         return np.asarray(self.maze.cell_rowcol_to_xy(np.array(cell)), dtype=np.float64)
 
+    def _waypoint(self, cell: Cell) -> np.ndarray:
+        return self._centre(cell) + self._offsets.get(cell, 0.0)
+
     def _dist(self, pos: np.ndarray, cell: Cell) -> float:
-        return float(np.linalg.norm(self._centre(cell) - pos))
+        return float(np.linalg.norm(self._waypoint(cell) - pos))
 
 
 class UniformRandomPolicy:
