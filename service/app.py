@@ -41,6 +41,7 @@ class Runtime:
     engine: Engine
     batcher: Batcher
     store: SessionStore
+    metrics: Metrics
     model_version: str
     shapes: list[PlanShape]
     ready: bool = False
@@ -96,6 +97,7 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
             engine, settings.max_batch, settings.max_wait_ms, app.state.metrics.observe_batch
         ),
         store=make_store(settings),
+        metrics=app.state.metrics,
         model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
         shapes=published_shapes(bundle, settings),
     )

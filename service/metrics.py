@@ -49,6 +49,12 @@ class Metrics:
             registry=r,
         )
 
+        self.non_finite = Counter(
+            "worldplan_non_finite",
+            "requests refused for a non-finite input or result (nothing was stored)",
+            ["route", "stage"], registry=r,
+        )  # fmt: skip
+
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)
         self.compute_seconds.observe(stats.compute_s)

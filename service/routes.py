@@ -16,7 +16,9 @@ from pydantic import BaseModel, ValidationError
 from service import codec
 from service.engine import Decision
 from service.errors import ApiError, expired, not_found
+from service.guard import as_float32, non_finite_paths
 from service.schemas import (
+    LIMITS,
     ActRequest,
     ActResponse,
     AdaptRequest,
@@ -71,8 +73,25 @@ async def read_body(request: Request, model: type[BaseModel], rt) -> BaseModel:
 
 
 def answer(request: Request, payload: dict, status: int = 200) -> Response:
+    """The payload encoded as the client asked. Handlers encode before they store, so that
+    an answer that cannot be sent leaves the session as it was."""
     kind = codec.negotiate(request.headers.get("accept"), request.headers.get("content-type"))
     return Response(codec.encode_body(payload, kind), status_code=status, media_type=kind)
+
+
+def check_result(rt, route: str, result: dict) -> None:
+    """422 (counted in /metrics) when a result to be stored or sent is not finite: the
+    input drove the model out of float32's range. Raised before the session is written."""
+    paths = non_finite_paths(result)
+    if not paths:
+        return
+    rt.metrics.non_finite.labels(route, "result").inc()
+    raise ApiError(
+        422,
+        "non_finite_result",
+        "the model's result for this input is not finite; the session is unchanged",
+        {"fields": paths[:20]},
+    )
 
 
 @contextmanager
@@ -95,9 +114,12 @@ def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
     bundle = rt.bundle
     task = task or default_task(bundle.model, bundle.params)
     try:
-        return task, np.asarray(task_weights(bundle.model, bundle.params, task), np.float32)
+        weights = as_float32(task_weights(bundle.model, bundle.params, task))
     except TaskError as err:
         raise ApiError(422, "invalid_task", str(err)) from None
+    if not np.all(np.isfinite(weights)):  # a goal far outside the data, a degenerate fit
+        raise ApiError(422, "invalid_task", "the task's cumulant weights are not finite")
+    return task, weights
 
 
 def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> PlanningConfig:
@@ -126,13 +148,21 @@ def planner_limits(rt) -> dict:
         "planners": sorted({s.planner for s in rt.shapes}),
         "adaptation_steps": {"ge": 0, "le": rt.bundle.config.planning.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
-        "delta_phi_lr": {"gt": 0.0, "lt": 1.0},
-        "kl_coef": {"gt": 0.0},
-        "guidance_scale": {"ge": 0.0},
+        **LIMITS,
     }
 
 
-def check_observation(rt, value: Any) -> np.ndarray:
+def observation_space(rt) -> dict:
+    """The observation space /model publishes; pixels are bounded by their dtype."""
+    spaces = rt.bundle.model.spaces
+    if spaces.obs_kind == "pixels":
+        return {"shape": list(spaces.obs_shape), "dtype": "uint8", "low": 0.0, "high": 255.0}
+    return {"shape": list(spaces.obs_shape), "dtype": "float32"}
+
+
+def check_observation(rt, value: Any, route: str) -> np.ndarray:
+    """The observation as the model takes it (float32), or 400. It is checked after the
+    conversion: a finite number beyond float32 would reach the model as Inf."""
     spaces = rt.bundle.model.spaces
     try:
         obs = codec.to_array(value, "observation", dtype=None)
@@ -149,9 +179,17 @@ def check_observation(rt, value: Any) -> np.ndarray:
         raise ApiError(400, "bad_observation", f"pixels must be uint8, got {obs.dtype}")
     if obs.dtype.kind not in "biuf":
         raise ApiError(400, "bad_observation", f"observation dtype {obs.dtype} is not numeric")
+    obs = as_float32(obs)
     if not np.all(np.isfinite(obs)):
-        raise ApiError(400, "bad_observation", "observation holds NaN or Inf")
-    return obs.astype(np.float32)
+        rt.metrics.non_finite.labels(route, "input").inc()
+        raise ApiError(
+            400, "bad_observation", "observation holds NaN, Inf or values beyond float32"
+        )
+    space = observation_space(rt)
+    if "low" in space and not (np.all(obs >= space["low"]) and np.all(obs <= space["high"])):
+        bounds = {"low": space["low"], "high": space["high"]}
+        raise ApiError(400, "bad_observation", "observation outside its space's bounds", bounds)
+    return obs
 
 
 async def within_deadline(rt, work, deadline_ms: float | None, started: float):
@@ -179,7 +217,7 @@ async def readyz(request: Request) -> dict:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     rt = authorised(request)
-    text = request.app.state.metrics.render(await rt.store.count(), rt.store.evictions)
+    text = rt.metrics.render(await rt.store.count(), rt.store.evictions)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -188,13 +226,10 @@ async def model_info(request: Request) -> Response:
     rt = authorised(request)
     model, bundle = rt.bundle.model, rt.bundle
     spaces = model.spaces
-    observation_space = {"shape": list(spaces.obs_shape), "dtype": "uint8"}
-    if spaces.obs_kind == "vector":
-        observation_space["dtype"] = "float32"
     info = {
         "model_version": rt.model_version,
         "env_id": bundle.env_id,
-        "observation_space": observation_space,
+        "observation_space": observation_space(rt),
         "action_space": {
             "shape": [spaces.action_dim],
             "low": list(spaces.action_low),
@@ -273,6 +308,7 @@ async def act(request: Request) -> Response:
             queued = time.perf_counter()
             decided = rt.batcher.enqueue(PlanShape.of(planning), decision)
         outcome = await within_deadline(rt, decided, body.deadline_ms, started)
+        check_result(rt, "/act", vars(outcome))
         response = ActResponse(
             session_id=session.session_id,
             step=decision.step,
@@ -285,7 +321,8 @@ async def act(request: Request) -> Response:
             },
             model_version=rt.model_version,
         ).model_dump()
-        request.app.state.metrics.observe_decision(planning.planner, outcome.diagnostics)
+        answered = answer(request, response)  # before the session changes
+        rt.metrics.observe_decision(planning.planner, outcome.diagnostics)
         session.step = decision.step
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
@@ -295,7 +332,7 @@ async def act(request: Request) -> Response:
         elif body.reset:
             session.delta = None
         await save_session(rt, session)
-    return answer(request, response)
+    return answered
 
 
 def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningConfig, Decision]:
@@ -308,7 +345,7 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
             f"step {body.step} is neither the last applied step nor the next",
             {"expected_step": expected, "last_step": session.step},
         )
-    obs = check_observation(rt, body.observation)
+    obs = check_observation(rt, body.observation, "/act")
     planning = planning_for(rt, session, body.planner)
     zero = np.zeros(rt.bundle.model.mdn.hidden, np.float32)
     decision = Decision(
@@ -329,6 +366,9 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
 
 
 async def save_session(rt, session: Session) -> None:
+    # The last line of defence: the handlers checked every input and result already.
+    if paths := non_finite_paths(vars(session)):
+        raise ApiError(500, "non_finite_state", f"refused to store non-finite {paths[:5]}")
     session.last_used = time.time()
     with store_errors(session.session_id):
         await rt.store.put(session)
@@ -349,7 +389,7 @@ async def adapt(request: Request) -> Response:
         else:
             task, weights = session.task, session.task_weights
         if body.observation is not None:
-            obs = check_observation(rt, body.observation)
+            obs = check_observation(rt, body.observation, "/adapt")
         elif session.last_observation is not None:
             obs = session.last_observation
         else:
@@ -370,17 +410,19 @@ async def adapt(request: Request) -> Response:
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
         delta, diagnostics = await within_deadline(rt, work, body.deadline_ms, started)
-        request.app.state.metrics.observe_adaptation(diagnostics)
+        check_result(rt, "/adapt", {"delta": delta, "diagnostics": diagnostics})
+        payload = {
+            "session_id": session.session_id,
+            "task_embedding": [float(w) for w in weights],
+            "diagnostics": {**diagnostics, "steps": steps, "persisted": body.persist},
+            "timing": {"total_ms": round(1000 * (time.perf_counter() - started), 3)},
+        }
+        answered = answer(request, payload)  # before the session changes
+        rt.metrics.observe_adaptation(diagnostics)
         if body.persist:
             session.delta = delta
         elif task != session.task:
             session.delta = None  # a warm start adapted to another task
         session.task, session.task_weights = task, weights
         await save_session(rt, session)
-    payload = {
-        "session_id": session.session_id,
-        "task_embedding": [float(w) for w in weights],
-        "diagnostics": {**diagnostics, "steps": steps, "persisted": body.persist},
-        "timing": {"total_ms": round(1000 * (time.perf_counter() - started), 3)},
-    }
-    return answer(request, payload)
+    return answered
