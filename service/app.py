@@ -30,6 +30,7 @@ from training.checkpoint import Bundle, params_digest, restore_bundle
 from training.planners import PLANNERS, PlanShape
 
 log = logging.getLogger("worldplan")
+DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @dataclass
@@ -133,8 +134,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.batcher.close()
             await runtime.store.close()
 
-    app = FastAPI(title="worldplan", version="1", lifespan=lifespan)
+    # /docs and /openapi.json are routes of service.routes, behind the key when one is set.
+    app = FastAPI(
+        title="worldplan", version="1", lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,
+    )  # fmt: skip
     app.state.metrics = Metrics()
+    app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM (service.server)
+
+    @app.middleware("http")
+    async def refuse_while_draining(request: Request, call_next):
+        # Requests already running when the drain began go on; new ones are sent elsewhere.
+        if app.state.draining and request.url.path not in DRAIN_EXEMPT:
+            headers = {"Retry-After": "1", "Connection": "close"}
+            message = "this replica is shutting down: retry on another"
+            return error_response(ApiError(503, "shutting_down", message, headers=headers))
+        return await call_next(request)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

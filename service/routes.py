@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import secrets
 import time
@@ -11,6 +12,8 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from service import codec
@@ -45,12 +48,27 @@ def runtime(request: Request):
     return rt
 
 
-def authorised(request: Request):
-    """The runtime, for a request that carries the API key (when one is configured)."""
-    rt = runtime(request)
-    key = rt.settings.api_key
-    if key and not secrets.compare_digest(request.headers.get("x-api-key", ""), key):
+SESSION_ID_BYTES = 16  # 128 random bits
+
+
+def caller(request: Request) -> str | None:
+    """Who is calling: a digest of the request's API key (None when no key is configured),
+    or 401. Every key is compared, in constant time each, whichever matches."""
+    keys = request.app.state.settings.keys
+    if not keys:
+        return None
+    sent = request.headers.get("x-api-key", "").encode()
+    matched = [secrets.compare_digest(sent, key.encode()) for key in keys]
+    if not any(matched):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+    return hashlib.sha256(sent).hexdigest()[:32]
+
+
+def authorised(request: Request):
+    """The runtime, for a request that carries an accepted API key (when keys are set);
+    the caller's identity is kept in request.state.owner."""
+    rt = runtime(request)
+    request.state.owner = caller(request)
     return rt
 
 
@@ -105,9 +123,14 @@ def store_errors(session_id: str):
         raise expired(session_id) from None
 
 
-async def load_session(rt, session_id: str) -> Session:
+async def load_session(rt, request: Request, session_id: str) -> Session:
+    """The session, if the caller's key created it: another key's session is 404, as if
+    it did not exist."""
     with store_errors(session_id):
-        return await rt.store.get(session_id)
+        session = await rt.store.get(session_id)
+    if session.owner != request.state.owner:
+        raise not_found(session_id)
+    return session
 
 
 def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
@@ -203,6 +226,23 @@ async def within_deadline(rt, work, deadline_ms: float | None, started: float):
         raise ApiError(504, "deadline_exceeded", message) from None
 
 
+def docs_allowed(request: Request) -> None:
+    if not request.app.state.settings.docs_public:
+        caller(request)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> JSONResponse:
+    docs_allowed(request)
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    docs_allowed(request)
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="worldplan")
+
+
 @router.get("/healthz")
 async def healthz() -> dict:
     return {"status": "alive"}
@@ -210,6 +250,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict:
+    if request.app.state.draining:  # at once, so that a balancer drains this replica
+        raise ApiError(503, "shutting_down", "draining", headers={"Retry-After": "1"})
     runtime(request)
     return {"status": "ready"}
 
@@ -249,7 +291,7 @@ async def create_session(request: Request) -> Response:
     task, weights = resolve_task(rt, body.task.model_dump() if body.task else None)
     now = time.time()
     session = Session(
-        session_id=secrets.token_urlsafe(12),
+        session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
         seed=body.seed if body.seed is not None else secrets.randbits(32),
         step=-1,
         lstm_c=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
@@ -261,6 +303,7 @@ async def create_session(request: Request) -> Response:
         delta=None,
         created_at=now,
         last_used=now,
+        owner=request.state.owner,
     )
     planning_for(rt, session, None)  # refuses overrides that no program serves
     try:
@@ -275,7 +318,7 @@ async def create_session(request: Request) -> Response:
 @router.get("/sessions/{session_id}")
 async def get_session(session_id: str, request: Request) -> Response:
     rt = authorised(request)
-    s = await load_session(rt, session_id)
+    s = await load_session(rt, request, session_id)
     info = {
         "session_id": s.session_id,
         "step": s.step,
@@ -289,8 +332,10 @@ async def get_session(session_id: str, request: Request) -> Response:
 @router.delete("/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, request: Request) -> Response:
     rt = authorised(request)
-    with store_errors(session_id):
-        await rt.store.delete(session_id)
+    async with rt.lock(session_id):  # no step of it is half way
+        await load_session(rt, request, session_id)
+        with store_errors(session_id):
+            await rt.store.delete(session_id)
     return Response(status_code=204)
 
 
@@ -301,7 +346,7 @@ async def act(request: Request) -> Response:
     started = time.perf_counter()
     async with rt.lock(body.session_id):
         with rt.batcher.arriving():  # a batch about to be cut waits for this decision
-            session = await load_session(rt, body.session_id)
+            session = await load_session(rt, request, body.session_id)
             if body.step is not None and body.step == session.step and session.last_response:
                 return answer(request, session.last_response)  # a retry: nothing advances
             planning, decision = prepare_decision(rt, session, body)
@@ -383,7 +428,7 @@ async def adapt(request: Request) -> Response:
     body: AdaptRequest = await read_body(request, AdaptRequest, rt)
     started = time.perf_counter()
     async with rt.lock(body.session_id):
-        session = await load_session(rt, body.session_id)
+        session = await load_session(rt, request, body.session_id)
         if body.task is not None:
             task, weights = resolve_task(rt, body.task.model_dump())
         else:

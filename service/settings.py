@@ -14,6 +14,12 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = Field(None, description="bundle directory; unset: the bundled one")
     api_key: str | None = Field(None, description="required in X-API-Key when set")
+    api_keys: tuple[str, ...] = Field(
+        (), description="more accepted keys; a session is visible only to the key that made it"
+    )
+    docs_public: bool = Field(
+        False, description="serve /docs and /openapi.json without a key even when keys are set"
+    )
     batch_sizes: tuple[int, ...] = Field((1, 8, 32), description="compiled batch sizes")
     max_batch: int = Field(32, ge=1, description="most decisions gathered into one call")
     max_wait_ms: float = Field(2.0, ge=0.0, description="longest a decision waits for others")
@@ -32,6 +38,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     default_deadline_ms: float = Field(10_000.0, gt=0.0)
     warm_up: bool = Field(True, description="compile every program before turning ready")
+    drain_s: float = Field(
+        5.0, ge=0.0, description="on SIGTERM: seconds of 503 to new requests before stopping"
+    )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key; none: the service is open."""
+        return tuple(k for k in (self.api_key, *self.api_keys) if k)
 
     @model_validator(mode="after")
     def _batches_fit(self) -> Settings:
