@@ -47,9 +47,15 @@ class Runtime:
     shapes: list[PlanShape]
     ready: bool = False
     warm_up_s: float = 0.0
+    delta_bytes: int = 0  # the size of one session's Δφ warm start
     # Weak values: a lock lives while a request holds or awaits it, so the locks of
     # sessions that expired or were evicted do not pile up.
     locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+
+    @property
+    def keeps_delta(self) -> bool:
+        """Whether a session may keep a Δφ warm start (bounded by max_delta_bytes)."""
+        return self.delta_bytes <= self.settings.max_delta_bytes
 
     def lock(self, session_id: str) -> asyncio.Lock:
         """Requests of one session run in order."""
@@ -69,6 +75,16 @@ def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
         update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
         shapes.add(PlanShape.of(base.model_copy(update=update)))
     return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
+
+
+def delta_bytes(engine: Engine, shapes: list[PlanShape]) -> int:
+    """The largest Δφ a session could keep: that of the adaptation shapes."""
+    sizes = [
+        sum(leaf.nbytes for leaf in jax.tree.leaves(engine.zero_delta(shape)))
+        for shape in shapes
+        if shape.planner == "online_adaptation"
+    ]
+    return max(sizes, default=0)
 
 
 def make_store(settings: Settings) -> SessionStore:
@@ -102,6 +118,12 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
         model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
         shapes=published_shapes(bundle, settings),
     )
+    runtime.delta_bytes = delta_bytes(engine, runtime.shapes)
+    if not runtime.keeps_delta:
+        log.warning(
+            "a Δφ warm start takes %d bytes, over WORLDPLAN_MAX_DELTA_BYTES (%d): sessions keep "
+            "none", runtime.delta_bytes, settings.max_delta_bytes,
+        )  # fmt: skip
     app.state.runtime = runtime
     log.info("restored %s from %s on %s", runtime.model_version, model_dir, jax.devices()[0])
     if settings.warm_up:

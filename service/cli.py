@@ -74,6 +74,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_bench_memory(args: argparse.Namespace) -> None:
+    from service.memory import run_memory_bench, write_memory
+
+    report = run_memory_bench(args.model_dir, args.sessions, args.redis_url)
+    path = write_memory(report, args.out)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser, sub = training_cli.new_parser()
     p = sub.add_parser(
@@ -134,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="in-process decisions per planner")
     p.add_argument("--out", default="bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-memory", help="memory per session in each store, with and without a Δφ"
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
+    p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument("--redis-url", default=None, help="also measure this Redis (its used_memory)")
+    p.add_argument("--out", default="bench")
+    p.set_defaults(func=cmd_bench_memory)
     return parser
 
 

@@ -172,6 +172,7 @@ def planner_limits(rt) -> dict:
         "adaptation_steps": {"ge": 0, "le": rt.bundle.config.planning.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
         **LIMITS,
+        "delta_bytes": {"per_session": rt.delta_bytes, "le": rt.settings.max_delta_bytes},
     }
 
 
@@ -372,7 +373,7 @@ async def act(request: Request) -> Response:
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
         session.last_observation = decision.observation
-        if planning.planner == "online_adaptation" and planning.warm_start:
+        if planning.planner == "online_adaptation" and planning.warm_start and rt.keeps_delta:
             session.delta = outcome.delta  # the next step's Δφ starts here
         elif body.reset:
             session.delta = None
@@ -439,6 +440,10 @@ async def adapt(request: Request) -> Response:
             obs = session.last_observation
         else:
             raise ApiError(422, "no_observation", "send an observation: the session has not acted")
+        if body.persist and not rt.keeps_delta:
+            limit = rt.settings.max_delta_bytes
+            message = f"a Δφ takes {rt.delta_bytes} bytes, over the {limit} a session may keep"
+            raise ApiError(422, "delta_too_large", message)
         steps = body.steps or DEFAULT_ADAPT_STEPS
         overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
         planning = planning_for(rt, session, overrides)

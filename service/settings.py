@@ -36,6 +36,11 @@ class Settings(BaseSettings):
     )  # fmt: skip
     session_ttl_s: float = Field(3600.0, gt=0.0, description="idle time before a session ends")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_delta_bytes: int = Field(
+        4 * 1024 * 1024, ge=0,
+        description="largest Δφ warm start a session keeps; a bundle whose Δφ is larger "
+        "keeps none (each step adapts from Δφ = 0) and /adapt persist answers 422",
+    )  # fmt: skip
     default_deadline_ms: float = Field(10_000.0, gt=0.0)
     warm_up: bool = Field(True, description="compile every program before turning ready")
     drain_s: float = Field(

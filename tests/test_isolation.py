@@ -8,6 +8,7 @@ import pytest
 import redis
 
 from service.local import running_server
+from service.sessions import session_from_bytes
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]
@@ -79,12 +80,34 @@ def test_the_documents_sit_behind_the_key(server):
         assert "/act" in beta.get("/openapi.json").json()["paths"]
 
 
-def test_a_setting_opens_the_documents(trained):
+def test_a_setting_opens_the_documents_and_the_delta_a_session_keeps_is_bounded(trained, redis_url):
     settings = Settings(
         model_dir=trained.run_dir, api_key=ALPHA, docs_public=True, warm_up=False,
+        session_store="redis", redis_url=redis_url, max_delta_bytes=0,
         batch_sizes=(1,), max_batch=1, sample_counts=(),
     )  # fmt: skip
     with running_server(settings) as (url, _), as_key(url, None) as anon:
         assert anon.get("/openapi.json").status_code == 200
         assert "swagger" in anon.get("/docs").text.lower()
         assert anon.get("/model").status_code == 401  # only the documents
+        with as_key(url, ALPHA) as c:
+            limit = c.get("/model").json()["planner_limits"]["delta_bytes"]
+            assert limit["le"] == 0 and limit["per_session"] > 0
+            oa = {"planner": "online_adaptation"}
+            sid = c.post("/sessions", json={"planner": oa}).json()["session_id"]
+            assert c.post("/act", json={"session_id": sid, "observation": OBS}).status_code == 200
+            record = redis.Redis.from_url(redis_url).get(f"worldplan:session:{sid}")
+            assert session_from_bytes(record).delta is None  # over the bound: not kept
+            r = c.post("/adapt", json={"session_id": sid, "steps": 1, "persist": True})
+            assert r.status_code == 422 and r.json()["error"]["code"] == "delta_too_large"
+
+
+def test_bench_memory_measures_both_stores(trained, redis_url):
+    from service.memory import run_memory_bench
+
+    report = run_memory_bench(trained.run_dir, 20, redis_url)
+    rows = report["bytes_per_session"]
+    for row in rows.values():
+        assert row["record"] > 0 and row["memory_store"] > 0 and row["redis_store"] > 0
+    grown = rows["with_delta"]["record"] - rows["without_delta"]["record"]
+    assert grown >= report["delta_bytes"] > 0

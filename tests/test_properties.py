@@ -23,9 +23,13 @@ from service.local import running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]
-FAST = settings(max_examples=60, deadline=None)
+FAST = settings(max_examples=60, deadline=None, derandomize=True, database=None)
 SERVED = settings(
-    max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+    derandomize=True,
+    database=None,
 )
 
 # --- the codecs alone ----------------------------------------------------------------------

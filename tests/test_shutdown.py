@@ -19,12 +19,12 @@ KEY = "key-6f1d0c2b9a"
 WRONG_KEY = "wrong-key-e3b0c442"
 # Numbers no log line would hold by chance.
 OBS = [0.7071067, -0.3141592, 0.2718281, 0.1414213]
-DRAIN_S = 1.5
+DRAIN_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def served(trained, redis_url, tmp_path_factory):
-    """(url, log path, process) of a server with two keys and a 1.5 s drain."""
+    """(url, log path, process) of a server with two keys and a 3 s drain."""
     settings = Settings(
         model_dir=trained.run_dir, session_store="redis", redis_url=redis_url,
         api_key=KEY, api_keys=("second-key-77aa",), drain_s=DRAIN_S,
@@ -134,5 +134,7 @@ def test_sigterm_drains_and_loses_no_step(served, redis_url):
     stored = asyncio.run(stored_steps())
     assert set(acked) == set(ids) and sum(acked.values()) > 0
     lost = {sid: (acked[sid], stored[sid]) for sid in ids if stored[sid] != acked[sid]}
+    answered = sum(step + 1 for step in acked.values())
+    print(f"\nSIGTERM: {answered} steps answered, {len(refusals)} refused (503), {len(lost)} lost")
     assert lost == {}, "steps answered but not stored, or stored but not answered"
     assert_clean(log)
