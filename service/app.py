@@ -30,6 +30,7 @@ from training.checkpoint import Bundle, params_digest, restore_bundle
 from training.planners import PLANNERS, PlanShape
 
 log = logging.getLogger("worldplan")
+DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 @dataclass
@@ -41,13 +42,20 @@ class Runtime:
     engine: Engine
     batcher: Batcher
     store: SessionStore
+    metrics: Metrics
     model_version: str
     shapes: list[PlanShape]
     ready: bool = False
     warm_up_s: float = 0.0
+    delta_bytes: int = 0  # the size of one session's Δφ warm start
     # Weak values: a lock lives while a request holds or awaits it, so the locks of
     # sessions that expired or were evicted do not pile up.
     locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
+
+    @property
+    def keeps_delta(self) -> bool:
+        """Whether a session may keep a Δφ warm start (bounded by max_delta_bytes)."""
+        return self.delta_bytes <= self.settings.max_delta_bytes
 
     def lock(self, session_id: str) -> asyncio.Lock:
         """Requests of one session run in order."""
@@ -67,6 +75,16 @@ def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
         update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
         shapes.add(PlanShape.of(base.model_copy(update=update)))
     return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
+
+
+def delta_bytes(engine: Engine, shapes: list[PlanShape]) -> int:
+    """The largest Δφ a session could keep: that of the adaptation shapes."""
+    sizes = [
+        sum(leaf.nbytes for leaf in jax.tree.leaves(engine.zero_delta(shape)))
+        for shape in shapes
+        if shape.planner == "online_adaptation"
+    ]
+    return max(sizes, default=0)
 
 
 def make_store(settings: Settings) -> SessionStore:
@@ -96,9 +114,16 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
             engine, settings.max_batch, settings.max_wait_ms, app.state.metrics.observe_batch
         ),
         store=make_store(settings),
+        metrics=app.state.metrics,
         model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
         shapes=published_shapes(bundle, settings),
     )
+    runtime.delta_bytes = delta_bytes(engine, runtime.shapes)
+    if not runtime.keeps_delta:
+        log.warning(
+            "a Δφ warm start takes %d bytes, over WORLDPLAN_MAX_DELTA_BYTES (%d): sessions keep "
+            "none", runtime.delta_bytes, settings.max_delta_bytes,
+        )  # fmt: skip
     app.state.runtime = runtime
     log.info("restored %s from %s on %s", runtime.model_version, model_dir, jax.devices()[0])
     if settings.warm_up:
@@ -131,8 +156,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await runtime.batcher.close()
             await runtime.store.close()
 
-    app = FastAPI(title="worldplan", version="1", lifespan=lifespan)
+    # /docs and /openapi.json are routes of service.routes, behind the key when one is set.
+    app = FastAPI(
+        title="worldplan", version="1", lifespan=lifespan,
+        docs_url=None, redoc_url=None, openapi_url=None,
+    )  # fmt: skip
     app.state.metrics = Metrics()
+    app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM (service.server)
+
+    @app.middleware("http")
+    async def refuse_while_draining(request: Request, call_next):
+        # Requests already running when the drain began go on; new ones are sent elsewhere.
+        if app.state.draining and request.url.path not in DRAIN_EXEMPT:
+            headers = {"Retry-After": "1", "Connection": "close"}
+            message = "this replica is shutting down: retry on another"
+            return error_response(ApiError(503, "shutting_down", message, headers=headers))
+        return await call_next(request)
 
     @app.middleware("http")
     async def time_requests(request: Request, call_next):

@@ -13,9 +13,8 @@ from training import cli as training_cli
 def cmd_serve(args: argparse.Namespace) -> None:
     import logging
 
-    import uvicorn
-
     from service.app import create_app
+    from service.server import serve
     from service.settings import Settings
 
     # The service's own lines (restoring, compiling, ready) beside uvicorn's.
@@ -25,7 +24,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     log.addHandler(handler)
     log.setLevel(logging.INFO)
     log.propagate = False  # printed once, here
-    uvicorn.run(create_app(Settings()), host=args.host, port=args.port, log_level="info")
+    settings = Settings()
+    serve(create_app(settings), args.host, args.port, settings.drain_s)
 
 
 def cmd_drive(args: argparse.Namespace) -> None:
@@ -38,6 +38,22 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     import asyncio
 
     from service.loadtest import run_loadtest, write_report
+
+    if args.mix:
+        from service.soak import run_soak
+
+        report = asyncio.run(
+            run_soak(
+                args.url, args.duration, args.api_key, args.good, args.bad, args.abandon,
+                args.settle, args.max_body_bytes,
+            )
+        )  # fmt: skip
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "soak.json").write_text(json.dumps(report, indent=1))
+        print(json.dumps(report, indent=2))
+        print(f"wrote {out / 'soak.json'}")
+        return
 
     report = asyncio.run(
         run_loadtest(args.url, args.sessions, args.duration, args.api_key, args.planner)
@@ -56,6 +72,15 @@ def cmd_bench(args: argparse.Namespace) -> None:
     json_path, png_path = write_bench(report, args.out)
     print(json.dumps(report, indent=2))
     print(f"wrote {json_path} and {png_path}")
+
+
+def cmd_bench_memory(args: argparse.Namespace) -> None:
+    from service.memory import run_memory_bench, write_memory
+
+    report = run_memory_bench(args.model_dir, args.sessions, args.redis_url)
+    path = write_memory(report, args.out)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {path}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +117,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--planner", help="override every session's planner")
     p.add_argument("--out", default="loadtest", help="directory for loadtest.json and .png")
     p.add_argument("--api-key", default=None)
+    p.add_argument(
+        "--mix", action="store_true",
+        help="soak: good, bad, retried and abandoned sessions (writes soak.json)",
+    )  # fmt: skip
+    p.add_argument("--good", type=int, default=4, help="--mix: good clients")
+    p.add_argument("--bad", type=int, default=2, help="--mix: clients sending bad requests")
+    p.add_argument("--abandon", type=int, default=2, help="--mix: clients that vanish")
+    p.add_argument(
+        "--settle", type=float, default=120.0,
+        help="--mix: longest wait for abandoned sessions to expire, seconds",
+    )  # fmt: skip
+    p.add_argument(
+        "--max-body-bytes", type=int, default=8 * 1024 * 1024,
+        help="--mix: the server's WORLDPLAN_MAX_BODY_BYTES (an oversize request exceeds it)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser(
@@ -103,6 +143,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=50, help="in-process decisions per planner")
     p.add_argument("--out", default="bench")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser(
+        "bench-memory", help="memory per session in each store, with and without a Δφ"
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
+    p.add_argument("--sessions", type=int, default=1000)
+    p.add_argument("--redis-url", default=None, help="also measure this Redis (its used_memory)")
+    p.add_argument("--out", default="bench")
+    p.set_defaults(func=cmd_bench_memory)
     return parser
 
 

@@ -260,6 +260,17 @@ def _json_default(obj: Any) -> Any:
     return arr.item() if isinstance(arr, np.generic) else arr.tolist()
 
 
+def _no_constant(name: str) -> Any:
+    raise CodecError(f"malformed JSON body: {name} is not a JSON number")
+
+
+def _finite_float(text: str) -> float:
+    x = float(text)
+    if not math.isfinite(x):  # such as 1e400, which Python reads as Inf
+        raise CodecError(f"malformed JSON body: {text[:40]} is beyond float64's range")
+    return x
+
+
 def decode_body(body: bytes, content_type: str | None) -> Any:
     """The body as Python data (msgpack ndarray maps become numpy arrays); an empty body is
     None, so that a caller can tell "no body" from an empty object."""
@@ -271,8 +282,10 @@ def decode_body(body: bytes, content_type: str | None) -> Any:
     if not body.strip():
         return None
     if kind == JSON:
-        try:
-            return json.loads(body)
+        try:  # NaN, Infinity and overflowing numbers are refused: JSON has none of them
+            return json.loads(body, parse_constant=_no_constant, parse_float=_finite_float)
+        except CodecError:
+            raise
         except (ValueError, RecursionError) as e:
             raise CodecError(f"malformed JSON body: {e}") from e
     try:

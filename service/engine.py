@@ -86,7 +86,7 @@ class Engine:
         self._keys = jax.jit(jax.vmap(session_key))
         self._zero_deltas: dict[PlanShape, dict] = {}
 
-    def _zero_delta(self, shape: PlanShape) -> dict:
+    def zero_delta(self, shape: PlanShape) -> dict:
         """Δφ = 0 of a shape, made once. On the host, as the Δφ a session brings back is:
         one compiled program serves both."""
         if shape not in self._zero_deltas:
@@ -137,7 +137,7 @@ class Engine:
         knobs = Knobs(*jnp.asarray([d.knobs for d in rows], jnp.float32).T)
         delta = None
         if adapts:
-            zero = self._zero_delta(shape)
+            zero = self.zero_delta(shape)
             deltas = [d.delta if d.delta is not None else zero for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
         out = compile_decide(self.model, shape, batched=True)(
@@ -178,7 +178,7 @@ class Engine:
     def adapt(self, shape: PlanShape, decision: Decision) -> tuple[dict, dict]:
         """Δφ adaptation alone (no action, no M step): (Δφ, diagnostics)."""
         key = jax.random.fold_in(session_key(decision.seed, decision.step), 1)
-        delta = decision.delta if decision.delta is not None else self._zero_delta(shape)
+        delta = decision.delta if decision.delta is not None else self.zero_delta(shape)
         out = compile_adapt(self.model, shape)(
             self.params,
             jnp.asarray(decision.lstm_h),

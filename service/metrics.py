@@ -3,7 +3,14 @@ as in the tests, do not collide)."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from service.batcher import BatchStats
 
@@ -14,6 +21,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        ProcessCollector(registry=r)  # process_resident_memory_bytes and the like
         self.request_seconds = Histogram(
             "worldplan_request_seconds", "HTTP request latency", ["route", "method", "status"],
             buckets=LATENCY_BUCKETS, registry=r,
@@ -48,6 +56,12 @@ class Metrics:
             "adaptations whose outcome the support guard rejected (planned with Δφ = 0)",
             registry=r,
         )
+
+        self.non_finite = Counter(
+            "worldplan_non_finite",
+            "requests refused for a non-finite input or result (nothing was stored)",
+            ["route", "stage"], registry=r,
+        )  # fmt: skip
 
     def observe_batch(self, stats: BatchStats) -> None:
         self.batch_size.observe(stats.size)

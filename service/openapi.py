@@ -28,17 +28,62 @@ RESPONSES = {
     ("/model", "get"): ("200", schemas.ModelInfo),
 }
 ERRORS = {
-    "400": "bad observation or body",
+    "400": "bad observation or body: shape, dtype, NaN/Inf or beyond float32, malformed",
     "401": "missing or wrong X-API-Key",
-    "404": "unknown session",
+    "404": "unknown session, or one that another key created",
     "409": "step conflict (detail.expected_step)",
     "410": "session expired or evicted",
     "413": "body too large",
-    "422": "schema, task or planner limits",
+    "422": "schema, task or planner limits, or a result that is not finite",
     "429": "session or queue limit (Retry-After)",
-    "503": "not ready, or the session store unreachable (Retry-After)",
-    "504": "deadline exceeded",
     "500": "internal error (logged by the server)",
+    "503": "not ready, shutting down, or the session store unreachable (Retry-After)",
+    "504": "deadline exceeded",
+}
+# The errors each operation can answer.
+COMMON = ("401", "500", "503")
+BODY = ("400", "413", "422")
+SESSION = ("404", "410")
+OPERATION_ERRORS = {
+    ("/sessions", "post"): (*COMMON, *BODY, "429"),
+    ("/sessions/{session_id}", "get"): (*COMMON, *SESSION),
+    ("/sessions/{session_id}", "delete"): (*COMMON, *SESSION),
+    ("/act", "post"): (*COMMON, *BODY, *SESSION, "409", "429", "504"),
+    ("/adapt", "post"): (*COMMON, *BODY, *SESSION, "504"),
+    ("/model", "get"): COMMON,
+    ("/metrics", "get"): COMMON,
+    ("/readyz", "get"): ("503",),
+    ("/healthz", "get"): (),
+}
+OBS = [-1.0, 1.0, 0.0, 0.0]
+SID = "kTq4vQb0TnS3yWmF1cXh2A"
+EXAMPLES = {
+    ("/sessions", "post"): {
+        "goal": {"task": {"kind": "goal", "goal": [1.0, -1.0]}, "seed": 7},
+        "overrides": {"planner": {"planner": "online_adaptation", "adaptation_steps": 20}},
+        "empty": {},
+    },
+    ("/act", "post"): {
+        "first step": {"session_id": SID, "observation": OBS, "step": 0},
+        "reset": {"session_id": SID, "observation": OBS, "reset": True, "deadline_ms": 500},
+        "b64": {
+            "session_id": SID,
+            "observation": {"dtype": "float32", "shape": [4], "b64": "AACAvwAAgD8AAAAAAAAAAA=="},
+        },
+    },
+    ("/adapt", "post"): {
+        "new goal": {
+            "session_id": SID,
+            "task": {"kind": "goal", "goal": [0.9, -0.9]},
+            "observation": OBS,
+            "steps": 20,
+            "persist": True,
+        },
+        "samples": {
+            "session_id": SID,
+            "task": {"kind": "reward_samples", "observations": [OBS, OBS], "rewards": [0, 1]},
+        },
+    },
 }
 MEDIA = ("application/json", "application/msgpack")
 
@@ -56,7 +101,9 @@ def build_openapi(app: FastAPI) -> dict:
     )
     doc.setdefault("components", {}).setdefault("schemas", {}).update(defs["$defs"])
     for (path, method), model in REQUESTS.items():
+        examples = {name: {"value": v} for name, v in EXAMPLES[path, method].items()}
         content = {media: {"schema": ref(model)} for media in MEDIA}
+        content["application/json"]["examples"] = examples
         doc["paths"][path][method]["requestBody"] = {"required": True, "content": content}
     for (path, method), (status, model) in RESPONSES.items():
         responses = doc["paths"][path][method]["responses"]
@@ -65,18 +112,23 @@ def build_openapi(app: FastAPI) -> dict:
             "description": model.__doc__ or "OK",
             "content": {media: {"schema": ref(model)} for media in MEDIA},
         }
-    for path, operations in doc["paths"].items():
-        if path in ("/healthz", "/readyz"):
-            continue
-        for operation in operations.values():
-            for status, description in ERRORS.items():
-                operation["responses"].setdefault(
-                    status,
-                    {
-                        "description": description,
-                        "content": {"application/json": {"schema": ref(schemas.ErrorBody)}},
-                    },
-                )
+    doc["paths"]["/metrics"]["get"]["responses"]["200"] = {
+        "description": "Prometheus text",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+    for (path, method), statuses in OPERATION_ERRORS.items():
+        responses = doc["paths"][path][method]["responses"]
+        if "422" not in statuses:
+            responses.pop("422", None)  # FastAPI's own shape, which this API never answers
+        for status in statuses:
+            responses[status] = {
+                "description": ERRORS[status],
+                "content": {"application/json": {"schema": ref(schemas.ErrorBody)}},
+            }
+    components = doc["components"]["schemas"]
+    for name in ("HTTPValidationError", "ValidationError"):
+        if f"#/components/schemas/{name}" not in json.dumps(doc["paths"]):
+            components.pop(name, None)
     return doc
 
 

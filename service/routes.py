@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import math
 import secrets
 import time
@@ -11,12 +12,16 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from service import codec
 from service.engine import Decision
 from service.errors import ApiError, expired, not_found
+from service.guard import as_float32, non_finite_paths
 from service.schemas import (
+    LIMITS,
     ActRequest,
     ActResponse,
     AdaptRequest,
@@ -43,12 +48,27 @@ def runtime(request: Request):
     return rt
 
 
-def authorised(request: Request):
-    """The runtime, for a request that carries the API key (when one is configured)."""
-    rt = runtime(request)
-    key = rt.settings.api_key
-    if key and not secrets.compare_digest(request.headers.get("x-api-key", ""), key):
+SESSION_ID_BYTES = 16  # 128 random bits
+
+
+def caller(request: Request) -> str | None:
+    """Who is calling: a digest of the request's API key (None when no key is configured),
+    or 401. Every key is compared, in constant time each, whichever matches."""
+    keys = request.app.state.settings.keys
+    if not keys:
+        return None
+    sent = request.headers.get("x-api-key", "").encode()
+    matched = [secrets.compare_digest(sent, key.encode()) for key in keys]
+    if not any(matched):
         raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+    return hashlib.sha256(sent).hexdigest()[:32]
+
+
+def authorised(request: Request):
+    """The runtime, for a request that carries an accepted API key (when keys are set);
+    the caller's identity is kept in request.state.owner."""
+    rt = runtime(request)
+    request.state.owner = caller(request)
     return rt
 
 
@@ -71,8 +91,25 @@ async def read_body(request: Request, model: type[BaseModel], rt) -> BaseModel:
 
 
 def answer(request: Request, payload: dict, status: int = 200) -> Response:
+    """The payload encoded as the client asked. Handlers encode before they store, so that
+    an answer that cannot be sent leaves the session as it was."""
     kind = codec.negotiate(request.headers.get("accept"), request.headers.get("content-type"))
     return Response(codec.encode_body(payload, kind), status_code=status, media_type=kind)
+
+
+def check_result(rt, route: str, result: dict) -> None:
+    """422 (counted in /metrics) when a result to be stored or sent is not finite: the
+    input drove the model out of float32's range. Raised before the session is written."""
+    paths = non_finite_paths(result)
+    if not paths:
+        return
+    rt.metrics.non_finite.labels(route, "result").inc()
+    raise ApiError(
+        422,
+        "non_finite_result",
+        "the model's result for this input is not finite; the session is unchanged",
+        {"fields": paths[:20]},
+    )
 
 
 @contextmanager
@@ -86,18 +123,26 @@ def store_errors(session_id: str):
         raise expired(session_id) from None
 
 
-async def load_session(rt, session_id: str) -> Session:
+async def load_session(rt, request: Request, session_id: str) -> Session:
+    """The session, if the caller's key created it: another key's session is 404, as if
+    it did not exist."""
     with store_errors(session_id):
-        return await rt.store.get(session_id)
+        session = await rt.store.get(session_id)
+    if session.owner != request.state.owner:
+        raise not_found(session_id)
+    return session
 
 
 def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
     bundle = rt.bundle
     task = task or default_task(bundle.model, bundle.params)
     try:
-        return task, np.asarray(task_weights(bundle.model, bundle.params, task), np.float32)
+        weights = as_float32(task_weights(bundle.model, bundle.params, task))
     except TaskError as err:
         raise ApiError(422, "invalid_task", str(err)) from None
+    if not np.all(np.isfinite(weights)):  # a goal far outside the data, a degenerate fit
+        raise ApiError(422, "invalid_task", "the task's cumulant weights are not finite")
+    return task, weights
 
 
 def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> PlanningConfig:
@@ -126,13 +171,22 @@ def planner_limits(rt) -> dict:
         "planners": sorted({s.planner for s in rt.shapes}),
         "adaptation_steps": {"ge": 0, "le": rt.bundle.config.planning.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
-        "delta_phi_lr": {"gt": 0.0, "lt": 1.0},
-        "kl_coef": {"gt": 0.0},
-        "guidance_scale": {"ge": 0.0},
+        **LIMITS,
+        "delta_bytes": {"per_session": rt.delta_bytes, "le": rt.settings.max_delta_bytes},
     }
 
 
-def check_observation(rt, value: Any) -> np.ndarray:
+def observation_space(rt) -> dict:
+    """The observation space /model publishes; pixels are bounded by their dtype."""
+    spaces = rt.bundle.model.spaces
+    if spaces.obs_kind == "pixels":
+        return {"shape": list(spaces.obs_shape), "dtype": "uint8", "low": 0.0, "high": 255.0}
+    return {"shape": list(spaces.obs_shape), "dtype": "float32"}
+
+
+def check_observation(rt, value: Any, route: str) -> np.ndarray:
+    """The observation as the model takes it (float32), or 400. It is checked after the
+    conversion: a finite number beyond float32 would reach the model as Inf."""
     spaces = rt.bundle.model.spaces
     try:
         obs = codec.to_array(value, "observation", dtype=None)
@@ -149,9 +203,17 @@ def check_observation(rt, value: Any) -> np.ndarray:
         raise ApiError(400, "bad_observation", f"pixels must be uint8, got {obs.dtype}")
     if obs.dtype.kind not in "biuf":
         raise ApiError(400, "bad_observation", f"observation dtype {obs.dtype} is not numeric")
+    obs = as_float32(obs)
     if not np.all(np.isfinite(obs)):
-        raise ApiError(400, "bad_observation", "observation holds NaN or Inf")
-    return obs.astype(np.float32)
+        rt.metrics.non_finite.labels(route, "input").inc()
+        raise ApiError(
+            400, "bad_observation", "observation holds NaN, Inf or values beyond float32"
+        )
+    space = observation_space(rt)
+    if "low" in space and not (np.all(obs >= space["low"]) and np.all(obs <= space["high"])):
+        bounds = {"low": space["low"], "high": space["high"]}
+        raise ApiError(400, "bad_observation", "observation outside its space's bounds", bounds)
+    return obs
 
 
 async def within_deadline(rt, work, deadline_ms: float | None, started: float):
@@ -165,6 +227,23 @@ async def within_deadline(rt, work, deadline_ms: float | None, started: float):
         raise ApiError(504, "deadline_exceeded", message) from None
 
 
+def docs_allowed(request: Request) -> None:
+    if not request.app.state.settings.docs_public:
+        caller(request)
+
+
+@router.get("/openapi.json", include_in_schema=False)
+async def openapi_document(request: Request) -> JSONResponse:
+    docs_allowed(request)
+    return JSONResponse(request.app.openapi())
+
+
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    docs_allowed(request)
+    return get_swagger_ui_html(openapi_url="/openapi.json", title="worldplan")
+
+
 @router.get("/healthz")
 async def healthz() -> dict:
     return {"status": "alive"}
@@ -172,6 +251,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict:
+    if request.app.state.draining:  # at once, so that a balancer drains this replica
+        raise ApiError(503, "shutting_down", "draining", headers={"Retry-After": "1"})
     runtime(request)
     return {"status": "ready"}
 
@@ -179,7 +260,7 @@ async def readyz(request: Request) -> dict:
 @router.get("/metrics")
 async def metrics(request: Request) -> Response:
     rt = authorised(request)
-    text = request.app.state.metrics.render(await rt.store.count(), rt.store.evictions)
+    text = rt.metrics.render(await rt.store.count(), rt.store.evictions)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
@@ -188,13 +269,10 @@ async def model_info(request: Request) -> Response:
     rt = authorised(request)
     model, bundle = rt.bundle.model, rt.bundle
     spaces = model.spaces
-    observation_space = {"shape": list(spaces.obs_shape), "dtype": "uint8"}
-    if spaces.obs_kind == "vector":
-        observation_space["dtype"] = "float32"
     info = {
         "model_version": rt.model_version,
         "env_id": bundle.env_id,
-        "observation_space": observation_space,
+        "observation_space": observation_space(rt),
         "action_space": {
             "shape": [spaces.action_dim],
             "low": list(spaces.action_low),
@@ -214,7 +292,7 @@ async def create_session(request: Request) -> Response:
     task, weights = resolve_task(rt, body.task.model_dump() if body.task else None)
     now = time.time()
     session = Session(
-        session_id=secrets.token_urlsafe(12),
+        session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
         seed=body.seed if body.seed is not None else secrets.randbits(32),
         step=-1,
         lstm_c=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
@@ -226,6 +304,7 @@ async def create_session(request: Request) -> Response:
         delta=None,
         created_at=now,
         last_used=now,
+        owner=request.state.owner,
     )
     planning_for(rt, session, None)  # refuses overrides that no program serves
     try:
@@ -240,7 +319,7 @@ async def create_session(request: Request) -> Response:
 @router.get("/sessions/{session_id}")
 async def get_session(session_id: str, request: Request) -> Response:
     rt = authorised(request)
-    s = await load_session(rt, session_id)
+    s = await load_session(rt, request, session_id)
     info = {
         "session_id": s.session_id,
         "step": s.step,
@@ -254,8 +333,10 @@ async def get_session(session_id: str, request: Request) -> Response:
 @router.delete("/sessions/{session_id}", status_code=204)
 async def delete_session(session_id: str, request: Request) -> Response:
     rt = authorised(request)
-    with store_errors(session_id):
-        await rt.store.delete(session_id)
+    async with rt.lock(session_id):  # no step of it is half way
+        await load_session(rt, request, session_id)
+        with store_errors(session_id):
+            await rt.store.delete(session_id)
     return Response(status_code=204)
 
 
@@ -266,13 +347,14 @@ async def act(request: Request) -> Response:
     started = time.perf_counter()
     async with rt.lock(body.session_id):
         with rt.batcher.arriving():  # a batch about to be cut waits for this decision
-            session = await load_session(rt, body.session_id)
+            session = await load_session(rt, request, body.session_id)
             if body.step is not None and body.step == session.step and session.last_response:
                 return answer(request, session.last_response)  # a retry: nothing advances
             planning, decision = prepare_decision(rt, session, body)
             queued = time.perf_counter()
             decided = rt.batcher.enqueue(PlanShape.of(planning), decision)
         outcome = await within_deadline(rt, decided, body.deadline_ms, started)
+        check_result(rt, "/act", vars(outcome))
         response = ActResponse(
             session_id=session.session_id,
             step=decision.step,
@@ -285,17 +367,18 @@ async def act(request: Request) -> Response:
             },
             model_version=rt.model_version,
         ).model_dump()
-        request.app.state.metrics.observe_decision(planning.planner, outcome.diagnostics)
+        answered = answer(request, response)  # before the session changes
+        rt.metrics.observe_decision(planning.planner, outcome.diagnostics)
         session.step = decision.step
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
         session.last_observation = decision.observation
-        if planning.planner == "online_adaptation" and planning.warm_start:
+        if planning.planner == "online_adaptation" and planning.warm_start and rt.keeps_delta:
             session.delta = outcome.delta  # the next step's Δφ starts here
         elif body.reset:
             session.delta = None
         await save_session(rt, session)
-    return answer(request, response)
+    return answered
 
 
 def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningConfig, Decision]:
@@ -308,7 +391,7 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
             f"step {body.step} is neither the last applied step nor the next",
             {"expected_step": expected, "last_step": session.step},
         )
-    obs = check_observation(rt, body.observation)
+    obs = check_observation(rt, body.observation, "/act")
     planning = planning_for(rt, session, body.planner)
     zero = np.zeros(rt.bundle.model.mdn.hidden, np.float32)
     decision = Decision(
@@ -329,6 +412,9 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
 
 
 async def save_session(rt, session: Session) -> None:
+    # The last line of defence: the handlers checked every input and result already.
+    if paths := non_finite_paths(vars(session)):
+        raise ApiError(500, "non_finite_state", f"refused to store non-finite {paths[:5]}")
     session.last_used = time.time()
     with store_errors(session.session_id):
         await rt.store.put(session)
@@ -343,17 +429,21 @@ async def adapt(request: Request) -> Response:
     body: AdaptRequest = await read_body(request, AdaptRequest, rt)
     started = time.perf_counter()
     async with rt.lock(body.session_id):
-        session = await load_session(rt, body.session_id)
+        session = await load_session(rt, request, body.session_id)
         if body.task is not None:
             task, weights = resolve_task(rt, body.task.model_dump())
         else:
             task, weights = session.task, session.task_weights
         if body.observation is not None:
-            obs = check_observation(rt, body.observation)
+            obs = check_observation(rt, body.observation, "/adapt")
         elif session.last_observation is not None:
             obs = session.last_observation
         else:
             raise ApiError(422, "no_observation", "send an observation: the session has not acted")
+        if body.persist and not rt.keeps_delta:
+            limit = rt.settings.max_delta_bytes
+            message = f"a Δφ takes {rt.delta_bytes} bytes, over the {limit} a session may keep"
+            raise ApiError(422, "delta_too_large", message)
         steps = body.steps or DEFAULT_ADAPT_STEPS
         overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
         planning = planning_for(rt, session, overrides)
@@ -370,17 +460,19 @@ async def adapt(request: Request) -> Response:
         loop = asyncio.get_running_loop()
         work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
         delta, diagnostics = await within_deadline(rt, work, body.deadline_ms, started)
-        request.app.state.metrics.observe_adaptation(diagnostics)
+        check_result(rt, "/adapt", {"delta": delta, "diagnostics": diagnostics})
+        payload = {
+            "session_id": session.session_id,
+            "task_embedding": [float(w) for w in weights],
+            "diagnostics": {**diagnostics, "steps": steps, "persisted": body.persist},
+            "timing": {"total_ms": round(1000 * (time.perf_counter() - started), 3)},
+        }
+        answered = answer(request, payload)  # before the session changes
+        rt.metrics.observe_adaptation(diagnostics)
         if body.persist:
             session.delta = delta
         elif task != session.task:
             session.delta = None  # a warm start adapted to another task
         session.task, session.task_weights = task, weights
         await save_session(rt, session)
-    payload = {
-        "session_id": session.session_id,
-        "task_embedding": [float(w) for w in weights],
-        "diagnostics": {**diagnostics, "steps": steps, "persisted": body.persist},
-        "timing": {"total_ms": round(1000 * (time.perf_counter() - started), 3)},
-    }
-    return answer(request, payload)
+    return answered

@@ -8,37 +8,54 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.guard import FLOAT32_MAX
+
 PlannerName = Literal["controller", "random_shooting", "guided_diffusion", "online_adaptation"]
 
 
 class Body(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # NaN and Inf are refused in every number field (msgpack can carry them, JSON cannot).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# A number the model takes as float32: a finite float64 beyond its range would become Inf.
+Float32 = Annotated[float, Field(ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class RewardWeightsTask(Body):
     kind: Literal["reward_weights"]
-    weights: list[float]
+    weights: list[Float32]
 
 
 class GoalTask(Body):
     kind: Literal["goal"]
-    goal: list[float]
+    goal: list[Float32]
 
 
 class RewardSamplesTask(Body):
     kind: Literal["reward_samples"]
     observations: Any = Field(description="[n, *observation shape] array")
-    rewards: list[float]
+    rewards: list[Float32]
 
 
 class EmbeddingTask(Body):
     kind: Literal["embedding"]
-    embedding: list[float]
+    embedding: list[Float32]
 
 
 Task = Annotated[
     RewardWeightsTask | GoalTask | RewardSamplesTask | EmbeddingTask, Field(discriminator="kind")
 ]
+
+
+# The published bounds of the float knobs (/model's planner_limits). Each keeps the knob's
+# float32 value away from 0 where the planner divides by it, and from overflow.
+LIMITS = {
+    "delta_phi_lr": {"ge": 1e-6, "lt": 1.0},
+    "kl_coef": {"ge": 1e-3, "le": 1e3},
+    "guidance_scale": {"ge": 0.0, "le": 100.0},
+}
+MAX_DEADLINE_MS = 600_000.0
 
 
 class PlannerOverrides(Body):
@@ -47,9 +64,9 @@ class PlannerOverrides(Body):
     planner: PlannerName | None = None
     adaptation_steps: int | None = Field(None, ge=0)
     n_adaptation_samples: int | None = Field(None, ge=1)
-    delta_phi_lr: float | None = Field(None, gt=0.0)
-    kl_coef: float | None = Field(None, gt=0.0)
-    guidance_scale: float | None = Field(None, ge=0.0)
+    delta_phi_lr: float | None = Field(None, ge=LIMITS["delta_phi_lr"]["ge"], lt=1.0)
+    kl_coef: float | None = Field(None, ge=LIMITS["kl_coef"]["ge"], le=LIMITS["kl_coef"]["le"])
+    guidance_scale: float | None = Field(None, ge=0.0, le=LIMITS["guidance_scale"]["le"])
     warm_start: bool | None = Field(
         None, description="each step's Δφ starts from the previous step's (until a reset)"
     )
@@ -80,7 +97,7 @@ class ActRequest(Body):
     step: int | None = Field(None, ge=0, description="the client's step index; retries repeat it")
     reset: bool = Field(False, description="start a new episode: zero LSTM state first")
     planner: PlannerOverrides | None = None
-    deadline_ms: float | None = Field(None, gt=0)
+    deadline_ms: float | None = Field(None, gt=0, le=MAX_DEADLINE_MS)
 
 
 class ActResponse(Body):
@@ -99,7 +116,7 @@ class AdaptRequest(Body):
     observation: Any | None = None
     steps: int | None = Field(None, ge=1)
     persist: bool = False
-    deadline_ms: float | None = Field(None, gt=0)
+    deadline_ms: float | None = Field(None, gt=0, le=MAX_DEADLINE_MS)
 
 
 class AdaptResponse(Body):
@@ -112,8 +129,8 @@ class AdaptResponse(Body):
 class SpaceInfo(Body):
     shape: list[int]
     dtype: str | None = None
-    low: list[float] | None = None
-    high: list[float] | None = None
+    low: float | list[float] | None = Field(None, description="one bound for all, or one each")
+    high: float | list[float] | None = None
 
 
 class ModelInfo(Body):

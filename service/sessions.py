@@ -28,7 +28,7 @@ import redis.asyncio as aioredis
 
 from service.codec import MSGPACK, CodecError, decode_body, encode_body
 
-RECORD_VERSION = 1
+RECORD_VERSION = 2  # 2 added `owner`; version 1 records are read with no owner
 
 
 @dataclass(eq=False)
@@ -46,6 +46,7 @@ class Session:
     created_at: float
     last_used: float
     last_observation: np.ndarray | None = None  # where /adapt adapts when given none
+    owner: str | None = None  # a digest of the API key that created it (never the key)
 
 
 _FIELDS = tuple(f.name for f in fields(Session))
@@ -112,6 +113,8 @@ def session_from_bytes(b: bytes) -> Session:
     """The session a record holds, arrays bit for bit; a foreign or damaged record is a
     ValueError (``CodecError``), never something executed."""
     record = decode_body(b, MSGPACK)
+    if isinstance(record, dict) and record.get("v") == 1:
+        record = {**record, "v": RECORD_VERSION, "owner": None}
     if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
         raise CodecError("not a session record (or one of another version)")
     if set(record) != {"v", *_FIELDS}:

@@ -14,6 +14,12 @@ class Settings(BaseSettings):
 
     model_dir: Path | None = Field(None, description="bundle directory; unset: the bundled one")
     api_key: str | None = Field(None, description="required in X-API-Key when set")
+    api_keys: tuple[str, ...] = Field(
+        (), description="more accepted keys; a session is visible only to the key that made it"
+    )
+    docs_public: bool = Field(
+        False, description="serve /docs and /openapi.json without a key even when keys are set"
+    )
     batch_sizes: tuple[int, ...] = Field((1, 8, 32), description="compiled batch sizes")
     max_batch: int = Field(32, ge=1, description="most decisions gathered into one call")
     max_wait_ms: float = Field(2.0, ge=0.0, description="longest a decision waits for others")
@@ -30,8 +36,21 @@ class Settings(BaseSettings):
     )  # fmt: skip
     session_ttl_s: float = Field(3600.0, gt=0.0, description="idle time before a session ends")
     max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_delta_bytes: int = Field(
+        4 * 1024 * 1024, ge=0,
+        description="largest Δφ warm start a session keeps; a bundle whose Δφ is larger "
+        "keeps none (each step adapts from Δφ = 0) and /adapt persist answers 422",
+    )  # fmt: skip
     default_deadline_ms: float = Field(10_000.0, gt=0.0)
     warm_up: bool = Field(True, description="compile every program before turning ready")
+    drain_s: float = Field(
+        5.0, ge=0.0, description="on SIGTERM: seconds of 503 to new requests before stopping"
+    )
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """Every accepted API key; none: the service is open."""
+        return tuple(k for k in (self.api_key, *self.api_keys) if k)
 
     @model_validator(mode="after")
     def _batches_fit(self) -> Settings:
