@@ -85,13 +85,38 @@ def test_rerun_of_finished_run_changes_nothing(trained, umaze_data):
     assert params_digest(again.params) == params_digest(trained.params)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
-    config = dict(TINY, train={**TINY["train"], "checkpoint_every": 2, "log_every": 2})
+# Each mode, with its most stateful options: the phases' optimiser states, TBPTT, the
+# meta-learned weights and their optimiser.
+RESUMED_MODES = {
+    "staged": ({}, 12),
+    "end_to_end": (
+        {
+            "train": {"mode": "end_to_end", "tbptt": 4},
+            "joint": {"meta_learning": True, "schedule": False, "aux_losses": True},
+        },
+        6,
+    ),
+    "alternating": (
+        {
+            "train": {"mode": "alternating"},
+            "joint": {"epoch_steps": 1, "world_epochs": 1, "controller_epochs": 2},
+        },
+        6,
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(RESUMED_MODES))
+def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path):
+    change, steps = RESUMED_MODES[mode]
+    train_section = {**TINY["train"], "checkpoint_every": 2, "log_every": 2}
+    config = dict(TINY, **change, train={**train_section, **change.get("train", {})})
+    total = with_steps(parse_config(config), steps).train.total_steps
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "training.cli", "train", "--config", str(config_path)]
-    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", "12", "--quiet"]
+    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", str(steps), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(p.name.isdigit() for p in run_dir.glob("*")):
@@ -101,14 +126,16 @@ def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    resumed = train(with_steps(parse_config(config), 12), umaze_data, run_dir, progress=False)
-    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 72
+    resumed = train(with_steps(parse_config(config), steps), umaze_data, run_dir, progress=False)
+    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < total
     # Checkpointing does not change the result: the reference run saves only at stage ends.
     rarely_saved = dict(config, train={**config["train"], "checkpoint_every": 1000})
-    whole = train(with_steps(parse_config(rarely_saved), 12), umaze_data, tmp_path / "whole", False)
+    whole = train(
+        with_steps(parse_config(rarely_saved), steps), umaze_data, tmp_path / "whole", False
+    )
     assert params_digest(resumed.params) == params_digest(whole.params)
     logged = [m["step"] for m in read_metrics(run_dir)]
-    assert logged == list(range(2, 73, 2))
+    assert logged == list(range(2, total + 1, 2))
 
 
 def test_resume_with_another_config_is_refused(trained, umaze_data):

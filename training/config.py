@@ -271,6 +271,8 @@ def load_config(path_or_name: str | Path) -> Config:
 
 def with_overrides(config: Config, mode: str | None = None, tbptt: int | None = None) -> Config:
     """`--mode` and `--tbptt K` on the command line, validated as the YAML is."""
+    if mode is None and tbptt is None:
+        return config
     raw = config.model_dump(mode="json")
     if mode is not None:
         raw["train"]["mode"] = mode

@@ -306,19 +306,19 @@ def meta_gradient_step(
     meta_state,
 ):
     """One outer update of learnable loss weights. `inner_step(carry, lambdas, key) ->
-    (carry, loss)` runs once per key (a lax.scan) from `carry` with the current weights;
+    (carry, metrics)` runs once per key (a lax.scan) from `carry` with the current weights;
     the gradient of `validation_loss(final carry)` with respect to the weights, through
     every inner step, updates them with `meta_tx`, and they are clamped at >= 0.
-    Returns (final carry, new lambdas, meta_state, validation loss, inner losses)."""
+    Returns (final carry, new lambdas, meta_state, validation loss, inner metrics)."""
 
     def outer(lambdas):
-        final, losses = jax.lax.scan(lambda c, k: inner_step(c, lambdas, k), carry, keys)
-        return validation_loss(final), (final, losses)
+        final, metrics = jax.lax.scan(lambda c, k: inner_step(c, lambdas, k), carry, keys)
+        return validation_loss(final), (final, metrics)
 
-    (val, (final, losses)), grads = jax.value_and_grad(outer, has_aux=True)(lambdas)
+    (val, (final, metrics)), grads = jax.value_and_grad(outer, has_aux=True)(lambdas)
     updates, meta_state = meta_tx.update(grads, meta_state, lambdas)
     lambdas = jax.tree.map(lambda x: jnp.maximum(x, 0.0), optax.apply_updates(lambdas, updates))
-    return final, lambdas, meta_state, val, losses
+    return final, lambdas, meta_state, val, metrics
 
 
 def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
@@ -336,9 +336,9 @@ def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
             k_rows, k_loss = jax.random.split(key)
             batch = sample_windows(inputs.train, k_rows, cfg.train.batch_size)
             weights = {**lambdas, **fixed}
-            (loss, _), grads = loss_and_grads(model, params, trained, batch, weights, k_loss)
+            (loss, metrics), grads = loss_and_grads(model, params, trained, batch, weights, k_loss)
             updates, model_state = tx.update(grads, model_state, trained)
-            return (optax.apply_updates(trained, updates), model_state), loss
+            return (optax.apply_updates(trained, updates), model_state), {"loss": loss, **metrics}
 
         val_batch = sample_windows(inputs.validation, k_val_rows, cfg.train.batch_size)
 
@@ -348,12 +348,13 @@ def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
 
         keys = jax.random.split(k_inner, cfg.joint.meta_inner_steps)
         carry = (trained_params(params), opt_state["model"])
-        (trained, model_state), lambdas, meta_state, val, losses = meta_gradient_step(
+        (trained, model_state), lambdas, meta_state, val, inner = meta_gradient_step(
             inner_step, validation_loss, opt_state["lambdas"], carry, keys, meta_tx,
             opt_state["meta"],
         )  # fmt: skip
         opt_state = {"model": model_state, "lambdas": lambdas, "meta": meta_state}
-        metrics = {"loss": losses[-1], "validation": val, **weight_metrics({**lambdas, **fixed})}
+        last = jax.tree.map(lambda x: x[-1], inner)  # the last inner step's metrics
+        metrics = {**last, "validation": val, **weight_metrics({**lambdas, **fixed})}
         return {**params, **trained}, opt_state, metrics
 
     return jax.jit(update)

@@ -35,5 +35,8 @@ def with_frozen(
     """`tx` on the parameter groups whose label (groups: top-level key -> label) is in
     `trained`; zero updates, and no optimiser state, for the others. Clipping inside `tx`
     then sees only the trained groups' gradients."""
-    labels = {key: "train" if label in trained else "frozen" for key, label in groups.items()}
+
+    def labels(params: dict) -> dict:
+        return {key: "train" if groups[key] in trained else "frozen" for key in params}
+
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)

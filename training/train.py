@@ -89,6 +89,17 @@ def real_frames(seqs: Sequences) -> np.ndarray:
     return seqs.observations[valid]
 
 
+def device_data(seqs: Sequences) -> DeviceData:
+    return DeviceData(
+        observations=jnp.asarray(seqs.observations),
+        frames=jnp.asarray(real_frames(seqs)),
+        actions=jnp.asarray(seqs.actions),
+        rewards=jnp.asarray(seqs.rewards),
+        dones=jnp.asarray(seqs.dones),
+        mask=jnp.asarray(seqs.mask),
+    )
+
+
 def spaces_of(dataset, seqs: Sequences) -> Spaces:
     obs_shape = tuple(seqs.observations.shape[2:])
     if len(obs_shape) == 3:
@@ -460,14 +471,7 @@ def train(
     spaces = spaces_of(dataset, seqs)
     data_info = dataset_info(dataset)
     frames = real_frames(seqs)
-    data = DeviceData(
-        observations=jnp.asarray(seqs.observations),
-        frames=jnp.asarray(frames),
-        actions=jnp.asarray(seqs.actions),
-        rewards=jnp.asarray(seqs.rewards),
-        dones=jnp.asarray(seqs.dones),
-        mask=jnp.asarray(seqs.mask),
-    )
+    data = device_data(seqs)
     model = WorldModel.build(config, spaces)
     tx = make_optimizer(config.train)
     init_key, seed_key = jax.random.split(jax.random.key(config.seed))
