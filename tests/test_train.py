@@ -85,9 +85,9 @@ def test_rerun_of_finished_run_changes_nothing(trained, umaze_data):
     assert params_digest(again.params) == params_digest(trained.params)
 
 
-# Each mode, with its most stateful options: the phases' optimiser states, TBPTT, the
-# meta-learned weights and their optimiser. The meta-learning run stops after its joint
-# stage (its compilation is the slowest); the alternating run goes through every stage.
+# Each mode, with its most stateful options: the phases' optimiser states, the value head,
+# the meta-learned weights and their optimiser. The meta-learning run stops after its
+# joint stage (its compilation is the slowest); the alternating run goes through them all.
 RESUMED_MODES = {
     "staged": ({}, 12),
     "end_to_end": (
@@ -97,23 +97,19 @@ RESUMED_MODES = {
                 "tbptt": 4,
                 **{f"{stage}_steps": 0 for stage in ("psi", "readout", "value")},
             },
-            "joint": {
-                "meta_learning": True,
-                "meta_inner_steps": 2,
-                "schedule": False,
-                "aux_losses": True,
-            },
+            "joint": {"meta_learning": True, "meta_inner_steps": 1, "schedule": False},
         },
         6,
     ),
     "alternating": (
         {
-            "train": {"mode": "alternating"},
+            "train": {"mode": "alternating", "tbptt": 4},
             "joint": {
                 "epoch_steps": 1,
                 "world_epochs": 1,
                 "controller_epochs": 2,
                 "policy_loss": "imagination",
+                "aux_losses": True,
             },
         },
         6,
