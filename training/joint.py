@@ -182,6 +182,15 @@ def infonce_term(model: WorldModel, batch: Windows, mu, frames, key):
     return info_nce_loss(logits, valid, batch.mask)
 
 
+def standardised(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """x in units of its batch's standard deviation about its mean: the value head's
+    target, so that its weight means the same whatever the scale of the rewards (raw
+    returns of -100s made it outweigh every other term)."""
+    mean = masked_mean(x, mask)
+    std = jnp.sqrt(masked_mean(jnp.square(x - mean), mask)) + 1e-6
+    return jax.lax.stop_gradient((x - mean) / std)
+
+
 def joint_terms(model: WorldModel, params: dict, batch: Windows, key: jax.Array):
     """Every term of the joint loss on a batch of windows, unweighted: (terms, metrics)."""
     cfg = model.config
@@ -211,7 +220,8 @@ def joint_terms(model: WorldModel, params: dict, batch: Windows, key: jax.Array)
     terms = {"vae": vae, "mdn": mdn, "policy": policy}
     if model.value_head is not None:
         value = model.value_head.apply({"params": params["value_head"]}, z[:, :-1])
-        terms["value_head"] = masked_mean(jnp.square(value - batch.returns), batch.mask)
+        target = standardised(batch.returns, batch.mask)
+        terms["value_head"] = masked_mean(jnp.square(value - target), batch.mask)
         terms["infonce"] = infonce_term(model, batch, mu, frames, k_negatives)
     metrics = {**vae_metrics, **mdn_metrics, **policy_metrics}
     return terms, {**metrics, **{f"term_{k}": v for k, v in terms.items()}}
