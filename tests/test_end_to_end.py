@@ -2,6 +2,7 @@
 answer is known, and each mode trained for a few steps into a bundle the planners load."""
 
 import copy
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ import pytest
 
 from tests.conftest import TINY, decide_once
 from training import joint
+from training.cli import main as cli_main
 from training.config import ConfigError, parse_config
 from training.data import collect, load_sequences, open_dataset
 from training.models.controller import gaussian_log_prob
@@ -298,3 +300,19 @@ def test_each_mode_trains_a_pendulum_bundle_the_planners_load(
     assert {"lam_vae", "lam_mdn", "lam_policy", "recon", "nll", "term_policy"} <= set(joint_rows[0])
     actions = decide_once(tmp_path / "run")
     assert actions.shape == (2, 1) and np.all(np.isfinite(actions))
+
+
+def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
+    out = tmp_path / "compare"
+    run = str(trained.run_dir)
+    argv = ["compare", run, run, "--episodes", "2", "--max-steps", "5", "--out", str(out)]
+    assert cli_main([*argv, "--quiet"]) == 0
+    rows = json.loads((out / "compare.json").read_text())
+    assert len(rows) == 2 and rows[0]["label"] == "staged"
+    # The same bundle twice: the same episodes give the same returns, the same windows
+    # the same losses.
+    assert rows[0]["returns"] == rows[1]["returns"] and len(rows[0]["returns"]) == 2
+    assert rows[0]["recon"] == rows[1]["recon"] and np.isfinite(rows[0]["nll"])
+    assert rows[0]["training"]["steps"] == 60  # V, M and C of the staged run
+    assert "| tiny | staged |" in (out / "compare.md").read_text()
+    assert (out / "compare.png").stat().st_size > 10_000
