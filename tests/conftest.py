@@ -5,6 +5,9 @@ import subprocess
 import time
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 import redis
 
@@ -13,8 +16,12 @@ from service.local import (
     running_server,  # noqa: F401  (the tests' server)
     stop,
 )
+from training.checkpoint import restore_bundle
 from training.config import parse_config
 from training.data import collect
+from training.models.mdn_rnn import initial_state
+from training.planners import Knobs, PlanShape, compile_decide
+from training.tasks import default_task, task_weights
 from training.train import train
 
 TINY = {
@@ -66,6 +73,22 @@ def umaze_data(tmp_path_factory) -> Path:
 def trained(umaze_data, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "tiny"
     return train(parse_config(TINY), umaze_data, run_dir, progress=False)
+
+
+def decide_once(run_dir) -> np.ndarray:
+    """One decision of the controller planner and of random shooting from the bundle."""
+    bundle = restore_bundle(run_dir)
+    model, params = bundle.model, bundle.params
+    weights = jnp.asarray(task_weights(model, params, default_task(model, params)))
+    obs = jnp.zeros(model.spaces.obs_shape)
+    actions = []
+    for planner in ("controller", "random_shooting"):
+        config = bundle.config.planning.model_copy(update={"planner": planner})
+        decide = compile_decide(model, PlanShape.of(config))
+        lstm = initial_state((), model.mdn.hidden)
+        out = decide(params, lstm, obs, weights, jax.random.key(0), Knobs.of(config), None)
+        actions.append(np.asarray(out.plan.action))
+    return np.stack(actions)
 
 
 REDIS_SERVER = shutil.which("redis-server")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.conftest import TINY, TINY_STEPS
+from tests.conftest import TINY, TINY_STEPS, decide_once
 from training.checkpoint import params_digest, restore_bundle
 from training.cli import main as cli_main
 from training.config import ConfigError, load_config, parse_config, with_steps
@@ -85,13 +85,49 @@ def test_rerun_of_finished_run_changes_nothing(trained, umaze_data):
     assert params_digest(again.params) == params_digest(trained.params)
 
 
-def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
-    config = dict(TINY, train={**TINY["train"], "checkpoint_every": 2, "log_every": 2})
+# Each mode, with its most stateful options: the phases' optimiser states, the value head,
+# the meta-learned weights and their optimiser. The meta-learning run stops after its
+# joint stage (its compilation is the slowest); the alternating run goes through them all.
+RESUMED_MODES = {
+    "staged": ({}, 12),
+    "end_to_end": (
+        {
+            "train": {
+                "mode": "end_to_end",
+                "tbptt": 4,
+                **{f"{stage}_steps": 0 for stage in ("psi", "readout", "value")},
+            },
+            "joint": {"meta_learning": True, "meta_inner_steps": 1, "schedule": False},
+        },
+        6,
+    ),
+    "alternating": (
+        {
+            "train": {"mode": "alternating", "tbptt": 4},
+            "joint": {
+                "epoch_steps": 1,
+                "world_epochs": 1,
+                "controller_epochs": 2,
+                "policy_loss": "imagination",
+                "aux_losses": True,
+            },
+        },
+        6,
+    ),
+}
+
+
+@pytest.mark.parametrize("mode", list(RESUMED_MODES))
+def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path):
+    change, steps = RESUMED_MODES[mode]
+    train_section = {**TINY["train"], "checkpoint_every": 2, "log_every": 2}
+    config = {**TINY, **change, "train": {**train_section, **change.get("train", {})}}
+    total = with_steps(parse_config(config), steps).train.total_steps
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "killed"
     cmd = [sys.executable, "-m", "training.cli", "train", "--config", str(config_path)]
-    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", "12", "--quiet"]
+    cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", str(steps), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while not any(p.name.isdigit() for p in run_dir.glob("*")):
@@ -101,14 +137,18 @@ def test_resume_after_kill_matches_uninterrupted_run(umaze_data, tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
 
-    resumed = train(with_steps(parse_config(config), 12), umaze_data, run_dir, progress=False)
-    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < 72
+    resumed = train(with_steps(parse_config(config), steps), umaze_data, run_dir, progress=False)
+    assert resumed.resumed_from is not None and 0 < resumed.resumed_from < total
     # Checkpointing does not change the result: the reference run saves only at stage ends.
     rarely_saved = dict(config, train={**config["train"], "checkpoint_every": 1000})
-    whole = train(with_steps(parse_config(rarely_saved), 12), umaze_data, tmp_path / "whole", False)
+    whole = train(
+        with_steps(parse_config(rarely_saved), steps), umaze_data, tmp_path / "whole", False
+    )
     assert params_digest(resumed.params) == params_digest(whole.params)
     logged = [m["step"] for m in read_metrics(run_dir)]
-    assert logged == list(range(2, 73, 2))
+    assert logged == list(range(2, total + 1, 2))
+    if mode != "staged":  # the bundle of a joint mode serves as a staged one does
+        assert np.all(np.isfinite(decide_once(run_dir)))
 
 
 def test_resume_with_another_config_is_refused(trained, umaze_data):

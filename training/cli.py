@@ -33,17 +33,21 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.config import load_config, with_steps
+    from training.config import load_config, with_overrides, with_steps
     from training.train import CURVES_FILE, METRICS_FILE, train
 
-    config = with_steps(load_config(args.config), args.steps)
+    config = with_overrides(load_config(args.config), args.mode, args.tbptt)
+    config = with_steps(config, args.steps)
     data = args.data or config.data.path
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
     result = train(config, data, args.out, progress=not args.quiet)
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
-    print(f"trained {config.env} to step {result.step} in {result.wall_seconds:.1f} s")
+    print(
+        f"trained {config.env} ({config.train.mode}) to step {result.step} "
+        f"in {result.wall_seconds:.1f} s"
+    )
     for stage, metrics in result.summary.items():
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
         print(f"  {stage:<10} {shown}")
@@ -124,6 +128,17 @@ def cmd_tails(args: argparse.Namespace) -> None:
         print(f"wrote {out / 'tails.json'} and {out / 'tails.md'}")
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from training.compare import compare_runs, compare_table
+
+    rows = compare_runs(
+        args.run_dirs, args.out, args.planner, args.episodes, args.seed, args.max_steps,
+        args.data, not args.quiet,
+    )  # fmt: skip
+    print(compare_table(rows))
+    print(f"wrote compare.md, compare.json and compare.png to {args.out}")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from training.checkpoint import export_bundle
 
@@ -188,6 +203,14 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p.add_argument("--config", required=True, help="YAML path or packaged name (pointmaze-umaze)")
     p.add_argument("--data", help="dataset directory or Minari id (overrides data.path)")
     p.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
+    p.add_argument(
+        "--mode",
+        choices=("staged", "end_to_end", "alternating"),
+        help="how V, M and C train (overrides train.mode)",
+    )
+    p.add_argument(
+        "--tbptt", type=int, metavar="K", help="truncated BPTT in chunks of K steps (train.tbptt)"
+    )
     p.add_argument("--out", required=True, help="run directory; re-run on it to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -219,6 +242,19 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p.add_argument("--samples", type=int, default=4096, help="psi samples per start cell")
     p.add_argument("--out", help="directory for tails.json and tails.md")
     p.set_defaults(func=cmd_tails)
+
+    p = sub.add_parser(
+        "compare", help="trained runs side by side: closed-loop return, recon, NLL, time"
+    )
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--planner", default="controller", help="the planner every run is driven by")
+    p.add_argument("--episodes", type=int, default=10, help="episodes (mazes: held-out goals)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the episodes")
+    p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
+    p.add_argument("--data", help="dataset for recon and NLL (default: the first run's)")
+    p.add_argument("--out", default="compare", help="output directory (default: compare)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_compare)
 
     p = sub.add_parser("export", help="the latest step of a run as a serving bundle")
     p.add_argument("run_dir")

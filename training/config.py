@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
+# The world-model stages each mode trains before the successor-feature stages.
+WORLD_STAGES = {"staged": ("vae", "mdn", "controller"), "end_to_end": ("joint",),
+                "alternating": ("joint",)}  # fmt: skip
+SUCCESSOR_STAGES = ("psi", "readout", "value")
 
 
 class Strict(BaseModel):
@@ -120,7 +124,53 @@ class PlanningConfig(Strict):
         return self
 
 
+class JointConfig(Strict):
+    """The joint objective of the end_to_end and alternating modes:
+    lambda_V (recon + KL) + lambda_M (MDN NLL + reward + done) + lambda_pi policy loss."""
+
+    vae_weight: float = Field(1.0, ge=0.0, description="lambda_V0")
+    mdn_weight: float = Field(1.0, ge=0.0, description="lambda_M")
+    policy_weight: float = Field(0.1, ge=0.0, description="lambda_pi0")
+    schedule: bool = Field(
+        True, description="ramp lambda_pi up and lambda_V down over the joint steps"
+    )
+    policy_warmup_steps: int = Field(10_000, gt=0, description="lambda_pi reaches lambda_pi0")
+    recon_decay_steps: int = Field(50_000, gt=0, description="lambda_V decays to its floor")
+    recon_floor: float = Field(0.1, ge=0.0, le=1.0, description="lambda_V's floor / lambda_V0")
+    policy_loss: Literal["reinforce", "imagination"] = Field(
+        "reinforce",
+        description="REINFORCE on the dataset's actions, or the imagined return in M",
+    )
+    imagination_horizon: int = Field(15, gt=0, le=1000, description="steps C acts in M")
+    aux_losses: bool = Field(False, description="the value head on z and InfoNCE")
+    value_head_weight: float = Field(0.1, ge=0.0)
+    infonce_weight: float = Field(0.1, ge=0.0)
+    infonce_negatives: int = Field(8, gt=0, le=1024)
+    infonce_temperature: float = Field(0.1, gt=0.0)
+    world_epochs: int = Field(5, ge=0, description="alternating: epochs of V and M, C frozen")
+    controller_epochs: int = Field(10, ge=0, description="alternating: epochs of C, V, M frozen")
+    joint_epochs: int = Field(1, ge=0, description="alternating: epochs of the joint fine-tune")
+    epoch_steps: int = Field(20, gt=0, description="alternating: steps in one epoch")
+    meta_learning: bool = Field(
+        False, description="learn the lambdas by meta-gradients on held-out windows"
+    )
+    meta_inner_steps: int = Field(4, gt=0, le=100, description="inner updates per outer step")
+    meta_lr: float = Field(1e-2, gt=0.0, lt=1.0)
+    validation_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="episodes held out")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JointConfig:
+        if self.world_epochs + self.controller_epochs + self.joint_epochs == 0:
+            raise ValueError("the alternating epochs are all 0")
+        if self.meta_learning and self.schedule:
+            raise ValueError("meta_learning learns the weights: set schedule: false with it")
+        return self
+
+
 class TrainConfig(Strict):
+    mode: Literal["staged", "end_to_end", "alternating"] = Field(
+        "staged", description="V, M, C in stages, on one joint loss, or alternating"
+    )
     batch_size: int = Field(32, gt=0)
     learning_rate: float = Field(1e-3, gt=0.0, lt=1.0)
     vae_steps: int = Field(2000, ge=0)
@@ -129,13 +179,19 @@ class TrainConfig(Strict):
     psi_steps: int = Field(4000, ge=0)
     readout_steps: int = Field(2000, ge=0)
     value_steps: int = Field(0, ge=0)
+    joint_steps: int = Field(2000, ge=0, description="end_to_end and alternating: V, M, C")
+    tbptt: int | None = Field(
+        None, gt=0, description="truncated BPTT chunk length (unset: full BPTT over a window)"
+    )
     checkpoint_every: int = Field(500, gt=0)
     log_every: int = Field(50, gt=0)
-    max_grad_norm: float = Field(1.0, gt=0.0)
+    max_grad_norm: float = Field(1.0, gt=0.0, description="global-norm gradient clipping")
+    clip_value: float | None = Field(None, gt=0.0, description="per-value gradient clipping")
 
     def stage_steps(self) -> dict[str, int]:
         """Steps of each stage, in training order."""
-        return {stage: getattr(self, f"{stage}_steps") for stage in STAGES}
+        stages = WORLD_STAGES[self.mode] + SUCCESSOR_STAGES
+        return {stage: getattr(self, f"{stage}_steps") for stage in stages}
 
     @property
     def total_steps(self) -> int:
@@ -153,6 +209,7 @@ class Config(Strict):
     readout: ReadoutConfig = ReadoutConfig()
     value: ValueConfig = ValueConfig()
     planning: PlanningConfig = PlanningConfig()
+    joint: JointConfig = JointConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")
@@ -163,6 +220,15 @@ class Config(Strict):
             raise ValueError(f"unknown env {self.env!r}; known: {', '.join(sorted(ENVIRONMENTS))}")
         if self.train.value_steps and self.value.goal_dims is None:
             raise ValueError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
+        tbptt = self.train.tbptt
+        if tbptt is not None and self.data.seq_len % tbptt:
+            raise ValueError(f"train.tbptt {tbptt} must divide data.seq_len {self.data.seq_len}")
+        if self.train.mode == "staged" and (tbptt is not None or self.joint.meta_learning):
+            raise ValueError(
+                "train.tbptt and joint.meta_learning need mode end_to_end (tbptt: or alternating)"
+            )
+        if self.train.mode == "alternating" and self.joint.meta_learning:
+            raise ValueError("joint.meta_learning needs mode end_to_end, not alternating")
         return self
 
 
@@ -201,6 +267,18 @@ def load_config(path_or_name: str | Path) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return parse_config(raw, str(path))
+
+
+def with_overrides(config: Config, mode: str | None = None, tbptt: int | None = None) -> Config:
+    """`--mode` and `--tbptt K` on the command line, validated as the YAML is."""
+    if mode is None and tbptt is None:
+        return config
+    raw = config.model_dump(mode="json")
+    if mode is not None:
+        raw["train"]["mode"] = mode
+    if tbptt is not None:
+        raw["train"]["tbptt"] = tbptt
+    return parse_config(raw, "command line")
 
 
 def with_steps(config: Config, steps: int | None) -> Config:

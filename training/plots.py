@@ -40,6 +40,20 @@ def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
     return save_figure(fig, path)
 
 
+def plot_lambda_trajectory(metrics: list[dict], path: str | Path) -> Path:
+    """The meta-learned loss weights (the metrics' lam_* keys) against the step."""
+    rows = [m for m in metrics if any(k.startswith("lam_") for k in m)]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    for key in [k for k in rows[0] if k.startswith("lam_")]:
+        ax.plot([m["step"] for m in rows], [m[key] for m in rows], label=key[4:])
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss weight λ")
+    ax.set_title("meta-learned loss weights")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return save_figure(fig, path)
+
+
 def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Path) -> None:
     """One panel per knob: each metric of `metrics` (summary key -> label) against the value."""
     knobs = list(dict.fromkeys(r["knob"] for r in rows))

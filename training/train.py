@@ -1,6 +1,9 @@
-"""Staged training: V, then M on V's latents, then C with V and M frozen, then the
-successor-feature psi-model, its readout policy and the goal decoder on the planning
-states [z, h] that V and M give.
+"""Training a bundle: the world model V, M, C, then the successor-feature psi-model, its
+readout policy and the goal decoder on the planning states [z, h] that V and M give.
+
+The world model trains in one of three modes (`train.mode`):
+- staged: V, then M on V's latents, then C with V and M frozen, each its own stage;
+- end_to_end and alternating: one `joint` stage on the joint loss (training/joint.py).
 
 One global step counter runs through the stages. Every step's randomness is
 `fold_in(seed, step)`, and each checkpoint holds parameters and optimiser states, so a run
@@ -23,8 +26,8 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from training import checkpoint
-from training.config import STAGES, Config, ConfigError
+from training import checkpoint, joint
+from training.config import Config, ConfigError
 from training.data import Sequences, dataset_info, load_sequences, open_dataset
 from training.diffusion import v_loss
 from training.envs import get_env_spec
@@ -45,10 +48,12 @@ from training.objectives import (
     vae_loss,
     weighted_bc_loss,
 )
-from training.plots import plot_loss_curves
+from training.optim import make_optimizer
+from training.plots import plot_lambda_trajectory, plot_loss_curves
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
+LAMBDA_FILE = "lambda_trajectory.png"
 
 
 def stage_bounds(config: Config) -> dict[str, tuple[int, int]]:
@@ -67,13 +72,6 @@ def stage_at(config: Config, step: int) -> str:
     raise ValueError(f"step {step} is past the end of training")
 
 
-def make_optimizer(config: Config) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(config.train.max_grad_norm),
-        optax.adam(config.train.learning_rate),
-    )
-
-
 class DeviceData(NamedTuple):
     """The dataset on the device, as every stage reads it (a pytree, so jit takes it)."""
 
@@ -89,6 +87,17 @@ def real_frames(seqs: Sequences) -> np.ndarray:
     """The observations that are not padding: the first of each window, then one per real step."""
     valid = np.concatenate([np.ones_like(seqs.mask[:, :1]), seqs.mask], axis=1) > 0
     return seqs.observations[valid]
+
+
+def device_data(seqs: Sequences) -> DeviceData:
+    return DeviceData(
+        observations=jnp.asarray(seqs.observations),
+        frames=jnp.asarray(real_frames(seqs)),
+        actions=jnp.asarray(seqs.actions),
+        rewards=jnp.asarray(seqs.rewards),
+        dones=jnp.asarray(seqs.dones),
+        mask=jnp.asarray(seqs.mask),
+    )
 
 
 def spaces_of(dataset, seqs: Sequences) -> Spaces:
@@ -234,6 +243,8 @@ OBJECTIVES = {
 def stage_update(stage: str, model: WorldModel, tx) -> Callable:
     """The jitted update of one stage: (params, opt_state, inputs, key, step) -> (params,
     opt_state, metrics)."""
+    if stage == "joint":
+        return joint.make_update(model, stage_bounds(model.config)["joint"][0])
     objective = OBJECTIVES[stage]
 
     def update(params, opt_state, inputs, key, step):
@@ -354,6 +365,8 @@ def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode
 
 def prepare_stage(stage: str, model: WorldModel, params: dict, data: DeviceData, episode):
     """(params, inputs) for a stage; the psi stage also sets the psi normalisation."""
+    if stage == "joint":
+        return params, joint.prepare(model.config, data, episode)
     if stage == "vae":
         return params, (data.frames,)
     if stage == "mdn":
@@ -432,6 +445,17 @@ def check_same_config(run_dir: Path, manager, step: int, config: Config) -> None
         )
 
 
+def initial_opt_states(config: Config, params: dict, tx) -> dict:
+    """An optimiser state per stage, as saved in (and restored from) every checkpoint."""
+    states = {}
+    for stage in config.train.stage_steps():
+        if stage == "joint":
+            states[stage] = joint.init_opt_state(config, params)
+        elif stage in params:
+            states[stage] = tx.init(params[stage])
+    return states
+
+
 def train(
     config: Config, data_path: str | Path, run_dir: str | Path, progress: bool = True
 ) -> RunResult:
@@ -447,20 +471,13 @@ def train(
     spaces = spaces_of(dataset, seqs)
     data_info = dataset_info(dataset)
     frames = real_frames(seqs)
-    data = DeviceData(
-        observations=jnp.asarray(seqs.observations),
-        frames=jnp.asarray(frames),
-        actions=jnp.asarray(seqs.actions),
-        rewards=jnp.asarray(seqs.rewards),
-        dones=jnp.asarray(seqs.dones),
-        mask=jnp.asarray(seqs.mask),
-    )
+    data = device_data(seqs)
     model = WorldModel.build(config, spaces)
-    tx = make_optimizer(config)
+    tx = make_optimizer(config.train)
     init_key, seed_key = jax.random.split(jax.random.key(config.seed))
     params = model.init(init_key)
     params["normaliser"] = observation_stats(frames, spaces.obs_kind)
-    opt_states = {stage: tx.init(params[stage]) for stage in STAGES if stage in params}
+    opt_states = initial_opt_states(config, params, tx)
 
     manager = checkpoint.open_manager(run_dir)
     start = manager.latest_step() or 0
@@ -512,6 +529,8 @@ def train(
     metrics = read_metrics(run_dir)
     if metrics:
         plot_loss_curves(metrics, run_dir / CURVES_FILE)
+    if config.joint.meta_learning and metrics:
+        plot_lambda_trajectory(metrics, run_dir / LAMBDA_FILE)
     return RunResult(
         run_dir=run_dir,
         step=total,

@@ -85,3 +85,27 @@ def sample_next_latent(key: jax.Array, out: MDNOutput, temperature: float = 1.0)
     pick = lambda x: jnp.take_along_axis(x, component[..., None, None], axis=-2)[..., 0, :]  # noqa: E731
     mu, sigma = pick(out.mu), jnp.exp(pick(out.log_sigma)) * jnp.sqrt(temperature)
     return mu + sigma * jax.random.normal(k_noise, mu.shape)
+
+
+def unroll(
+    mdn: MDNRNN, params: dict, state: LSTMState, zs: jax.Array, actions: jax.Array, chunk=None
+):
+    """M over a window [B, T, ...], as `MDNRNN.__call__`. With `chunk` K (truncated BPTT)
+    the window runs as T / K chunks: the state is carried from chunk to chunk but detached
+    between them, so no gradient crosses a chunk boundary."""
+    if chunk is None or chunk >= zs.shape[1]:
+        return mdn.apply({"params": params}, state, zs, actions)
+    batch, steps = zs.shape[:2]
+
+    def split(x):  # [B, T, ...] -> [T / K, B, K, ...]
+        return jnp.moveaxis(x.reshape(batch, steps // chunk, chunk, *x.shape[2:]), 1, 0)
+
+    def merge(x):  # the inverse
+        return jnp.moveaxis(x, 0, 1).reshape(batch, steps, *x.shape[3:])
+
+    def one_chunk(state, inputs):
+        state, hs, out = mdn.apply({"params": params}, jax.lax.stop_gradient(state), *inputs)
+        return state, (hs, out)
+
+    state, (hs, outputs) = jax.lax.scan(one_chunk, state, (split(zs), split(actions)))
+    return state, merge(hs), jax.tree.map(merge, outputs)

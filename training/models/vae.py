@@ -88,3 +88,12 @@ class ConvVAE(nn.Module):
         mu, logvar = self.encode(x)
         z = reparameterise(key, mu, logvar)
         return self.decode(z), mu, logvar, z
+
+
+class LatentValueHead(nn.Module):
+    """The task-oriented head of the seed's VAE: a linear value of z, fitted to the
+    discounted return, so that z has to keep what the task's value depends on."""
+
+    @nn.compact
+    def __call__(self, z: jax.Array) -> jax.Array:
+        return nn.Dense(1)(z)[..., 0]

@@ -7,6 +7,7 @@ The parameter tree of a bundle:
     psi, psi_ema                 the psi noise model and its EMA (the EMA plans)
     readout                      pi(a | s, psi)
     value                        the goal decoder (only with goal tasks)
+    value_head                   the value of z (only when a joint mode trains auxiliary losses)
     cumulants                    the fixed random Fourier projection {W, b}
     normaliser                   observation {mean, std}
     psi_norm                     psi {mean, std}
@@ -26,7 +27,7 @@ from training.models.controller import Controller
 from training.models.mdn_rnn import MDNRNN
 from training.models.readout import Readout
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
-from training.models.vae import ConvVAE, VectorVAE
+from training.models.vae import ConvVAE, LatentValueHead, VectorVAE
 from training.models.value import GoalDecoder
 
 
@@ -71,6 +72,7 @@ class WorldModel:
     psi_net: PsiNoiseModel
     readout: Readout
     goal_decoder: GoalDecoder | None
+    value_head: LatentValueHead | None = None
 
     @classmethod
     def build(cls, config: Config, spaces: Spaces) -> WorldModel:
@@ -87,6 +89,7 @@ class WorldModel:
         hidden = config.controller.hidden if config.controller.kind == "mlp" else 0
         sf = config.successor
         goals = config.value.goal_dims is not None
+        value_head = config.train.mode != "staged" and config.joint.aux_losses
         return cls(
             config=config,
             spaces=spaces,
@@ -98,6 +101,7 @@ class WorldModel:
                 spaces.action_low, spaces.action_high, config.readout.hidden, config.readout.depth
             ),
             goal_decoder=GoalDecoder(sf.n_features + 1, config.value.hidden) if goals else None,
+            value_head=LatentValueHead() if value_head else None,
         )
 
     # --- sizes --------------------------------------------------------------------------
@@ -160,6 +164,8 @@ class WorldModel:
         if self.goal_decoder is not None:
             goal = jnp.zeros((1, len(self.config.value.goal_dims)))
             params["value"] = self.goal_decoder.init(keys[6], goal)["params"]
+        if self.value_head is not None:
+            params["value_head"] = self.value_head.init(jax.random.fold_in(key, 8), z)["params"]
         return params
 
     # --- pure functions of (params, inputs) ---------------------------------------------

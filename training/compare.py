@@ -1,0 +1,192 @@
+"""`worldplan compare`: trained runs side by side, on the same episodes and the same data.
+
+For each run: the closed-loop return (and for mazes the success rate) of one planner on
+episodes every run shares, V's reconstruction loss and M's NLL on the same windows of
+the dataset, the world model's training time and steps per second. Writes compare.md,
+compare.json and compare.png (recon and NLL over the training steps, return per run).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from training import joint
+from training.checkpoint import Bundle, restore_bundle
+from training.config import WORLD_STAGES
+from training.data import load_sequences
+from training.envs import get_env_spec, make_env, select_observation
+from training.evaluate import EpisodeRunner, evaluation_goals, fmt, markdown_table
+from training.models.mdn_rnn import initial_state
+from training.planners import Knobs, PlanShape, compile_decide, zero_delta
+from training.plots import plt, save_figure
+from training.tasks import default_task, task_weights
+from training.train import device_data, read_metrics
+
+
+def run_label(bundle: Bundle) -> str:
+    """The mode and the options that tell runs apart."""
+    train, j = bundle.config.train, bundle.config.joint
+    parts = [train.mode]
+    if train.mode != "staged":
+        parts.append(f"tbptt {train.tbptt}" if train.tbptt else "full BPTT")
+        parts.append(j.policy_loss)
+        if j.aux_losses:
+            parts.append("aux")
+        if j.meta_learning:
+            parts.append("meta λ")
+    return ", ".join(parts)
+
+
+def world_model_losses(bundle: Bundle, data_path: str, n_windows: int = 256, seed: int = 0):
+    """Mean reconstruction and MDN NLL over the same windows (first `n_windows`) of the
+    dataset, one fixed key: the same measurement whatever the mode trained."""
+    seqs = load_sequences(data_path, bundle.config.data.seq_len)
+    data = device_data(seqs)
+    rows = np.arange(min(n_windows, len(seqs)))
+    windows = joint.make_windows(data, seqs.episode, rows, bundle.config.controller.gamma)
+    terms = jax.jit(lambda p, w, k: joint.joint_terms(bundle.model, p, w, k)[1])
+    metrics = terms(bundle.params, windows, jax.random.key(seed))
+    return {"recon": float(metrics["recon"]), "nll": float(metrics["nll"])}
+
+
+def training_time(metrics: list[dict], mode: str) -> dict:
+    """Wall seconds and steps until the world model was done (its last logged line)."""
+    rows = [m for m in metrics if m["stage"] in WORLD_STAGES[mode]]
+    if not rows:
+        return {"seconds": None, "steps": 0, "steps_per_second": None}
+    seconds, steps = rows[-1]["wall_s"], rows[-1]["step"]
+    return {"seconds": seconds, "steps": steps, "steps_per_second": steps / max(seconds, 1e-9)}
+
+
+def vector_episode_returns(bundle: Bundle, planning, episodes: int, seed: int, max_steps):
+    """Closed-loop returns of the planner from `episodes` fixed reset seeds, on the
+    bundle's default task (environments without goals)."""
+    model, params = bundle.model, bundle.params
+    shape, knobs = PlanShape.of(planning), Knobs.of(planning)
+    decide = compile_decide(model, shape)
+    weights = jnp.asarray(task_weights(model, params, default_task(model, params)))
+    obs_key = get_env_spec(bundle.env_id).obs_key
+    env = make_env(bundle.env_id, max_episode_steps=max_steps)
+    delta = zero_delta(params, shape) if shape.planner == "online_adaptation" else None
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        lstm, key = initial_state((), model.mdn.hidden), jax.random.key(seed + episode)
+        total, step, done = 0.0, 0, False
+        while not done:
+            x = jnp.asarray(select_observation(obs, obs_key))
+            out = decide(params, lstm, x, weights, jax.random.fold_in(key, step), knobs, delta)
+            obs, reward, terminated, truncated, _ = env.step(np.asarray(out.plan.action))
+            lstm, total, step = out.lstm, total + float(reward), step + 1
+            done = terminated or truncated
+        returns.append(total)
+    env.close()
+    return returns
+
+
+def closed_loop(bundle: Bundle, planner: str, episodes: int, seed: int, max_steps, progress):
+    planning = bundle.config.planning.model_copy(update={"planner": planner})
+    if bundle.config.value.goal_dims is not None:  # a maze: the held-out goals eval draws
+        runner = EpisodeRunner(bundle, planning, max_steps)
+        goals = evaluation_goals(bundle, episodes, seed)
+        results = [runner.run(g) for g in tqdm(goals, disable=not progress, desc=planner)]
+        return [r.episode_return for r in results], [r.success for r in results]
+    return vector_episode_returns(bundle, planning, episodes, seed, max_steps), None
+
+
+def compare_runs(
+    run_dirs: list[str],
+    out: str | Path,
+    planner: str = "controller",
+    episodes: int = 10,
+    seed: int = 0,
+    max_steps: int | None = None,
+    data: str | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    bundles = [restore_bundle(d) for d in run_dirs]
+    envs = {b.env_id for b in bundles}
+    if len(envs) > 1:
+        raise ValueError(f"runs of different environments cannot share episodes: {sorted(envs)}")
+    data = data or bundles[0].metadata["dataset"]
+    rows = []
+    for run_dir, bundle in zip(run_dirs, bundles, strict=True):
+        returns, successes = closed_loop(bundle, planner, episodes, seed, max_steps, progress)
+        metrics = read_metrics(Path(run_dir))
+        rows.append(
+            {
+                "run": str(run_dir),
+                "label": run_label(bundle),
+                "env": bundle.env_id,
+                "planner": planner,
+                "returns": returns,
+                "mean_return": float(np.mean(returns)),
+                "std_return": float(np.std(returns)),
+                "success_rate": None if successes is None else float(np.mean(successes)),
+                **world_model_losses(bundle, data),
+                "training": training_time(metrics, bundle.config.train.mode),
+                "curves": curves_of(metrics),
+            }
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    (out / "compare.md").write_text(compare_table(rows))
+    plot_comparison(rows, out / "compare.png")
+    return rows
+
+
+def curves_of(metrics: list[dict]) -> dict:
+    """recon and NLL against the step, from whichever stage logged them."""
+    return {
+        key: [
+            [m["step"], m[key]]
+            for m in metrics
+            if key in m and m["stage"] in ("vae", "mdn", "joint")
+        ]
+        for key in ("recon", "nll")
+    }
+
+
+def compare_table(rows: list[dict]) -> str:
+    header = ["run", "mode", "return", "success", "recon", "MDN NLL", "world-model s", "steps/s"]
+    body = [
+        [
+            Path(r["run"]).name,
+            r["label"],
+            f"{r['mean_return']:.1f} ± {r['std_return']:.1f}",
+            fmt(r["success_rate"]),
+            fmt(r["recon"], ".3f"),
+            fmt(r["nll"], ".3f"),
+            fmt(r["training"]["seconds"], ".0f"),
+            fmt(r["training"]["steps_per_second"], ".1f"),
+        ]
+        for r in rows
+    ]
+    title = f"{rows[0]['env']}, planner {rows[0]['planner']}, {len(rows[0]['returns'])} episodes"
+    return f"{title}\n\n{markdown_table(header, body)}"
+
+
+def plot_comparison(rows: list[dict], path: Path) -> Path:
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for key, ax in zip(("recon", "nll"), axes[:2], strict=True):
+        for r in rows:
+            points = np.asarray(r["curves"][key]).reshape(-1, 2)
+            ax.plot(points[:, 0], points[:, 1], label=Path(r["run"]).name)
+        ax.set_title(f"{key} while training")
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    names = [Path(r["run"]).name for r in rows]
+    axes[2].bar(names, [r["mean_return"] for r in rows], yerr=[r["std_return"] for r in rows])
+    for i, r in enumerate(rows):
+        axes[2].plot([i] * len(r["returns"]), r["returns"], "k.", alpha=0.5)
+    axes[2].set_title("closed-loop return")
+    axes[2].tick_params(axis="x", rotation=30)
+    return save_figure(fig, path)
