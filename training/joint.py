@@ -245,7 +245,7 @@ def scheduled_weights(config: Config, step) -> dict[str, jax.Array]:
             j.recon_floor,
         )
     else:
-        weights = {k: jnp.asarray(getattr(j, f"{k}_weight"), jnp.float32) for k in LEARNED_WEIGHTS}
+        weights = initial_lambdas(config)
     return {**weights, **aux_weights(config)}
 
 
@@ -374,6 +374,7 @@ def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
 
 
 def initial_lambdas(config: Config) -> dict[str, jax.Array]:
+    """lambda_V, lambda_M, lambda_pi as configured: fixed weights, or meta-learning's start."""
     return {
         k: jnp.asarray(getattr(config.joint, f"{k}_weight"), jnp.float32) for k in LEARNED_WEIGHTS
     }
