@@ -12,6 +12,7 @@ import pytest
 
 from tests.conftest import TINY, decide_once
 from training import joint
+from training.checkpoint import restore_bundle
 from training.cli import main as cli_main
 from training.config import ConfigError, parse_config
 from training.data import collect, load_sequences, open_dataset
@@ -176,6 +177,14 @@ def test_infonce_ranks_the_positive_first_on_separable_data():
     valid = ones.at[:, 0].set(0.0)
     masked = float(info_nce_loss(info_nce_logits(anchor, positive, same, 0.1), valid, mask))
     assert masked < 0.1 * np.log(1 + k)
+    # A zero latent (a padding frame's, from a bias-free encoder) masked out of the loss
+    # leaves its gradient finite.
+    padded = negatives.at[:, 0].set(0.0)
+
+    def padded_loss(negatives):
+        return info_nce_loss(info_nce_logits(anchor, positive, negatives, 0.1), valid, mask)
+
+    assert np.all(np.isfinite(jax.grad(padded_loss)(padded)))
 
 
 def test_meta_step_moves_the_weights_towards_lower_validation_loss():
@@ -302,6 +311,31 @@ def test_each_mode_trains_a_pendulum_bundle_the_planners_load(
     assert actions.shape == (2, 1) and np.all(np.isfinite(actions))
 
 
+def test_staged_auxiliary_losses_train_with_v_and_shape_it(pendulum_data, tmp_path):
+    """staged + aux_losses: V's stage trains V and the value head on the auxiliary
+    losses too (so V ends elsewhere than without them), and no later stage moves the head."""
+    short = {"vae_steps": 4, "mdn_steps": 2, "controller_steps": 2, "checkpoint_every": 4,
+             "psi_steps": 0, "readout_steps": 0}  # three checkpoints: all are kept
+    runs = {}
+    for aux in (False, True):
+        config = parse_config(pendulum_config("staged", {"aux_losses": aux}, **short))
+        runs[aux] = train(config, pendulum_data, tmp_path / f"aux-{aux}", progress=False)
+    vae_rows = [m for m in read_metrics(tmp_path / "aux-True") if m["stage"] == "vae"]
+    assert {"term_value_head", "term_infonce", "recon"} <= set(vae_rows[0])
+    assert "value_head" not in runs[False].params
+    bundle = restore_bundle(tmp_path / "aux-True", step=4)  # the end of V's stage
+    after_vae = bundle.params["value_head"]
+    init_key = jax.random.split(jax.random.key(config.seed))[0]  # as train() draws it
+    first = bundle.model.init(init_key)["value_head"]
+    moved = jax.tree.map(lambda a, b: float(jnp.max(jnp.abs(a - b))), after_vae, first)
+    assert max(jax.tree.leaves(moved)) > 0.0
+    jax.tree.map(np.testing.assert_array_equal, after_vae, runs[True].params["value_head"])
+    differ = jax.tree.map(
+        lambda a, b: bool(jnp.any(a != b)), runs[False].params["vae"], runs[True].params["vae"]
+    )
+    assert any(jax.tree.leaves(differ))
+
+
 def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     out = tmp_path / "compare"
     run = str(trained.run_dir)
@@ -316,3 +350,37 @@ def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     assert rows[0]["training"]["steps"] == 60  # V, M and C of the staged run
     assert "| tiny | staged |" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 10_000
+
+
+def test_each_mode_trains_on_carracing_pixels_with_a_small_config(tmp_path):
+    """The convolutional V in every mode, the joint ones with TBPTT and the auxiliary
+    losses: a bundle the planners load."""
+    collect("carracing", 2, tmp_path / "car", seed=0, max_episode_steps=12, progress=False)
+    for mode in ("staged", "end_to_end", "alternating"):
+        raw = {
+            "env": "carracing",
+            "data": {"seq_len": 8},
+            "vae": {"latent_dim": 4},
+            "mdn": {"hidden": 16, "n_mixtures": 2},
+            "successor": {**TINY["successor"], "cumulant_input": "latent", "batch_size": 8},
+            "readout": {"hidden": 32},
+            "joint": {"epoch_steps": 1, "aux_losses": mode != "staged"},
+            "train": {
+                "mode": mode,
+                "batch_size": 2,
+                **{f"{stage}_steps": 2 for stage in ("vae", "mdn", "controller", "psi")},
+                "joint_steps": 3,  # alternating: one step of each phase
+                "readout_steps": 2,
+                "value_steps": 0,
+                "log_every": 1,
+                **({} if mode == "staged" else {"tbptt": 4}),
+            },
+        }
+        raw["successor"].pop("feature_dims")
+        result = train(parse_config(raw), tmp_path / "car", tmp_path / mode, progress=False)
+        rows = read_metrics(tmp_path / mode)
+        assert all(np.isfinite(m["loss"]) for m in rows)
+        world = "vae" if mode == "staged" else "joint"
+        assert np.isfinite(result.summary[world]["recon"])
+        actions = decide_once(tmp_path / mode)
+        assert actions.shape == (2, 3) and np.all(np.isfinite(actions))

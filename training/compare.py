@@ -21,7 +21,13 @@ from training.checkpoint import Bundle, restore_bundle
 from training.config import WORLD_STAGES
 from training.data import load_sequences
 from training.envs import get_env_spec, make_env, select_observation
-from training.evaluate import EpisodeRunner, evaluation_goals, fmt, markdown_table
+from training.evaluate import (
+    EpisodeRunner,
+    evaluation_goals,
+    fmt,
+    markdown_table,
+    wilson_interval,
+)
 from training.models.mdn_rnn import initial_state
 from training.planners import Knobs, PlanShape, compile_decide, zero_delta
 from training.plots import plt, save_figure
@@ -154,6 +160,15 @@ def curves_of(metrics: list[dict]) -> dict:
     }
 
 
+def success_cell(row: dict) -> str:
+    """The success rate with its 95% Wilson interval, for mazes."""
+    if row["success_rate"] is None:
+        return "–"
+    n = len(row["returns"])
+    low, high = wilson_interval(round(row["success_rate"] * n), n)
+    return f"{row['success_rate']:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def compare_table(rows: list[dict]) -> str:
     header = ["run", "mode", "return", "success", "recon", "MDN NLL", "world-model s", "steps/s"]
     body = [
@@ -161,7 +176,7 @@ def compare_table(rows: list[dict]) -> str:
             Path(r["run"]).name,
             r["label"],
             f"{r['mean_return']:.1f} ± {r['std_return']:.1f}",
-            fmt(r["success_rate"]),
+            success_cell(r),
             fmt(r["recon"], ".3f"),
             fmt(r["nll"], ".3f"),
             fmt(r["training"]["seconds"], ".0f"),

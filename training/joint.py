@@ -60,6 +60,10 @@ PHASE_TERMS = {
     "joint": ("vae", "mdn", "policy", "value_head", "infonce"),
 }
 LEARNED_WEIGHTS = ("vae", "mdn", "policy")  # what meta-learning learns; aux weights stay
+# What its outer step lowers on held-out windows: the world model's fit. Not the policy
+# term: the REINFORCE surrogate is unbounded below, and the outer step drove lambda_M to 0
+# to chase it (the README's table).
+VALIDATION_TERMS = ("vae", "mdn")
 
 
 class Windows(NamedTuple):
@@ -191,15 +195,33 @@ def standardised(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient((x - mean) / std)
 
 
+def vae_term(model: WorldModel, params: dict, batch: Windows, key):
+    """V's loss on every real frame of a batch of windows: (loss, metrics, (z, mu, frames)),
+    with z the reparameterised latents and frames the frames' mask."""
+    cfg = model.config.vae
+    x = normalise(batch.observations, params["normaliser"])
+    recon, mu, logvar, z = model.vae.apply({"params": params["vae"]}, x, key)
+    frames = jnp.concatenate([jnp.ones_like(batch.mask[:, :1]), batch.mask], axis=1)
+    loss, metrics = vae_loss(recon, x, mu, logvar, cfg.kl_tolerance, cfg.beta, frames)
+    return loss, metrics, (z, mu, frames)
+
+
+def aux_terms(model: WorldModel, params: dict, batch: Windows, z, mu, frames, key) -> dict:
+    """The auxiliary representation losses on V's latents of a batch of windows: the value
+    head's error on the standardised discounted returns, and InfoNCE."""
+    value = model.value_head.apply({"params": params["value_head"]}, z[:, :-1])
+    target = standardised(batch.returns, batch.mask)
+    return {
+        "value_head": masked_mean(jnp.square(value - target), batch.mask),
+        "infonce": infonce_term(model, batch, mu, frames, key),
+    }
+
+
 def joint_terms(model: WorldModel, params: dict, batch: Windows, key: jax.Array):
     """Every term of the joint loss on a batch of windows, unweighted: (terms, metrics)."""
     cfg = model.config
     k_z, k_policy, k_negatives = jax.random.split(key, 3)
-    x = normalise(batch.observations, params["normaliser"])
-    recon, mu, logvar, z = model.vae.apply({"params": params["vae"]}, x, k_z)
-    frames = jnp.concatenate([jnp.ones_like(batch.mask[:, :1]), batch.mask], axis=1)
-    vae, vae_metrics = vae_loss(recon, x, mu, logvar, cfg.vae.kl_tolerance, cfg.vae.beta, frames)
-
+    vae, vae_metrics, (z, mu, frames) = vae_term(model, params, batch, k_z)
     state = initial_state((batch.actions.shape[0],), model.mdn.hidden)
     final, hs, out = unroll(
         model.mdn, params["mdn"], state, z[:, :-1], batch.actions, cfg.train.tbptt
@@ -219,10 +241,7 @@ def joint_terms(model: WorldModel, params: dict, batch: Windows, key: jax.Array)
     policy, policy_metrics = policy_term(model, params, batch, z, hs, final, k_policy)
     terms = {"vae": vae, "mdn": mdn, "policy": policy}
     if model.value_head is not None:
-        value = model.value_head.apply({"params": params["value_head"]}, z[:, :-1])
-        target = standardised(batch.returns, batch.mask)
-        terms["value_head"] = masked_mean(jnp.square(value - target), batch.mask)
-        terms["infonce"] = infonce_term(model, batch, mu, frames, k_negatives)
+        terms.update(aux_terms(model, params, batch, z, mu, frames, k_negatives))
     metrics = {**vae_metrics, **mdn_metrics, **policy_metrics}
     return terms, {**metrics, **{f"term_{k}": v for k, v in terms.items()}}
 
@@ -334,7 +353,7 @@ def meta_gradient_step(
 def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
     """end_to_end with meta-learned weights: each step is `meta_inner_steps` updates of V,
     M and C with the current lambdas, then one meta-gradient step on the lambdas, whose
-    objective is the unweighted joint loss on a batch of held-out windows."""
+    objective is V's and M's unweighted losses on a batch of held-out windows."""
     cfg = model.config
 
     def update(params, opt_state, inputs: JointInputs, key, step):
@@ -354,7 +373,7 @@ def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
 
         def validation_loss(carry):
             terms, _ = joint_terms(model, {**params, **carry[0]}, val_batch, k_val)
-            return sum(terms[k] for k in LEARNED_WEIGHTS)
+            return sum(terms[k] for k in VALIDATION_TERMS)
 
         keys = jax.random.split(k_inner, cfg.joint.meta_inner_steps)
         carry = (trained_params(params), opt_state["model"])

@@ -150,7 +150,9 @@ def info_nce_logits(
     (index 0) and to its negatives [..., K, Z] (1..K): [..., 1 + K]."""
 
     def unit(x):
-        return x / (jnp.linalg.norm(x, axis=-1, keepdims=True) + 1e-6)
+        # eps inside the root: the norm's gradient at 0 (a zero-padding frame's latent
+        # under a bias-free encoder) would be NaN, and NaN * mask 0 is still NaN.
+        return x * jax.lax.rsqrt(jnp.sum(jnp.square(x), axis=-1, keepdims=True) + 1e-12)
 
     a = unit(anchor)
     pos = jnp.sum(a * unit(positive), axis=-1, keepdims=True)

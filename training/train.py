@@ -47,6 +47,7 @@ from training.objectives import (
     return_weights,
     vae_loss,
     weighted_bc_loss,
+    weighted_sum,
 )
 from training.optim import make_optimizer
 from training.plots import plot_lambda_trajectory, plot_loss_curves
@@ -149,6 +150,17 @@ def vae_objective(model: WorldModel, params, inputs, key, step):
     return vae_loss(recon, x, mu, logvar, model.config.vae.kl_tolerance, model.config.vae.beta)
 
 
+def vae_aux_objective(model: WorldModel, params, windows: joint.Windows, key, step):
+    """staged with joint.aux_losses: V and the value head on batches of windows, V's loss
+    plus the auxiliary losses with the joint stage's weights."""
+    k_rows, k_z, k_aux = jax.random.split(key, 3)
+    batch = joint.sample_windows(windows, k_rows, model.config.train.batch_size)
+    loss, metrics, (z, mu, frames) = joint.vae_term(model, params, batch, k_z)
+    aux = joint.aux_terms(model, params, batch, z, mu, frames, k_aux)
+    total = loss + weighted_sum(aux, joint.aux_weights(model.config))
+    return total, {**metrics, **{f"term_{k}": v for k, v in aux.items()}}
+
+
 def mdn_objective(model: WorldModel, params, inputs, key, step):
     mu, logvar, actions, rewards, dones, mask = inputs
     k_rows, k_z = jax.random.split(key)
@@ -240,20 +252,33 @@ OBJECTIVES = {
 }
 
 
+def with_aux(stage: str, config: Config) -> bool:
+    """Whether a staged stage trains the auxiliary losses: V's, with joint.aux_losses."""
+    return stage == "vae" and config.joint.aux_losses
+
+
+def stage_params(stage: str, config: Config, params: dict) -> dict:
+    """The parameter groups a (non-joint) stage trains: its own, and the value head
+    beside V's when the auxiliary losses train with it."""
+    groups = (stage, "value_head") if with_aux(stage, config) else (stage,)
+    return {k: params[k] for k in groups}
+
+
 def stage_update(stage: str, model: WorldModel, tx) -> Callable:
     """The jitted update of one stage: (params, opt_state, inputs, key, step) -> (params,
     opt_state, metrics)."""
     if stage == "joint":
         return joint.make_update(model, stage_bounds(model.config)["joint"][0])
-    objective = OBJECTIVES[stage]
+    objective = vae_aux_objective if with_aux(stage, model.config) else OBJECTIVES[stage]
 
     def update(params, opt_state, inputs, key, step):
         def loss_fn(own):
-            return objective(model, {**params, stage: own}, inputs, key, step)
+            return objective(model, {**params, **own}, inputs, key, step)
 
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params[stage])
-        updates, opt_state = tx.update(grads, opt_state, params[stage])
-        new = {**params, stage: optax.apply_updates(params[stage], updates)}
+        own = stage_params(stage, model.config, params)
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(own)
+        updates, opt_state = tx.update(grads, opt_state, own)
+        new = {**params, **optax.apply_updates(own, updates)}
         if stage == "psi":
             decay = model.config.successor.ema_decay
             new["psi_ema"] = ema_update(params["psi_ema"], new["psi"], decay)
@@ -367,6 +392,9 @@ def prepare_stage(stage: str, model: WorldModel, params: dict, data: DeviceData,
     """(params, inputs) for a stage; the psi stage also sets the psi normalisation."""
     if stage == "joint":
         return params, joint.prepare(model.config, data, episode)
+    if with_aux(stage, model.config):
+        windows = np.arange(len(episode))
+        return params, joint.make_windows(data, episode, windows, model.config.controller.gamma)
     if stage == "vae":
         return params, (data.frames,)
     if stage == "mdn":
@@ -452,7 +480,7 @@ def initial_opt_states(config: Config, params: dict, tx) -> dict:
         if stage == "joint":
             states[stage] = joint.init_opt_state(config, params)
         elif stage in params:
-            states[stage] = tx.init(params[stage])
+            states[stage] = tx.init(stage_params(stage, config, params))
     return states
 
 

@@ -7,7 +7,7 @@ The parameter tree of a bundle:
     psi, psi_ema                 the psi noise model and its EMA (the EMA plans)
     readout                      pi(a | s, psi)
     value                        the goal decoder (only with goal tasks)
-    value_head                   the value of z (only when a joint mode trains auxiliary losses)
+    value_head                   the value of z (only when training with auxiliary losses)
     cumulants                    the fixed random Fourier projection {W, b}
     normaliser                   observation {mean, std}
     psi_norm                     psi {mean, std}
@@ -89,7 +89,6 @@ class WorldModel:
         hidden = config.controller.hidden if config.controller.kind == "mlp" else 0
         sf = config.successor
         goals = config.value.goal_dims is not None
-        value_head = config.train.mode != "staged" and config.joint.aux_losses
         return cls(
             config=config,
             spaces=spaces,
@@ -101,7 +100,7 @@ class WorldModel:
                 spaces.action_low, spaces.action_high, config.readout.hidden, config.readout.depth
             ),
             goal_decoder=GoalDecoder(sf.n_features + 1, config.value.hidden) if goals else None,
-            value_head=LatentValueHead() if value_head else None,
+            value_head=LatentValueHead() if config.joint.aux_losses else None,
         )
 
     # --- sizes --------------------------------------------------------------------------
