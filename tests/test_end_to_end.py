@@ -314,8 +314,9 @@ def test_each_mode_trains_a_pendulum_bundle_the_planners_load(
 def test_staged_auxiliary_losses_train_with_v_and_shape_it(pendulum_data, tmp_path):
     """staged + aux_losses: V's stage trains V and the value head on the auxiliary
     losses too (so V ends elsewhere than without them), and no later stage moves the head."""
-    short = {"vae_steps": 4, "mdn_steps": 2, "controller_steps": 2, "checkpoint_every": 4,
-             "psi_steps": 0, "readout_steps": 0}  # three checkpoints: all are kept
+    # Three checkpoints (the ends of V's, M's and C's stages): all are kept.
+    short = {"vae_steps": 4, "mdn_steps": 2, "controller_steps": 2, "psi_steps": 0}
+    short |= {"readout_steps": 0, "checkpoint_every": 4}
     runs = {}
     for aux in (False, True):
         config = parse_config(pendulum_config("staged", {"aux_losses": aux}, **short))
