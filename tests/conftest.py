@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny PointMaze dataset and a tiny bundle trained on it through all stages."""
 
+import atexit
+import os
 import shutil
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +26,15 @@ from training.models.mdn_rnn import initial_state
 from training.planners import Knobs, PlanShape, compile_decide
 from training.tasks import default_task, task_weights
 from training.train import train
+
+# Tests train the same tiny models many times, in this process and in subprocesses: a
+# compilation cache for the session makes every compilation after the first a lookup.
+_CACHE = Path(tempfile.mkdtemp(prefix="worldplan-jax-cache-"))
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 TINY = {
     "env": "pointmaze-umaze",
