@@ -19,6 +19,8 @@ from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import ApiError, error_response
 from service.metrics import Metrics
+from service.openapi import build_openapi
+from service.routes import router
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,
@@ -203,9 +205,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, err: RequestValidationError) -> JSONResponse:
         return error_response(ApiError.from_validation(err.errors()))
-
-    from service.openapi import build_openapi
-    from service.routes import router
 
     app.include_router(router)
 

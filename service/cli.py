@@ -1,4 +1,5 @@
-"""The `worldplan` command: the training commands, plus `serve`."""
+"""The `worldplan` command: the training commands, `serve` (the server in service/), and the
+programs that use a server from outside it (service/clients/)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,15 @@ def cmd_serve(args: argparse.Namespace) -> None:
     serve(create_app(settings), args.host, args.port, settings.drain_s)
 
 
+def cmd_openapi(args: argparse.Namespace) -> None:
+    from service.app import create_app
+    from service.openapi import document
+
+    print(document(create_app()), end="")
+
+
 def cmd_drive(args: argparse.Namespace) -> None:
-    from service.drive import run_drive
+    from service.clients.drive import run_drive
 
     print(json.dumps(run_drive(args), indent=2))
 
@@ -37,10 +45,10 @@ def cmd_drive(args: argparse.Namespace) -> None:
 def cmd_loadtest(args: argparse.Namespace) -> None:
     import asyncio
 
-    from service.loadtest import run_loadtest, write_report
+    from service.clients.loadtest import run_loadtest, write_report
 
     if args.mix:
-        from service.soak import run_soak
+        from service.clients.soak import run_soak
 
         report = asyncio.run(
             run_soak(
@@ -65,7 +73,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from service.bench import run_bench, write_bench
+    from service.clients.bench import run_bench, write_bench
 
     sessions = [int(n) for n in args.sessions.split(",")]
     report = run_bench(args.model_dir, sessions, args.duration, args.repeats)
@@ -75,7 +83,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
-    from service.memory import run_memory_bench, write_memory
+    from service.clients.memory import run_memory_bench, write_memory
 
     report = run_memory_bench(args.model_dir, args.sessions, args.redis_url)
     path = write_memory(report, args.out)
@@ -97,6 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "openapi", help="print the API's OpenAPI document (the one in openapi/openapi.json)"
+    )
+    p.set_defaults(func=cmd_openapi)
 
     p = sub.add_parser("drive", help="run a gymnasium environment through the service")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
@@ -158,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     import httpx
 
-    from service.client import ServiceError
+    from service.clients.client import ServiceError
 
     try:
         return training_cli.run(build_parser(), argv)

@@ -1,8 +1,9 @@
 """The OpenAPI document of the API. The handlers read their bodies themselves (JSON or
 msgpack), so the request and response schemas of service.schemas are attached here.
 
-`python -m service.openapi > openapi/openapi.json` writes the committed copy; a test keeps
-the two identical.
+This module knows the app only as the FastAPI object it is handed: service.app imports it,
+never the other way round. `worldplan openapi > openapi/openapi.json` writes the committed
+copy; a test keeps the two identical.
 """
 
 from __future__ import annotations
@@ -132,11 +133,6 @@ def build_openapi(app: FastAPI) -> dict:
     return doc
 
 
-def document() -> str:
-    from service.app import create_app
-
-    return json.dumps(build_openapi(create_app()), indent=2, sort_keys=True) + "\n"
-
-
-if __name__ == "__main__":
-    print(document(), end="")
+def document(app: FastAPI) -> str:
+    """The document as committed in openapi/openapi.json."""
+    return json.dumps(build_openapi(app), indent=2, sort_keys=True) + "\n"

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.local import (
+from service.clients.local import (
     free_port,
     running_server,  # noqa: F401  (the tests' server)
     stop,

@@ -5,8 +5,8 @@ import time
 import httpx
 import pytest
 
-from service.client import Client, Options
-from service.local import free_port
+from service.clients.client import Client, Options
+from service.clients.local import free_port
 
 
 def answer(status: int, **headers) -> httpx.Response:

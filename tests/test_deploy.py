@@ -22,8 +22,8 @@ import pytest
 import yaml
 
 from service.cli import build_parser, cmd_serve
-from service.client import SESSION_HEADER, Client
-from service.local import free_port, settings_env, stop, wait_ready
+from service.clients.client import SESSION_HEADER, Client
+from service.clients.local import free_port, settings_env, stop, wait_ready
 from service.sessions import RedisSessionStore, Session
 from service.settings import Settings
 

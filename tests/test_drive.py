@@ -1,8 +1,8 @@
 """`drive` runs a real PointMaze episode through the service with the bundled model."""
 
-from service.client import Client
-from service.drive import drive_episode
-from service.local import running_server
+from service.clients.client import Client
+from service.clients.drive import drive_episode
+from service.clients.local import running_server
 from service.settings import Settings
 
 

@@ -22,7 +22,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from service.local import running_server
+from service.clients.local import running_server
 from service.settings import Settings
 
 KEY = "fuzz-key"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import redis
 
-from service.local import running_server
+from service.clients.local import running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]

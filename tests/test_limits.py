@@ -6,7 +6,7 @@ import time
 
 import httpx
 
-from service.local import free_port, running_server
+from service.clients.local import free_port, running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]

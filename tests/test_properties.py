@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from service.clients.local import running_server
 from service.codec import ALLOWED_DTYPES, JSON, MSGPACK, CodecError, decode_body, to_array
-from service.local import running_server
 from service.settings import Settings
 
 OBS = [0.5, -0.5, 0.1, 0.0]

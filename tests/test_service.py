@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import redis
 
+from service.clients.local import running_server
 from service.engine import Decision, Engine
-from service.local import running_server
 from service.sessions import RedisSessionStore
 from service.settings import Settings
 from training.checkpoint import restore_bundle
@@ -336,7 +336,7 @@ def test_metrics_count_requests_batches_and_adaptation(client):
 
 
 def test_clients_sync_async_and_msgpack_agree(server):
-    from service.client import AsyncClient, Client, ServiceError
+    from service.clients.client import AsyncClient, Client, ServiceError
 
     with Client(server, api_key=KEY) as c, Client(server, api_key=KEY, use_msgpack=True) as m:
         a, b = c.create_session(seed=0), m.create_session(seed=0)
@@ -361,11 +361,12 @@ def test_clients_sync_async_and_msgpack_agree(server):
 def test_the_committed_openapi_document_is_the_apps(client):
     from pathlib import Path
 
+    from service.app import create_app
     from service.openapi import document
 
     committed = Path(__file__).parent.parent / "openapi" / "openapi.json"
-    assert committed.read_text() == document(), (
-        "run: python -m service.openapi > openapi/openapi.json"
+    assert committed.read_text() == document(create_app()), (
+        "run: worldplan openapi > openapi/openapi.json"
     )
     served = client.get("/openapi.json").json()
     assert served["paths"]["/act"]["post"]["requestBody"]["content"]["application/msgpack"]
@@ -373,7 +374,7 @@ def test_the_committed_openapi_document_is_the_apps(client):
 
 
 def test_loadtest_reports_throughput_latency_and_errors(server, tmp_path):
-    from service.loadtest import run_loadtest, write_report
+    from service.clients.loadtest import run_loadtest, write_report
 
     report = asyncio.run(run_loadtest(server, sessions=4, duration_s=1.5, api_key=KEY))
     assert report["errors"] == {} and report["requests"] >= 4
@@ -382,7 +383,7 @@ def test_loadtest_reports_throughput_latency_and_errors(server, tmp_path):
     assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"] <= lat["max"]
     json_path, png_path = write_report(report, tmp_path)
     assert json_path.exists() and png_path.stat().st_size > 5_000
-    from service.client import ServiceError
+    from service.clients.client import ServiceError
 
     with pytest.raises(ServiceError, match="401 unauthorized"):
         asyncio.run(run_loadtest(server, sessions=1, duration_s=0.5, api_key="wrong"))

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import redis
 
+from service.clients.local import free_port
 from service.codec import CodecError
-from service.local import free_port
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from service.local import free_port, settings_env, stop, wait_ready
+from service.clients.local import free_port, settings_env, stop, wait_ready
 from service.sessions import RedisSessionStore
 from service.settings import Settings
 

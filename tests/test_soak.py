@@ -5,9 +5,9 @@ import asyncio
 
 import pytest
 
-from service.local import running_server
+from service.clients.local import running_server
+from service.clients.soak import run_soak
 from service.settings import Settings
-from service.soak import run_soak
 
 KEY = "soak-key"
 MAX_BODY = 64 * 1024

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from service.client import AsyncClient, ServiceError
+from service.clients.client import AsyncClient, ServiceError
 
 MAX_STEPS_PER_SESSION = 1_000_000
 

@@ -26,7 +26,7 @@ import httpx
 import msgpack
 import numpy as np
 
-from service.client import AsyncClient, ServiceError
+from service.clients.client import AsyncClient, ServiceError
 from service.codec import JSON, MSGPACK
 
 EPISODE_STEPS = (5, 20)

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.client import Client
+from service.clients.client import Client
 from training.envs import get_env_spec, make_env, select_observation
 
 

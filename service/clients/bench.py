@@ -20,9 +20,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from service.clients.loadtest import run_loadtest
+from service.clients.local import serving_process
 from service.engine import Decision, Engine
-from service.loadtest import run_loadtest
-from service.local import serving_process
 from service.settings import Settings
 from training.checkpoint import restore_bundle
 from training.planners import PLANNERS, PlanShape, knob_values

@@ -1,0 +1,126 @@
+"""The layout's promises, read from the source with `ast` (nothing is imported, so a lazy
+import inside a function counts as much as one at the top of a file):
+
+- `training` imports nothing from `service`: the model library knows nothing of HTTP;
+- the server (service/ outside service/clients/ and the command line) imports nothing from
+  the programs that talk to it from outside;
+- no two modules import each other, directly or through others.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("training", "service")
+COMMAND_LINE = "service.cli"  # the `worldplan` command, over server, clients and training
+
+
+def module_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules that the file at `path` (module `name`) imports, anywhere in it."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: from the module's own package, `level - 1` up
+                anchor = package.split(".")[: len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, *([base] if base else [])])
+            # `from a import b` imports the module a.b when there is one, else a name of a
+            found.update(
+                f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names
+            )
+    return {m for m in found if m in known and m != name}
+
+
+def import_graph(root: Path, packages=PACKAGES) -> dict[str, set[str]]:
+    files = {module_name(p, root): p for pkg in packages for p in (root / pkg).rglob("*.py")}
+    known = set(files)
+    return {name: imports_of(path, name, known) for name, path in files.items()}
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components with more than one module (Tarjan), sorted."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while (w := stack.pop()) != v:
+                on_stack.discard(w)
+                component.append(w)
+            on_stack.discard(v)
+            if component:
+                found.append(sorted([v, *component]))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
+def test_the_graph_sees_the_project_and_its_lazy_imports():
+    graph = import_graph(ROOT)
+    assert {"service.app", "service.clients.client", "training.planners"} <= set(graph)
+    assert "service.openapi" in graph["service.app"]
+    assert "service.app" in graph["service.clients.local"]  # imported inside a function
+
+
+def test_training_imports_nothing_from_service():
+    graph = import_graph(ROOT)
+    offending = {
+        (module, target)
+        for module, targets in graph.items()
+        if module.startswith("training")
+        for target in targets
+        if target.startswith("service")
+    }
+    assert not offending, sorted(offending)
+
+
+def test_the_server_imports_nothing_from_its_clients():
+    graph = import_graph(ROOT)
+    server = [
+        m
+        for m in graph
+        if m.startswith("service") and not m.startswith("service.clients") and m != COMMAND_LINE
+    ]
+    assert {"service.app", "service.routes", "service.openapi"} <= set(server)
+    offending = {(m, t) for m in server for t in graph[m] if t.startswith("service.clients")}
+    assert not offending, sorted(offending)
+
+
+def test_no_import_cycles():
+    assert cycles(import_graph(ROOT)) == []
+
+
+def test_a_cycle_through_a_lazy_relative_import_is_found(tmp_path):
+    """The checker itself: the circle app.py <-> openapi.py once had, on a package of three."""
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "app.py").write_text("from pkg.openapi import build\n")
+    (pkg / "openapi.py").write_text("def document():\n    from .app import create\n")
+    (pkg / "routes.py").write_text("from pkg import app\n")
+    graph = import_graph(tmp_path, ("pkg",))
+    assert graph["pkg.routes"] == {"pkg.app"}
+    assert cycles(graph) == [["pkg.app", "pkg.openapi"]]
