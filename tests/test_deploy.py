@@ -1,6 +1,7 @@
-"""Deployment: the compose files against the Compose Specification, the Dockerfile against the
-CLI, and deploy/nginx.conf balancing two real `worldplan serve` replicas that share a real
-redis-server, one of which is then killed."""
+"""Deployment (docker/): the compose files against the Compose Specification and resolved
+from the repository root as `docker compose -f docker/compose.yaml` resolves them, the
+Dockerfile against the CLI, and docker/nginx.conf balancing two real `worldplan serve`
+replicas that share a real redis-server, one of which is then killed."""
 
 import asyncio
 import contextlib
@@ -21,13 +22,14 @@ import numpy as np
 import pytest
 import yaml
 
-from service.cli import build_parser, cmd_serve
+from service.cli import build_parser, cmd_loadtest, cmd_serve
 from service.clients.client import SESSION_HEADER, Client
 from service.clients.local import free_port, settings_env, stop, wait_ready
 from service.sessions import RedisSessionStore, Session
 from service.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
+DOCKER = ROOT / "docker"
 BIN = Path(sys.executable).parent
 NGINX = shutil.which("nginx") or next(
     (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if os.access(p, os.X_OK)), None
@@ -37,12 +39,25 @@ JSON = {"Content-Type": "application/json"}
 
 
 def load_yaml(name: str) -> dict:
-    return yaml.safe_load((ROOT / name).read_text())
+    return yaml.safe_load((DOCKER / name).read_text())
+
+
+def interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's `${NAME:-default}` and `${NAME}`, from `env`."""
+    pattern = r"\$\{(\w+)(?::-([^}]*))?\}"
+    return re.sub(pattern, lambda m: env.get(m[1]) or (m[2] or ""), value)
+
+
+def build_paths(build: dict) -> tuple[Path, Path]:
+    """The build context and Dockerfile a compose `build:` names: the context relative to the
+    compose file's folder, the Dockerfile relative to the context."""
+    context = (DOCKER / build["context"]).resolve()
+    return context, context / build.get("dockerfile", "Dockerfile")
 
 
 def dockerfile() -> list[str]:
     """The Dockerfile's instructions, continuation lines joined, comments left out."""
-    text = re.sub(r"\\\n\s*", " ", (ROOT / "Dockerfile").read_text())
+    text = re.sub(r"\\\n\s*", " ", (DOCKER / "Dockerfile").read_text())
     return [line.strip() for line in text.splitlines() if line.strip() and line[0] != "#"]
 
 
@@ -59,7 +74,7 @@ def check_compose(*paths: Path) -> subprocess.CompletedProcess:
 
 
 def test_compose_files_follow_the_compose_specification(tmp_path):
-    checked = check_compose(ROOT / "compose.yaml", ROOT / "compose.gpu.yaml")
+    checked = check_compose(DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml")
     assert checked.returncode == 0, checked.stdout + checked.stderr
     broken = load_yaml("compose.yaml")
     broken["services"]["worldplan"]["deploy"]["replica"] = 2  # a misspelt key
@@ -68,12 +83,20 @@ def test_compose_files_follow_the_compose_specification(tmp_path):
 
 
 def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
-    services = load_yaml("compose.yaml")["services"]
-    assert set(services) == {"redis", "worldplan", "lb"}
+    compose = load_yaml("compose.yaml")
+    assert compose["name"] == "worldplan"  # not the folder's name, "docker"
+    services = compose["services"]
+    assert {name for name, s in services.items() if "profiles" not in s} == {
+        "redis", "worldplan", "lb"
+    }  # what a plain `up` starts  # fmt: skip
     redis, app, lb = services["redis"], services["worldplan"], services["lb"]
     assert redis["image"].startswith("redis:7") and redis["healthcheck"]["test"]
 
-    assert app["build"] == "." and app["deploy"]["replicas"] >= 2
+    # built from the repository root with the Dockerfile in docker/, whose .dockerignore
+    # is the one at the root of the context
+    assert build_paths(app["build"]) == (ROOT, DOCKER / "Dockerfile")
+    assert (ROOT / ".dockerignore").is_file()
+    assert app["deploy"]["replicas"] >= 2
     assert app["depends_on"]["redis"]["condition"] == "service_healthy"
     env = app["environment"]
     assert "WORLDPLAN_API_KEY" in env and env["WORLDPLAN_API_KEY"] is None  # from the shell
@@ -87,10 +110,66 @@ def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
     assert lb["depends_on"]["worldplan"]["condition"] == "service_healthy"
     assert any(str(port).endswith(":8000") for port in lb["ports"])
     source, target, *_ = next(v for v in lb["volumes"] if "nginx.conf" in v).split(":")
-    assert (ROOT / source).resolve() == ROOT / "deploy" / "nginx.conf"
+    assert (DOCKER / source).resolve() == DOCKER / "nginx.conf"
     assert target == "/etc/nginx/nginx.conf"
-    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    conf = (DOCKER / "nginx.conf").read_text()
     assert "server worldplan:8000;" in conf and "listen 8000;" in conf
+    # the balancer is healthy once /readyz answers through it
+    probe = " ".join(lb["healthcheck"]["test"])
+    assert httpx.URL(probe.split()[-1]) == httpx.URL("http://127.0.0.1:8000/readyz")
+
+
+def test_the_loadtest_profile_runs_worldplan_loadtest_against_the_balancer():
+    services = load_yaml("compose.yaml")["services"]
+    load, app, lb = services["loadtest"], services["worldplan"], services["lb"]
+    assert load["profiles"] == ["loadtest"]  # `up` alone leaves it out
+    assert load["image"] == app["image"] and load["build"] == app["build"]
+    assert load["depends_on"]["lb"]["condition"] == "service_healthy"
+
+    def argv(env: dict[str, str]) -> list[str]:
+        return [interpolate(str(a), env) for a in [*load["entrypoint"], *load["command"]]]
+
+    # the command as the image runs it, parsed by the real CLI
+    assert argv({})[0] == "worldplan"
+    args = build_parser().parse_args(argv({})[1:])
+    assert args.func is cmd_loadtest and not args.mix
+    url = httpx.URL(args.url)
+    assert url.host == "lb" and url.port == 8000  # the balancer's listen port, inside
+    assert "listen 8000;" in (DOCKER / "nginx.conf").read_text()
+    assert any(str(port).endswith(":8000") for port in lb["ports"])
+    assert (args.sessions, args.duration, args.api_key) == (32, 30.0, "")  # "": no key sent
+
+    # the knobs, and the replicas' key, from the shell that runs compose
+    env = {"LOADTEST_SESSIONS": "64", "LOADTEST_DURATION": "5", "WORLDPLAN_API_KEY": "k"}
+    args = build_parser().parse_args(argv(env)[1:])
+    assert (args.sessions, args.duration, args.api_key) == (64, 5.0, "k")
+
+
+def docker_compose() -> list[str]:
+    found = shutil.which("docker")
+    if (
+        found is None
+        or subprocess.run([found, "compose", "version"], capture_output=True).returncode
+    ):
+        pytest.skip("the docker CLI with its compose plugin is not installed")
+    return [found, "compose"]
+
+
+def test_docker_compose_resolves_the_files_from_the_repository_root():
+    """Where the docker CLI is installed: its own reading of the files, as `up` would see them."""
+    command = [*docker_compose(), "-f", "docker/compose.yaml", "-f", "docker/compose.gpu.yaml"]
+    resolved = subprocess.run(
+        [*command, "--profile", "loadtest", "config", "--format", "json"],
+        cwd=ROOT, capture_output=True, text=True,
+    )  # fmt: skip
+    assert resolved.returncode == 0, resolved.stderr
+    services = json.loads(resolved.stdout)["services"]
+    assert set(services) == {"redis", "worldplan", "lb", "loadtest"}
+    assert Path(services["worldplan"]["build"]["context"]) == ROOT
+    assert services["worldplan"]["build"]["args"]["EXTRAS"] == "cuda"
+    assert Path(services["loadtest"]["build"]["context"]) == ROOT
+    (mount,) = services["lb"]["volumes"]
+    assert Path(mount["source"]) == DOCKER / "nginx.conf"
 
 
 def test_sessions_outlive_a_crash_of_the_compose_redis(tmp_path, start_redis):
@@ -132,6 +211,7 @@ def test_sessions_outlive_a_crash_of_the_compose_redis(tmp_path, start_redis):
 
 def test_the_gpu_override_builds_the_cuda_extra_and_reserves_a_gpu():
     app = load_yaml("compose.gpu.yaml")["services"]["worldplan"]
+    assert build_paths(app["build"]) == (ROOT, DOCKER / "Dockerfile")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert app["build"]["args"]["EXTRAS"] in extras["optional-dependencies"]
     device = app["deploy"]["resources"]["reservations"]["devices"][0]
@@ -215,8 +295,8 @@ def start(started: list, argv: list[str], log: Path, env=None) -> subprocess.Pop
 
 
 def render_nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> Path:
-    """deploy/nginx.conf with loopback replicas and port, and its temp files under prefix."""
-    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    """docker/nginx.conf with loopback replicas and port, and its temp files under prefix."""
+    conf = (DOCKER / "nginx.conf").read_text()
     servers = "".join(f"server 127.0.0.1:{p};\n" for p in upstreams)
     temps = "".join(
         f"{kind}_temp_path {prefix / kind};\n"
