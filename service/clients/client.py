@@ -5,7 +5,7 @@ restarting replica is safe: the service answers a repeated step from its record 
 never applies it twice. Retries back off, honour Retry-After, and stop after `retries`.
 A session's requests also name the session in an X-Session-Id header, which a load
 balancer can hash on to keep the session on one replica without reading the body
-(docker/nginx.conf; docker/k8s/ingress.yaml does the same on Kubernetes).
+(docker/nginx.conf; docker/k8s/base/ingress.yaml on Kubernetes).
 """
 
 from __future__ import annotations
