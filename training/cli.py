@@ -41,7 +41,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     data = args.data or config.data.path
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
-    result = train(config, data, args.out, progress=not args.quiet)
+    if args.coordinator:
+        from training.parallel import initialize_hosts
+
+        initialize_hosts(args.coordinator, args.num_processes, args.process_id)
+    result = train(config, data, args.out, progress=not args.quiet, devices=args.devices)
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
     print(
@@ -213,6 +217,12 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     )
     p.add_argument("--out", required=True, help="run directory; re-run on it to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--devices", type=int, metavar="N", help="data-parallel over N devices (default: all)"
+    )
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="several hosts: process 0's address")
+    p.add_argument("--num-processes", type=int, default=1, help="several hosts: how many")
+    p.add_argument("--process-id", type=int, default=0, help="several hosts: this one's index")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")

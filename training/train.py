@@ -50,6 +50,7 @@ from training.objectives import (
     weighted_sum,
 )
 from training.optim import make_optimizer
+from training.parallel import check_batches, make_mesh, replicated, split_rows
 from training.plots import plot_lambda_trajectory, plot_loss_curves
 
 METRICS_FILE = "metrics.jsonl"
@@ -138,7 +139,7 @@ class Transitions(NamedTuple):
 
 
 def sample_rows(key: jax.Array, n: int, batch_size: int) -> jax.Array:
-    return jax.random.randint(key, (batch_size,), 0, n)
+    return split_rows(jax.random.randint(key, (batch_size,), 0, n))
 
 
 def vae_objective(model: WorldModel, params, inputs, key, step):
@@ -485,9 +486,16 @@ def initial_opt_states(config: Config, params: dict, tx) -> dict:
 
 
 def train(
-    config: Config, data_path: str | Path, run_dir: str | Path, progress: bool = True
+    config: Config,
+    data_path: str | Path,
+    run_dir: str | Path,
+    progress: bool = True,
+    devices: int | None = None,
 ) -> RunResult:
+    """Trains (or resumes) a run, data-parallel over `devices` devices (all by default)."""
     started = time.perf_counter()
+    mesh = make_mesh(devices)
+    check_batches(config, mesh.size)
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     total = config.train.total_steps
@@ -499,7 +507,7 @@ def train(
     spaces = spaces_of(dataset, seqs)
     data_info = dataset_info(dataset)
     frames = real_frames(seqs)
-    data = device_data(seqs)
+    data = replicated(device_data(seqs), mesh)
     model = WorldModel.build(config, spaces)
     tx = make_optimizer(config.train)
     init_key, seed_key = jax.random.split(jax.random.key(config.seed))
@@ -517,6 +525,7 @@ def train(
         truncate_metrics(run_dir, start)
     elif (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()
+    params, opt_states = replicated((params, opt_states), mesh)
 
     def save(step: int, stage: str) -> None:
         summary = summarise(read_metrics(run_dir))
@@ -526,12 +535,13 @@ def train(
     bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step")
     bounds = stage_bounds(config)
     stage, update, inputs, window = None, None, None, []
-    with open(run_dir / METRICS_FILE, "a") as log:
+    with open(run_dir / METRICS_FILE, "a") as log, jax.set_mesh(mesh):
         for step in range(start, total):
             if stage_at(config, step) != stage:
                 stage = stage_at(config, step)
                 update = stage_update(stage, model, tx)
                 params, inputs = prepare_stage(stage, model, params, data, seqs.episode)
+                params, inputs = replicated((params, inputs), mesh)
             key = jax.random.fold_in(seed_key, step)
             params, opt_states[stage], metrics = update(
                 params, opt_states[stage], inputs, key, step
