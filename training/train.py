@@ -14,6 +14,7 @@ and ends with the same parameters as a run that was never interrupted.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -496,6 +497,7 @@ def train(
     started = time.perf_counter()
     mesh = make_mesh(devices)
     check_batches(config, mesh.size)
+    primary = jax.process_index() == 0  # of several hosts, the one that writes the logs
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     total = config.train.total_steps
@@ -522,8 +524,9 @@ def train(
         check_same_config(run_dir, manager, start, config)
         params = checkpoint.restore_item(manager, start, "params", params)
         opt_states = checkpoint.restore_item(manager, start, "opt_state", opt_states)
-        truncate_metrics(run_dir, start)
-    elif (run_dir / METRICS_FILE).exists():
+        if primary:
+            truncate_metrics(run_dir, start)
+    elif primary and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()
     params, opt_states = replicated((params, opt_states), mesh)
 
@@ -532,10 +535,13 @@ def train(
         metadata = run_metadata(model, str(data_path), data_info, stage, summary)
         checkpoint.save(manager, step, params, opt_states, metadata)
 
-    bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step")
+    bar = tqdm(
+        total=total, initial=start, disable=not (progress and primary), desc="train", unit="step"
+    )
     bounds = stage_bounds(config)
     stage, update, inputs, window = None, None, None, []
-    with open(run_dir / METRICS_FILE, "a") as log, jax.set_mesh(mesh):
+    log_path = run_dir / METRICS_FILE if primary else os.devnull
+    with open(log_path, "a") as log, jax.set_mesh(mesh):
         for step in range(start, total):
             if stage_at(config, step) != stage:
                 stage = stage_at(config, step)
@@ -565,9 +571,9 @@ def train(
     manager.close()
 
     metrics = read_metrics(run_dir)
-    if metrics:
+    if metrics and primary:
         plot_loss_curves(metrics, run_dir / CURVES_FILE)
-    if config.joint.meta_learning and metrics:
+    if config.joint.meta_learning and metrics and primary:
         plot_lambda_trajectory(metrics, run_dir / LAMBDA_FILE)
     return RunResult(
         run_dir=run_dir,
