@@ -486,6 +486,28 @@ def initial_opt_states(config: Config, params: dict, tx) -> dict:
     return states
 
 
+class NewRun(NamedTuple):
+    """What a run starts from: the dataset (on the mesh), the model, its initial params."""
+
+    seqs: Sequences
+    data: DeviceData
+    data_info: dict | None
+    model: WorldModel
+    params: dict
+    tx: optax.GradientTransformation
+
+
+def new_run(config: Config, data_path: str | Path, mesh) -> NewRun:
+    dataset = open_dataset(data_path)
+    seqs = load_sequences(dataset, config.data.seq_len)
+    spaces = spaces_of(dataset, seqs)
+    model = WorldModel.build(config, spaces)
+    params = model.init(jax.random.split(jax.random.key(config.seed))[0])
+    params["normaliser"] = observation_stats(real_frames(seqs), spaces.obs_kind)
+    data = replicated(device_data(seqs), mesh)
+    return NewRun(seqs, data, dataset_info(dataset), model, params, make_optimizer(config.train))
+
+
 def train(
     config: Config,
     data_path: str | Path,
@@ -504,18 +526,9 @@ def train(
     if total == 0:
         raise ConfigError("the config trains no stage: every *_steps is 0")
 
-    dataset = open_dataset(data_path)
-    seqs = load_sequences(dataset, config.data.seq_len)
-    spaces = spaces_of(dataset, seqs)
-    data_info = dataset_info(dataset)
-    frames = real_frames(seqs)
-    data = replicated(device_data(seqs), mesh)
-    model = WorldModel.build(config, spaces)
-    tx = make_optimizer(config.train)
-    init_key, seed_key = jax.random.split(jax.random.key(config.seed))
-    params = model.init(init_key)
-    params["normaliser"] = observation_stats(frames, spaces.obs_kind)
+    seqs, data, data_info, model, params, tx = new_run(config, data_path, mesh)
     opt_states = initial_opt_states(config, params, tx)
+    seed_key = jax.random.split(jax.random.key(config.seed))[1]
 
     manager = checkpoint.open_manager(run_dir)
     start = manager.latest_step() or 0
