@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from service import compilation_cache
 from service.batcher import Batcher
 from service.engine import Engine
 from service.errors import ApiError, error_response
@@ -105,6 +106,8 @@ def default_model_dir():
 
 async def prepare(app: FastAPI, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
+    if settings.compilation_cache:  # before anything compiles
+        compilation_cache.enable(settings.compilation_cache)
     model_dir = settings.model_dir or default_model_dir()
     bundle = await loop.run_in_executor(None, restore_bundle, model_dir)
     engine = Engine(bundle, settings.batch_sizes)
@@ -132,6 +135,12 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
         runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
     runtime.ready = True
     log.info("ready: %d programs compiled in %.1f s", engine.compiled, runtime.warm_up_s)
+    if settings.compilation_cache:
+        cache = compilation_cache.counts
+        log.info(
+            "compilation cache %s: %d of %d compilations read back, %d compiled",
+            settings.compilation_cache, cache.hits, cache.requests, cache.misses,
+        )  # fmt: skip
 
 
 async def prepare_or_report(app: FastAPI, settings: Settings) -> None:

@@ -43,6 +43,10 @@ class Settings(BaseSettings):
     )  # fmt: skip
     default_deadline_ms: float = Field(10_000.0, gt=0.0)
     warm_up: bool = Field(True, description="compile every program before turning ready")
+    compilation_cache: Path | None = Field(
+        None, description="directory of JAX's persistent compilation cache; a restart with "
+        "the same directory reads its programs back instead of compiling them"
+    )  # fmt: skip
     drain_s: float = Field(
         5.0, ge=0.0, description="on SIGTERM: seconds of 503 to new requests before stopping"
     )

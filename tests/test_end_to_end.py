@@ -385,3 +385,22 @@ def test_each_mode_trains_on_carracing_pixels_with_a_small_config(tmp_path):
         assert np.isfinite(result.summary[world]["recon"])
         actions = decide_once(tmp_path / mode)
         assert actions.shape == (2, 3) and np.all(np.isfinite(actions))
+
+
+def test_bench_train_times_each_named_mode(umaze_data, tmp_path, capsys):
+    config = tmp_path / "tiny.yaml"
+    config.write_text(json.dumps(TINY))  # YAML reads JSON
+    out = tmp_path / "bench"
+    argv = ["bench-train", "--config", str(config), "--data", str(umaze_data), "--quiet"]
+    argv += ["--steps", "2", "--repeats", "1", "--modes", "staged,alternating"]
+    assert cli_main([*argv, "--out", str(out)]) == 0
+    report = json.loads((out / "bench_train.json").read_text())
+    parts = [(r["mode"], r["part"]) for r in report["rows"]]
+    assert parts == [("staged", s) for s in ("vae", "mdn", "controller")] + [
+        ("alternating", p) for p in ("world", "controller", "joint")
+    ]
+    assert all(r["steps_per_second"] > 0 for r in report["rows"])
+    assert report["devices"] == 1 and "| alternating | joint |" in capsys.readouterr().out
+    assert cli_main([*argv[:-1], "staged,jointly", "--out", str(tmp_path / "x")]) == 2
+    assert "unknown modes ['jointly']" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

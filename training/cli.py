@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 from training.config import ConfigError
 from training.envs import MAZE_ACTION_NOISE
@@ -41,7 +42,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     data = args.data or config.data.path
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
-    result = train(config, data, args.out, progress=not args.quiet)
+    if args.coordinator:
+        from training.parallel import initialize_hosts
+
+        initialize_hosts(args.coordinator, args.num_processes, args.process_id)
+    result = train(config, data, args.out, progress=not args.quiet, devices=args.devices)
     if result.resumed_from:
         print(f"resumed from step {result.resumed_from}")
     print(
@@ -52,6 +57,20 @@ def cmd_train(args: argparse.Namespace) -> None:
         shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k != "step")
         print(f"  {stage:<10} {shown}")
     print(f"bundle: {result.run_dir}  metrics: {METRICS_FILE}  curves: {CURVES_FILE}")
+
+
+def cmd_bench_train(args: argparse.Namespace) -> None:
+    from training.bench_train import bench_train
+    from training.config import load_config
+
+    config = load_config(args.config)
+    data = args.data or config.data.path
+    modes = args.modes.split(",") if args.modes else None
+    rows = bench_train(
+        config, data, args.out, args.steps, args.repeats, args.devices, modes, not args.quiet
+    )
+    print((Path(args.out) / "bench_train.md").read_text())
+    print(f"wrote bench_train.md and bench_train.json ({len(rows)} rows) to {args.out}")
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -213,7 +232,24 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     )
     p.add_argument("--out", required=True, help="run directory; re-run on it to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--devices", type=int, metavar="N", help="data-parallel over N devices (default: all)"
+    )
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="several hosts: process 0's address")
+    p.add_argument("--num-processes", type=int, default=1, help="several hosts: how many")
+    p.add_argument("--process-id", type=int, default=0, help="several hosts: this one's index")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("bench-train", help="steps per second of each training mode's update")
+    p.add_argument("--config", required=True, help="YAML path or packaged name")
+    p.add_argument("--data", help="dataset directory (overrides data.path)")
+    p.add_argument("--steps", type=int, default=20, help="timed updates per repeat")
+    p.add_argument("--repeats", type=int, default=3, help="timings; the median is reported")
+    p.add_argument("--devices", type=int, metavar="N", help="data-parallel over N devices")
+    p.add_argument("--modes", help="a comma list of the modes to time (default: all)")
+    p.add_argument("--out", default="results/bench-train", help="output directory")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_bench_train)
 
     p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")
     add_episode_options(p, goals=30, out="eval")

@@ -42,10 +42,10 @@ def run_label(bundle: Bundle) -> str:
     if train.mode != "staged":
         parts.append(f"tbptt {train.tbptt}" if train.tbptt else "full BPTT")
         parts.append(j.policy_loss)
-        if j.aux_losses:
-            parts.append("aux")
-        if j.meta_learning:
-            parts.append("meta λ")
+    if j.aux_losses:
+        parts.append("aux")
+    if j.meta_learning:
+        parts.append("meta λ")
     return ", ".join(parts)
 
 

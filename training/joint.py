@@ -44,6 +44,7 @@ from training.objectives import (
     weighted_sum,
 )
 from training.optim import make_optimizer, with_frozen
+from training.parallel import split_rows
 
 # The parameter groups the joint stage trains, and the group each belongs to.
 GROUPS = {"vae": "world", "mdn": "world", "value_head": "world", "controller": "controller"}
@@ -119,7 +120,7 @@ def prepare(config: Config, data, episode: np.ndarray) -> JointInputs:
 
 
 def sample_windows(windows: Windows, key: jax.Array, batch_size: int) -> Windows:
-    rows = jax.random.randint(key, (batch_size,), 0, windows.actions.shape[0])
+    rows = split_rows(jax.random.randint(key, (batch_size,), 0, windows.actions.shape[0]))
     return jax.tree.map(lambda x: x[rows], windows)
 
 

@@ -14,6 +14,7 @@ and ends with the same parameters as a run that was never interrupted.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,7 @@ from training.objectives import (
     weighted_sum,
 )
 from training.optim import make_optimizer
+from training.parallel import check_batches, make_mesh, replicated, split_rows
 from training.plots import plot_lambda_trajectory, plot_loss_curves
 
 METRICS_FILE = "metrics.jsonl"
@@ -138,7 +140,7 @@ class Transitions(NamedTuple):
 
 
 def sample_rows(key: jax.Array, n: int, batch_size: int) -> jax.Array:
-    return jax.random.randint(key, (batch_size,), 0, n)
+    return split_rows(jax.random.randint(key, (batch_size,), 0, n))
 
 
 def vae_objective(model: WorldModel, params, inputs, key, step):
@@ -484,28 +486,49 @@ def initial_opt_states(config: Config, params: dict, tx) -> dict:
     return states
 
 
+class NewRun(NamedTuple):
+    """What a run starts from: the dataset (on the mesh), the model, its initial params."""
+
+    seqs: Sequences
+    data: DeviceData
+    data_info: dict | None
+    model: WorldModel
+    params: dict
+    tx: optax.GradientTransformation
+
+
+def new_run(config: Config, data_path: str | Path, mesh) -> NewRun:
+    dataset = open_dataset(data_path)
+    seqs = load_sequences(dataset, config.data.seq_len)
+    spaces = spaces_of(dataset, seqs)
+    model = WorldModel.build(config, spaces)
+    params = model.init(jax.random.split(jax.random.key(config.seed))[0])
+    params["normaliser"] = observation_stats(real_frames(seqs), spaces.obs_kind)
+    data = replicated(device_data(seqs), mesh)
+    return NewRun(seqs, data, dataset_info(dataset), model, params, make_optimizer(config.train))
+
+
 def train(
-    config: Config, data_path: str | Path, run_dir: str | Path, progress: bool = True
+    config: Config,
+    data_path: str | Path,
+    run_dir: str | Path,
+    progress: bool = True,
+    devices: int | None = None,
 ) -> RunResult:
+    """Trains (or resumes) a run, data-parallel over `devices` devices (all by default)."""
     started = time.perf_counter()
+    mesh = make_mesh(devices)
+    check_batches(config, mesh.size)
+    primary = jax.process_index() == 0  # of several hosts, the one that writes the logs
     run_dir = Path(run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     total = config.train.total_steps
     if total == 0:
         raise ConfigError("the config trains no stage: every *_steps is 0")
 
-    dataset = open_dataset(data_path)
-    seqs = load_sequences(dataset, config.data.seq_len)
-    spaces = spaces_of(dataset, seqs)
-    data_info = dataset_info(dataset)
-    frames = real_frames(seqs)
-    data = device_data(seqs)
-    model = WorldModel.build(config, spaces)
-    tx = make_optimizer(config.train)
-    init_key, seed_key = jax.random.split(jax.random.key(config.seed))
-    params = model.init(init_key)
-    params["normaliser"] = observation_stats(frames, spaces.obs_kind)
+    seqs, data, data_info, model, params, tx = new_run(config, data_path, mesh)
     opt_states = initial_opt_states(config, params, tx)
+    seed_key = jax.random.split(jax.random.key(config.seed))[1]
 
     manager = checkpoint.open_manager(run_dir)
     start = manager.latest_step() or 0
@@ -514,24 +537,30 @@ def train(
         check_same_config(run_dir, manager, start, config)
         params = checkpoint.restore_item(manager, start, "params", params)
         opt_states = checkpoint.restore_item(manager, start, "opt_state", opt_states)
-        truncate_metrics(run_dir, start)
-    elif (run_dir / METRICS_FILE).exists():
+        if primary:
+            truncate_metrics(run_dir, start)
+    elif primary and (run_dir / METRICS_FILE).exists():
         (run_dir / METRICS_FILE).unlink()
+    params, opt_states = replicated((params, opt_states), mesh)
 
     def save(step: int, stage: str) -> None:
         summary = summarise(read_metrics(run_dir))
         metadata = run_metadata(model, str(data_path), data_info, stage, summary)
         checkpoint.save(manager, step, params, opt_states, metadata)
 
-    bar = tqdm(total=total, initial=start, disable=not progress, desc="train", unit="step")
+    bar = tqdm(
+        total=total, initial=start, disable=not (progress and primary), desc="train", unit="step"
+    )
     bounds = stage_bounds(config)
     stage, update, inputs, window = None, None, None, []
-    with open(run_dir / METRICS_FILE, "a") as log:
+    log_path = run_dir / METRICS_FILE if primary else os.devnull
+    with open(log_path, "a") as log, jax.set_mesh(mesh):
         for step in range(start, total):
             if stage_at(config, step) != stage:
                 stage = stage_at(config, step)
                 update = stage_update(stage, model, tx)
                 params, inputs = prepare_stage(stage, model, params, data, seqs.episode)
+                params, inputs = replicated((params, inputs), mesh)
             key = jax.random.fold_in(seed_key, step)
             params, opt_states[stage], metrics = update(
                 params, opt_states[stage], inputs, key, step
@@ -555,9 +584,9 @@ def train(
     manager.close()
 
     metrics = read_metrics(run_dir)
-    if metrics:
+    if metrics and primary:
         plot_loss_curves(metrics, run_dir / CURVES_FILE)
-    if config.joint.meta_learning and metrics:
+    if config.joint.meta_learning and metrics and primary:
         plot_lambda_trajectory(metrics, run_dir / LAMBDA_FILE)
     return RunResult(
         run_dir=run_dir,

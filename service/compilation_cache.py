@@ -1,0 +1,55 @@
+"""JAX's persistent compilation cache for the service (WORLDPLAN_COMPILATION_CACHE).
+
+The compiled programs are written to a directory, so that a restarted replica reads them
+back instead of compiling them again. How many compilations the cache answered is
+counted from JAX's own monitoring events and reported when the service turns ready.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+from jax import monitoring
+
+REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
+HITS = "/jax/compilation_cache/cache_hits"
+
+
+@dataclass
+class CacheCounts:
+    requests: int = 0  # compilations that asked the cache
+    hits: int = 0  # of those, the ones it answered
+
+    @property
+    def misses(self) -> int:
+        return self.requests - self.hits
+
+
+counts = CacheCounts()
+_lock = threading.Lock()
+_listening = False
+
+
+def _count(event: str, **_) -> None:
+    if event in (REQUESTS, HITS):
+        with _lock:
+            if event == REQUESTS:
+                counts.requests += 1
+            else:
+                counts.hits += 1
+
+
+def enable(directory: Path) -> None:
+    """Caches every compilation of this process in `directory` (created if missing)."""
+    global _listening
+    directory.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    # Every program, however quick to compile: the default threshold (1 s) would leave
+    # the small ones out, and a warm start would still compile them.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if not _listening:
+        monitoring.register_event_listener(_count)
+        _listening = True
