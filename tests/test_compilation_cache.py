@@ -6,7 +6,7 @@ import re
 import subprocess
 import sys
 
-from service.local import free_port, settings_env, stop, wait_ready
+from service.clients.local import free_port, settings_env, stop, wait_ready
 from service.settings import Settings
 
 READY = re.compile(r"compilation cache .*: (\d+) of (\d+) compilations read back, (\d+) compiled")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
-from service.local import free_port
+from service.clients.local import free_port
 from tests.conftest import TINY
 from training.checkpoint import restore_bundle
 from training.config import parse_config, with_steps
