@@ -403,3 +403,16 @@ def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_
                 twin = direct.create_session(planner=planner, seed=seed)
                 actions = [direct.act(twin, OBSERVATION, step=t)["action"] for t in range(5)]
                 np.testing.assert_allclose(actions[3:], after[sid], rtol=1e-6, atol=1e-7)
+
+
+def test_the_compilation_cache_outlives_a_container():
+    """The image caches compiled programs under /cache, and compose keeps /cache in a
+    named volume the replicas share: a restarted replica reads its programs back."""
+    (env,) = [line for line in instruction("ENV") if "WORLDPLAN_COMPILATION_CACHE" in line]
+    name, value = env.split("=", 1)
+    assert name.removeprefix("WORLDPLAN_").lower() in Settings.model_fields
+    cache = Path(value)
+    compose = load_yaml("compose.yaml")
+    mounts = dict(m.split(":")[::-1] for m in compose["services"]["worldplan"]["volumes"])
+    (mount,) = [target for target in mounts if cache.is_relative_to(target)]
+    assert mounts[mount] in compose["volumes"]  # a named volume, not the container's layer

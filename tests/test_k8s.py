@@ -12,6 +12,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import httpx
 import kubernetes_validate
@@ -324,3 +325,13 @@ def test_the_gpu_variant_asks_for_a_gpu_with_the_cuda_image(monkeypatch):
     # only the Deployment differs
     rest = [o for o in gpu if o["kind"] != "Deployment"]
     assert rest == [o for o in cpu if o["kind"] != "Deployment"]
+
+
+def test_the_compilation_cache_is_on_a_volume_that_outlives_the_container(objects):
+    main = container(objects)
+    pod = one(objects, "Deployment", "worldplan")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    (env,) = [line for line in instruction("ENV") if "WORLDPLAN_COMPILATION_CACHE" in line]
+    cache = Path(env.split("=", 1)[1])  # the image's
+    (mount,) = [m for m in main["volumeMounts"] if cache.is_relative_to(m["mountPath"])]
+    assert {"emptyDir", "persistentVolumeClaim"} & set(volumes[mount["name"]])
