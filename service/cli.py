@@ -82,6 +82,14 @@ def cmd_bench(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_bench_start(args: argparse.Namespace) -> None:
+    from service.clients.startup import run_start_bench
+
+    report = run_start_bench(args.model_dir, args.out)
+    print(json.dumps(report, indent=2))
+    print(f"wrote {Path(args.out) / 'start.json'} and the two servers' logs")
+
+
 def cmd_bench_memory(args: argparse.Namespace) -> None:
     from service.clients.memory import run_memory_bench, write_memory
 
@@ -165,6 +173,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url", default=None, help="also measure this Redis (its used_memory)")
     p.add_argument("--out", default="bench")
     p.set_defaults(func=cmd_bench_memory)
+
+    p = sub.add_parser(
+        "bench-start", help="seconds to ready of `worldplan serve`, cold and warm compilation cache"
+    )
+    p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
+    p.add_argument("--out", default="bench-start")
+    p.set_defaults(func=cmd_bench_start)
     return parser
 
 
