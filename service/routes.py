@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ValidationError
 
 from service import codec
-from service.engine import Decision
+from service.engine import InvalidTask, Planning, StepInput
 from service.errors import ApiError, expired, not_found
 from service.guard import as_float32, non_finite_paths
 from service.schemas import (
@@ -29,9 +29,6 @@ from service.schemas import (
     PlannerOverrides,
 )
 from service.sessions import Session, SessionExpired, SessionLimit, SessionNotFound
-from training.config import PlanningConfig
-from training.planners import PlanShape, knob_values
-from training.tasks import TaskError, default_task, task_weights
 
 router = APIRouter()
 
@@ -133,29 +130,23 @@ async def load_session(rt, request: Request, session_id: str) -> Session:
     return session
 
 
-def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
-    bundle = rt.bundle
-    task = task or default_task(bundle.model, bundle.params)
+async def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
+    """The task (the default for None) and its weights, computed on the engine's worker."""
     try:
-        weights = as_float32(task_weights(bundle.model, bundle.params, task))
-    except TaskError as err:
+        return await rt.batcher.task_weights(task)
+    except InvalidTask as err:
         raise ApiError(422, "invalid_task", str(err)) from None
-    if not np.all(np.isfinite(weights)):  # a goal far outside the data, a degenerate fit
-        raise ApiError(422, "invalid_task", "the task's cumulant weights are not finite")
-    return task, weights
 
 
-def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> PlanningConfig:
+def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> Planning:
     """The bundle's defaults, then the session's overrides, then the request's; shapes
     that were not compiled are refused."""
-    merged = {**session.planner, **(overrides.model_dump(exclude_none=True) if overrides else {})}
-    try:  # the training config's bounds hold for overrides too
-        planning = PlanningConfig.model_validate(
-            {**rt.bundle.config.planning.model_dump(), **merged}
-        )
+    request = overrides.model_dump(exclude_none=True) if overrides else {}
+    try:
+        planning = rt.engine.planning(session.planner, request)
     except ValidationError as err:
         raise ApiError.from_validation(err.errors()) from None
-    if PlanShape.of(planning) not in rt.shapes:
+    if planning.shape not in rt.shapes:
         raise ApiError(
             422,
             "unsupported_planner_shape",
@@ -169,37 +160,29 @@ def planner_limits(rt) -> dict:
     oa = [s for s in rt.shapes if s.planner == "online_adaptation"]
     return {
         "planners": sorted({s.planner for s in rt.shapes}),
-        "adaptation_steps": {"ge": 0, "le": rt.bundle.config.planning.max_adaptation_steps},
+        "adaptation_steps": {"ge": 0, "le": rt.engine.planning_defaults.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
         **LIMITS,
         "delta_bytes": {"per_session": rt.delta_bytes, "le": rt.settings.max_delta_bytes},
     }
 
 
-def observation_space(rt) -> dict:
-    """The observation space /model publishes; pixels are bounded by their dtype."""
-    spaces = rt.bundle.model.spaces
-    if spaces.obs_kind == "pixels":
-        return {"shape": list(spaces.obs_shape), "dtype": "uint8", "low": 0.0, "high": 255.0}
-    return {"shape": list(spaces.obs_shape), "dtype": "float32"}
-
-
 def check_observation(rt, value: Any, route: str) -> np.ndarray:
     """The observation as the model takes it (float32), or 400. It is checked after the
     conversion: a finite number beyond float32 would reach the model as Inf."""
-    spaces = rt.bundle.model.spaces
+    space = rt.engine.observation_space
     try:
         obs = codec.to_array(value, "observation", dtype=None)
     except codec.CodecError as err:
         raise ApiError(400, "bad_observation", str(err)) from None
-    if tuple(obs.shape) != spaces.obs_shape:
+    if list(obs.shape) != space["shape"]:
         raise ApiError(
             400,
             "bad_observation",
-            f"observation has shape {list(obs.shape)}, the model takes {list(spaces.obs_shape)}",
-            {"expected_shape": list(spaces.obs_shape)},
+            f"observation has shape {list(obs.shape)}, the model takes {space['shape']}",
+            {"expected_shape": space["shape"]},
         )
-    if spaces.obs_kind == "pixels" and obs.dtype != np.uint8:
+    if space["dtype"] == "uint8" and obs.dtype != np.uint8:
         raise ApiError(400, "bad_observation", f"pixels must be uint8, got {obs.dtype}")
     if obs.dtype.kind not in "biuf":
         raise ApiError(400, "bad_observation", f"observation dtype {obs.dtype} is not numeric")
@@ -209,7 +192,6 @@ def check_observation(rt, value: Any, route: str) -> np.ndarray:
         raise ApiError(
             400, "bad_observation", "observation holds NaN, Inf or values beyond float32"
         )
-    space = observation_space(rt)
     if "low" in space and not (np.all(obs >= space["low"]) and np.all(obs <= space["high"])):
         bounds = {"low": space["low"], "high": space["high"]}
         raise ApiError(400, "bad_observation", "observation outside its space's bounds", bounds)
@@ -267,21 +249,7 @@ async def metrics(request: Request) -> Response:
 @router.get("/model")
 async def model_info(request: Request) -> Response:
     rt = authorised(request)
-    model, bundle = rt.bundle.model, rt.bundle
-    spaces = model.spaces
-    info = {
-        "model_version": rt.model_version,
-        "env_id": bundle.env_id,
-        "observation_space": observation_space(rt),
-        "action_space": {
-            "shape": [spaces.action_dim],
-            "low": list(spaces.action_low),
-            "high": list(spaces.action_high),
-        },
-        "default_task": default_task(model, bundle.params),
-        "planner_defaults": bundle.config.planning.model_dump(),
-        "planner_limits": planner_limits(rt),
-    }
+    info = {**rt.engine.describe(), "planner_limits": planner_limits(rt)}
     return answer(request, info)
 
 
@@ -289,14 +257,15 @@ async def model_info(request: Request) -> Response:
 async def create_session(request: Request) -> Response:
     rt = authorised(request)
     body = await read_body(request, CreateSession, rt)
-    task, weights = resolve_task(rt, body.task.model_dump() if body.task else None)
+    task, weights = await resolve_task(rt, body.task.model_dump() if body.task else None)
     now = time.time()
+    lstm_c, lstm_h = rt.engine.initial_state()
     session = Session(
         session_id=secrets.token_urlsafe(SESSION_ID_BYTES),
         seed=body.seed if body.seed is not None else secrets.randbits(32),
         step=-1,
-        lstm_c=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
-        lstm_h=np.zeros(rt.bundle.model.mdn.hidden, np.float32),
+        lstm_c=lstm_c,
+        lstm_h=lstm_h,
         task=task,
         task_weights=weights,
         planner=body.planner.model_dump(exclude_none=True) if body.planner else {},
@@ -352,14 +321,14 @@ async def act(request: Request) -> Response:
                 return answer(request, session.last_response)  # a retry: nothing advances
             planning, decision = prepare_decision(rt, session, body)
             queued = time.perf_counter()
-            decided = rt.batcher.enqueue(PlanShape.of(planning), decision)
+            decided = rt.batcher.enqueue(planning.shape, decision)
         outcome = await within_deadline(rt, decided, body.deadline_ms, started)
         check_result(rt, "/act", vars(outcome))
         response = ActResponse(
             session_id=session.session_id,
             step=decision.step,
             action=[float(a) for a in outcome.action],
-            planner=planning.planner,
+            planner=planning.config.planner,
             diagnostics=outcome.diagnostics,
             timing={
                 "total_ms": round(1000 * (time.perf_counter() - started), 3),
@@ -368,12 +337,13 @@ async def act(request: Request) -> Response:
             model_version=rt.model_version,
         ).model_dump()
         answered = answer(request, response)  # before the session changes
-        rt.metrics.observe_decision(planning.planner, outcome.diagnostics)
+        rt.metrics.observe_decision(planning.config.planner, outcome.diagnostics)
         session.step = decision.step
         session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
         session.last_response = response
         session.last_observation = decision.observation
-        if planning.planner == "online_adaptation" and planning.warm_start and rt.keeps_delta:
+        config = planning.config
+        if config.planner == "online_adaptation" and config.warm_start and rt.keeps_delta:
             session.delta = outcome.delta  # the next step's Δφ starts here
         elif body.reset:
             session.delta = None
@@ -381,7 +351,7 @@ async def act(request: Request) -> Response:
     return answered
 
 
-def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningConfig, Decision]:
+def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[Planning, StepInput]:
     """The checked request as the engine takes it; any refusal here changes nothing."""
     expected = session.step + 1
     if body.step is not None and body.step != expected:
@@ -393,16 +363,15 @@ def prepare_decision(rt, session: Session, body: ActRequest) -> tuple[PlanningCo
         )
     obs = check_observation(rt, body.observation, "/act")
     planning = planning_for(rt, session, body.planner)
-    zero = np.zeros(rt.bundle.model.mdn.hidden, np.float32)
-    decision = Decision(
-        observation=obs,
-        lstm_c=zero if body.reset else session.lstm_c,
-        lstm_h=zero if body.reset else session.lstm_h,
-        weights=session.task_weights,
-        seed=session.seed,
-        step=expected,
-        knobs=knob_values(planning),
-        delta=None if body.reset else session.delta,
+    state = rt.engine.initial_state() if body.reset else (session.lstm_c, session.lstm_h)
+    decision = rt.engine.step_input(
+        obs,
+        state,
+        session.task_weights,
+        session.seed,
+        expected,
+        planning.config,
+        None if body.reset else session.delta,
     )
     if rt.batcher.pending >= rt.settings.max_queue:
         raise ApiError(
@@ -431,7 +400,7 @@ async def adapt(request: Request) -> Response:
     async with rt.lock(body.session_id):
         session = await load_session(rt, request, body.session_id)
         if body.task is not None:
-            task, weights = resolve_task(rt, body.task.model_dump())
+            task, weights = await resolve_task(rt, body.task.model_dump())
         else:
             task, weights = session.task, session.task_weights
         if body.observation is not None:
@@ -447,18 +416,16 @@ async def adapt(request: Request) -> Response:
         steps = body.steps or DEFAULT_ADAPT_STEPS
         overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
         planning = planning_for(rt, session, overrides)
-        decision = Decision(
-            observation=obs,
-            lstm_c=session.lstm_c,
-            lstm_h=session.lstm_h,
-            weights=weights,
-            seed=session.seed,
-            step=session.step + 1,
-            knobs=knob_values(planning),
-            delta=None if task != session.task else session.delta,  # a new task starts at 0
+        decision = rt.engine.step_input(
+            obs,
+            (session.lstm_c, session.lstm_h),
+            weights,
+            session.seed,
+            session.step + 1,
+            planning.config,
+            None if task != session.task else session.delta,  # a new task starts at 0
         )
-        loop = asyncio.get_running_loop()
-        work = loop.run_in_executor(None, rt.engine.adapt, PlanShape.of(planning), decision)
+        work = rt.batcher.adapt(planning.shape, decision)  # the worker of /act's batches
         delta, diagnostics = await within_deadline(rt, work, body.deadline_ms, started)
         check_result(rt, "/adapt", {"delta": delta, "diagnostics": diagnostics})
         payload = {
