@@ -115,8 +115,6 @@ class Engine:
         self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
         self._keys = jax.jit(jax.vmap(session_key))
         self._zero_deltas: dict[PlanShape, dict] = {}
-        # This engine's compiled programs, by (kind, shape): jax.jit compiles each on its
-        # first call.
         self._programs: dict[tuple[str, PlanShape], Callable] = {}
 
     @property
@@ -129,10 +127,14 @@ class Engine:
         return cls(restore_bundle(model_dir), batch_sizes)
 
     def _program(self, kind: str, shape: PlanShape) -> Callable:
+        """The program of `kind` ("decide", batched, or "adapt") for a shape, made once and
+        held by this engine; jax.jit compiles it on its first call."""
         if (kind, shape) not in self._programs:
-            make = {"decide": lambda: compile_decide(self.model, shape, batched=True),
-                    "adapt": lambda: compile_adapt(self.model, shape)}[kind]  # fmt: skip
-            self._programs[kind, shape] = make()
+            if kind == "decide":
+                program = compile_decide(self.model, shape, batched=True)
+            else:
+                program = compile_adapt(self.model, shape)
+            self._programs[kind, shape] = program
         return self._programs[kind, shape]
 
     def initial_state(self) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ def served(trained, redis_url):
         max_batch=4,
         max_wait_ms=5,
         sample_counts=(8,),
+        default_adapt_steps=4,
     )
     app = create_app(settings)
     with running_server(settings, app=app) as (url, readiness):
@@ -276,6 +277,14 @@ def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
         for sid in (a, c)
     }
     assert acts[a]["action"] == acts[c]["action"]  # without persist, nothing of Δφ stays
+
+
+def test_adapt_without_a_step_count_takes_the_configured_default(client):
+    sid = new_session(client)
+    r = client.post("/adapt", json={"session_id": sid, "observation": OBS})
+    assert r.status_code == 200, r.text
+    diag = r.json()["diagnostics"]
+    assert diag["steps"] == 4 and len(diag["objective"]) == 5  # WORLDPLAN_DEFAULT_ADAPT_STEPS
 
 
 def test_adapt_takes_any_step_count_up_to_the_published_maximum(client):
