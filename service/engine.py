@@ -6,7 +6,8 @@ A batch of decisions of different sessions runs as vmapped calls of
 `training.planners.decide` (V encode -> plan -> read out -> clip -> M step): the compiled
 batch sizes whose calls cover it at the least cost measured at warm-up, the last padded.
 The mathematics lives in `training`; this module only gathers inputs, pads, calls and
-splits. Everything here that runs JAX is called on the batcher's worker, off the event loop.
+splits. What here runs JAX runs off the event loop: at startup on an executor, once
+serving on the batcher's worker, one call at a time.
 """
 
 from __future__ import annotations
