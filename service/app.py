@@ -10,14 +10,13 @@ import weakref
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-import jax
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from service import compilation_cache
 from service.batcher import Batcher
-from service.engine import Engine
+from service.engine import Engine, PlanShape
 from service.errors import ApiError, error_response
 from service.metrics import Metrics
 from service.openapi import build_openapi
@@ -29,8 +28,6 @@ from service.sessions import (
     StoreUnavailable,
 )
 from service.settings import Settings
-from training.checkpoint import Bundle, params_digest, restore_bundle
-from training.planners import PLANNERS, PlanShape
 
 log = logging.getLogger("worldplan")
 DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -41,7 +38,6 @@ class Runtime:
     """What the handlers share once the lifespan has started."""
 
     settings: Settings
-    bundle: Bundle
     engine: Engine
     batcher: Batcher
     store: SessionStore
@@ -68,28 +64,6 @@ class Runtime:
         return lock
 
 
-def published_shapes(bundle: Bundle, settings: Settings) -> list[PlanShape]:
-    """Every plan shape a request may ask for: the defaults of each planner, and online
-    adaptation at each published sample count (any step count up to the published maximum
-    runs in one program)."""
-    base = bundle.config.planning
-    shapes = {PlanShape.of(base.model_copy(update={"planner": name})) for name in PLANNERS}
-    for samples in {*settings.sample_counts, base.n_adaptation_samples}:
-        update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
-        shapes.add(PlanShape.of(base.model_copy(update=update)))
-    return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
-
-
-def delta_bytes(engine: Engine, shapes: list[PlanShape]) -> int:
-    """The largest Δφ a session could keep: that of the adaptation shapes."""
-    sizes = [
-        sum(leaf.nbytes for leaf in jax.tree.leaves(engine.zero_delta(shape)))
-        for shape in shapes
-        if shape.planner == "online_adaptation"
-    ]
-    return max(sizes, default=0)
-
-
 def make_store(settings: Settings) -> SessionStore:
     if settings.session_store == "redis":
         return RedisSessionStore(settings.redis_url, settings.session_ttl_s)
@@ -109,28 +83,26 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
     if settings.compilation_cache:  # before anything compiles
         compilation_cache.enable(settings.compilation_cache)
     model_dir = settings.model_dir or default_model_dir()
-    bundle = await loop.run_in_executor(None, restore_bundle, model_dir)
-    engine = Engine(bundle, settings.batch_sizes)
+    engine = await loop.run_in_executor(None, Engine.restore, model_dir, settings.batch_sizes)
     runtime = Runtime(
         settings=settings,
-        bundle=bundle,
         engine=engine,
         batcher=Batcher(
             engine, settings.max_batch, settings.max_wait_ms, app.state.metrics.observe_batch
         ),
         store=make_store(settings),
         metrics=app.state.metrics,
-        model_version=f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}",
-        shapes=published_shapes(bundle, settings),
+        model_version=engine.model_version,
+        shapes=engine.published_shapes(settings.sample_counts),
     )
-    runtime.delta_bytes = delta_bytes(engine, runtime.shapes)
+    runtime.delta_bytes = await loop.run_in_executor(None, engine.delta_bytes, runtime.shapes)
     if not runtime.keeps_delta:
         log.warning(
             "a Δφ warm start takes %d bytes, over WORLDPLAN_MAX_DELTA_BYTES (%d): sessions keep "
             "none", runtime.delta_bytes, settings.max_delta_bytes,
         )  # fmt: skip
     app.state.runtime = runtime
-    log.info("restored %s from %s on %s", runtime.model_version, model_dir, jax.devices()[0])
+    log.info("restored %s from %s on %s", runtime.model_version, model_dir, engine.device)
     if settings.warm_up:
         runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
     runtime.ready = True

@@ -6,8 +6,9 @@ is cut when the engine is free, and then holds everything queued so far (up to
 cutting, a queue waits for decisions still being prepared (`arriving`: requests read and
 checked but not yet queued), at most `max_wait_ms` after its oldest; with none arriving it
 does not wait, so a lone session pays no batching delay. Engine calls run one at a time on
-a worker thread, off the event loop. Ordering within a session is the caller's business
-(the routes hold a lock per session).
+a worker thread, off the event loop; `call` runs any other engine work (an adaptation, a
+task's weights) on that worker under the same lock. Ordering within a session is the
+caller's business (the routes hold a lock per session).
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
-from service.engine import Decision, Engine
-from training.planners import PlanShape
+from service.engine import Engine, PlanShape, StepInput
 
 
 @dataclass
 class Pending:
-    decision: Decision
+    decision: StepInput
     future: asyncio.Future
     queued_at: float = field(default_factory=time.perf_counter)
 
@@ -76,7 +77,7 @@ class Batcher:
             self._arriving -= 1
             self._changed.set()
 
-    def enqueue(self, shape: PlanShape, decision: Decision) -> asyncio.Future:
+    def enqueue(self, shape: PlanShape, decision: StepInput) -> asyncio.Future:
         """Queues a decision at once; the future resolves to its Outcome."""
         future = asyncio.get_running_loop().create_future()
         self._queues[shape].append(Pending(decision, future))
@@ -84,6 +85,19 @@ class Batcher:
             self._flushers[shape] = asyncio.create_task(self._flush(shape))
         self._changed.set()
         return future
+
+    async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) on the engine's worker, between batches: one engine call at a time."""
+        async with self._compute:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    async def adapt(self, shape: PlanShape, step: StepInput) -> tuple[dict, dict]:
+        """Δφ adaptation alone (engine.adapt), on the worker."""
+        return await self.call(self.engine.adapt, shape, step)
+
+    async def task_weights(self, task: dict | None) -> tuple[dict, Any]:
+        """A task and its weights (engine.task_weights), on the worker."""
+        return await self.call(self.engine.task_weights, task)
 
     async def _flush(self, shape: PlanShape) -> None:
         queue = self._queues[shape]

@@ -1,38 +1,51 @@
-"""The compiled batch programs of the service: one per planner shape and batch size.
+"""The service's one door into `training`: the model, its compiled batch programs (one per
+planner shape and batch size), task -> weights, planner overrides and the model's
+description. No other server module imports `training`.
 
 A batch of decisions of different sessions runs as vmapped calls of
 `training.planners.decide` (V encode -> plan -> read out -> clip -> M step): the compiled
 batch sizes whose calls cover it at the least cost measured at warm-up, the last padded.
 The mathematics lives in `training`; this module only gathers inputs, pads, calls and
-splits.
+splits. What here runs JAX runs off the event loop: at startup on an executor, once
+serving on the batcher's worker, one call at a time.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from training.checkpoint import Bundle
+from service.guard import as_float32
+from training.checkpoint import Bundle, params_digest, restore_bundle
+from training.config import PlanningConfig
 from training.planners import (
+    PLANNERS,
     Knobs,
     PlanShape,
     compile_adapt,
     compile_decide,
+    knob_values,
     session_key,
     zero_delta,
 )
+from training.tasks import TaskError, default_task, task_weights
+
+__all__ = ["Engine", "InvalidTask", "Outcome", "PlanShape", "Planning", "StepInput"]
 
 log = logging.getLogger("worldplan")
 
 
 @dataclass
-class Decision:
-    """One session's step as the engine takes it."""
+class StepInput:
+    """One session's step as the engine takes it: built by `Engine.step_input`."""
 
     observation: np.ndarray  # as the bundle's observation space, float32
     lstm_c: np.ndarray  # [H]
@@ -42,6 +55,20 @@ class Decision:
     step: int
     knobs: tuple[float, float, float, float]  # planners.knob_values: lr, λ, guidance, steps
     delta: dict | None = None  # Δφ warm start (online adaptation), None = 0
+
+
+Decision = StepInput  # the former name, which service/clients/bench.py still imports
+
+
+class InvalidTask(ValueError):
+    """A task that gives no usable cumulant weights."""
+
+
+class Planning(NamedTuple):
+    """A step's planner configuration and the compiled program shape that serves it."""
+
+    config: PlanningConfig
+    shape: PlanShape
 
 
 @dataclass
@@ -78,6 +105,10 @@ class Engine:
             raise ValueError("batch_sizes must be positive")
         self.model = bundle.model
         self.params = jax.device_put(bundle.params)
+        self.env_id = bundle.env_id
+        self.model_version = f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}"
+        self.planning_defaults = bundle.config.planning
+        self.default_task = default_task(bundle.model, bundle.params)
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         # Seconds per call of each (shape, compiled size), measured by warm_up. Unmeasured
         # calls count 1 each, so a batch is then padded to one call.
@@ -85,6 +116,121 @@ class Engine:
         self.compiled, self.programs = 0, 0  # warm-up progress, for /readyz
         self._keys = jax.jit(jax.vmap(session_key))
         self._zero_deltas: dict[PlanShape, dict] = {}
+        self._programs: dict[tuple[str, PlanShape], Callable] = {}
+
+    @property
+    def device(self) -> str:
+        return str(jax.devices()[0])
+
+    @classmethod
+    def restore(cls, model_dir: Path, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Engine:
+        """The engine of the bundle saved in `model_dir`."""
+        return cls(restore_bundle(model_dir), batch_sizes)
+
+    def _program(self, kind: str, shape: PlanShape) -> Callable:
+        """The program of `kind` ("decide", batched, or "adapt") for a shape, made once and
+        held by this engine; jax.jit compiles it on its first call."""
+        if (kind, shape) not in self._programs:
+            if kind == "decide":
+                program = compile_decide(self.model, shape, batched=True)
+            else:
+                program = compile_adapt(self.model, shape)
+            self._programs[kind, shape] = program
+        return self._programs[kind, shape]
+
+    def initial_state(self) -> tuple[np.ndarray, np.ndarray]:
+        """M's LSTM state (c, h) before a session's first step, or after a reset: zero."""
+        hidden = self.model.mdn.hidden
+        return np.zeros(hidden, np.float32), np.zeros(hidden, np.float32)
+
+    @property
+    def observation_space(self) -> dict:
+        """The observation space /model publishes; pixels are bounded by their dtype."""
+        spaces = self.model.spaces
+        if spaces.obs_kind == "pixels":
+            return {"shape": list(spaces.obs_shape), "dtype": "uint8", "low": 0.0, "high": 255.0}
+        return {"shape": list(spaces.obs_shape), "dtype": "float32"}
+
+    def describe(self) -> dict:
+        """The model as /model describes it (the service adds its own limits)."""
+        spaces = self.model.spaces
+        return {
+            "model_version": self.model_version,
+            "env_id": self.env_id,
+            "observation_space": self.observation_space,
+            "action_space": {
+                "shape": [spaces.action_dim],
+                "low": list(spaces.action_low),
+                "high": list(spaces.action_high),
+            },
+            "default_task": self.default_task,
+            "planner_defaults": self.planning_defaults.model_dump(),
+        }
+
+    def task_weights(self, task: dict | None) -> tuple[dict, np.ndarray]:
+        """The task (the default one for None) and its cumulant weights [P], float32, or
+        InvalidTask. JAX work (a goal decoder, a least-squares fit): run it on the worker."""
+        task = task or self.default_task
+        try:
+            weights = as_float32(task_weights(self.model, self.params, task))
+        except TaskError as err:
+            raise InvalidTask(str(err)) from None
+        if not np.all(np.isfinite(weights)):  # a goal far outside the data, a degenerate fit
+            raise InvalidTask("the task's cumulant weights are not finite")
+        return task, weights
+
+    def planning(self, *overrides: dict) -> Planning:
+        """The bundle's planner defaults under each of `overrides` in turn; the training
+        config's bounds hold for overrides too (pydantic's ValidationError otherwise)."""
+        merged = self.planning_defaults.model_dump()
+        for layer in overrides:
+            merged.update(layer)
+        config = PlanningConfig.model_validate(merged)
+        return Planning(config, PlanShape.of(config))
+
+    def published_shapes(self, sample_counts: tuple[int, ...]) -> list[PlanShape]:
+        """Every plan shape a request may ask for: the defaults of each planner, and online
+        adaptation at each published sample count (any step count up to the published
+        maximum runs in one program)."""
+        base = self.planning_defaults
+        shapes = {PlanShape.of(base.model_copy(update={"planner": name})) for name in PLANNERS}
+        for samples in {*sample_counts, base.n_adaptation_samples}:
+            update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
+            shapes.add(PlanShape.of(base.model_copy(update=update)))
+        return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
+
+    def delta_bytes(self, shapes: list[PlanShape]) -> int:
+        """The largest Δφ a session could keep: that of the adaptation shapes."""
+        sizes = [
+            sum(leaf.nbytes for leaf in jax.tree.leaves(self.zero_delta(shape)))
+            for shape in shapes
+            if shape.planner == "online_adaptation"
+        ]
+        return max(sizes, default=0)
+
+    def step_input(
+        self,
+        observation: np.ndarray,
+        state: tuple[np.ndarray, np.ndarray],
+        weights: np.ndarray,
+        seed: int,
+        step: int,
+        planning: PlanningConfig | tuple[float, ...],
+        delta: dict | None = None,
+    ) -> StepInput:
+        """The engine's input record of one step; `planning` gives the knobs (a config, or
+        the knob values themselves)."""
+        knobs = knob_values(planning) if isinstance(planning, PlanningConfig) else planning
+        return StepInput(
+            observation=observation,
+            lstm_c=state[0],
+            lstm_h=state[1],
+            weights=weights,
+            seed=seed,
+            step=step,
+            knobs=tuple(knobs),
+            delta=delta,
+        )
 
     def zero_delta(self, shape: PlanShape) -> dict:
         """Δφ = 0 of a shape, made once. On the host, as the Δφ a session brings back is:
@@ -116,7 +262,7 @@ class Engine:
             )  # fmt: skip
         return best[n][1]
 
-    def run(self, shape: PlanShape, decisions: list[Decision]) -> list[Outcome]:
+    def run(self, shape: PlanShape, decisions: list[StepInput]) -> list[Outcome]:
         """Decisions of one planner shape, at most `max_batch` of them."""
         outcomes, start = [], 0
         for size in self.chunk_sizes(shape, len(decisions)):
@@ -124,7 +270,7 @@ class Engine:
             start += size
         return outcomes
 
-    def _call(self, shape: PlanShape, decisions: list[Decision], size: int) -> list[Outcome]:
+    def _call(self, shape: PlanShape, decisions: list[StepInput], size: int) -> list[Outcome]:
         """One call of the program compiled for `size`; padding rows are discarded."""
         n = len(decisions)
         rows = decisions + [decisions[0]] * (size - n)
@@ -140,7 +286,7 @@ class Engine:
             zero = self.zero_delta(shape)
             deltas = [d.delta if d.delta is not None else zero for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *deltas)
-        out = compile_decide(self.model, shape, batched=True)(
+        out = self._program("decide", shape)(
             self.params,
             (stack([d.lstm_c for d in rows]), stack([d.lstm_h for d in rows])),
             stack([d.observation for d in rows]),
@@ -175,11 +321,11 @@ class Engine:
             for i in range(n)
         ]
 
-    def adapt(self, shape: PlanShape, decision: Decision) -> tuple[dict, dict]:
+    def adapt(self, shape: PlanShape, decision: StepInput) -> tuple[dict, dict]:
         """Δφ adaptation alone (no action, no M step): (Δφ, diagnostics)."""
         key = jax.random.fold_in(session_key(decision.seed, decision.step), 1)
         delta = decision.delta if decision.delta is not None else self.zero_delta(shape)
-        out = compile_adapt(self.model, shape)(
+        out = self._program("adapt", shape)(
             self.params,
             jnp.asarray(decision.lstm_h),
             jnp.asarray(decision.observation),
@@ -196,18 +342,10 @@ class Engine:
         )  # fmt: skip
         return s.delta, diagnostics
 
-    def probe(self, weights: np.ndarray, knobs: tuple[float, ...]) -> Decision:
-        """A first decision of a session: zero observation and zero LSTM state."""
-        model = self.model
-        return Decision(
-            observation=np.zeros(model.spaces.obs_shape, np.float32),
-            lstm_c=np.zeros(model.mdn.hidden, np.float32),
-            lstm_h=np.zeros(model.mdn.hidden, np.float32),
-            weights=weights,
-            seed=0,
-            step=0,
-            knobs=knobs,
-        )
+    def probe(self, weights: np.ndarray, knobs: tuple[float, ...]) -> StepInput:
+        """A first step of a session: zero observation and the initial LSTM state."""
+        observation = np.zeros(self.model.spaces.obs_shape, np.float32)
+        return self.step_input(observation, self.initial_state(), weights, 0, 0, knobs)
 
     def warm_up(self, shapes: list[PlanShape]) -> float:
         """Compiles every (shape, batch size) program and times one call of each, which

@@ -42,6 +42,9 @@ class Settings(BaseSettings):
         "keeps none (each step adapts from Δφ = 0) and /adapt persist answers 422",
     )  # fmt: skip
     default_deadline_ms: float = Field(10_000.0, gt=0.0)
+    default_adapt_steps: int = Field(
+        50, ge=1, description="adaptation steps of an /adapt request that names none"
+    )
     warm_up: bool = Field(True, description="compile every program before turning ready")
     compilation_cache: Path | None = Field(
         None, description="directory of JAX's persistent compilation cache; a restart with "

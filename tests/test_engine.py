@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from service.engine import Decision, Engine
+from service.engine import Engine, StepInput
 from training.checkpoint import restore_bundle
 from training.planners import PLANNERS, PlanShape
 from training.tasks import task_weights
@@ -21,7 +21,7 @@ def decisions(engine, n):
     for i in range(n):
         goal = rng.uniform(-1, 1, 2).tolist()
         out.append(
-            Decision(
+            StepInput(
                 observation=rng.normal(size=4).astype(np.float32),
                 lstm_c=(0.1 * rng.normal(size=model.mdn.hidden)).astype(np.float32),
                 lstm_h=(0.1 * rng.normal(size=model.mdn.hidden)).astype(np.float32),
@@ -55,8 +55,8 @@ def test_the_step_and_the_seed_change_the_draw(engine):
     shape = PlanShape("random_shooting", 4, 8, 8)
     (base,) = decisions(engine, 1)
     first = engine.run(shape, [base])[0].action
-    moved = engine.run(shape, [Decision(**{**base.__dict__, "step": base.step + 1})])[0].action
-    reseeded = engine.run(shape, [Decision(**{**base.__dict__, "seed": base.seed + 1})])[0].action
+    moved = engine.run(shape, [StepInput(**{**base.__dict__, "step": base.step + 1})])[0].action
+    reseeded = engine.run(shape, [StepInput(**{**base.__dict__, "seed": base.seed + 1})])[0].action
     assert not np.array_equal(first, moved) and not np.array_equal(first, reseeded)
 
 

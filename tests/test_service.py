@@ -4,6 +4,8 @@ sessions in a real redis-server (as deployed behind the load balancer)."""
 import asyncio
 import math
 import re
+import threading
+import time
 from dataclasses import replace
 
 import httpx
@@ -12,8 +14,9 @@ import numpy as np
 import pytest
 import redis
 
+from service.app import create_app
 from service.clients.local import running_server
-from service.engine import Decision, Engine
+from service.engine import Engine, StepInput
 from service.sessions import RedisSessionStore
 from service.settings import Settings
 from training.checkpoint import restore_bundle
@@ -25,7 +28,8 @@ READINESS: list[int] = []
 
 
 @pytest.fixture(scope="module")
-def server(trained, redis_url):
+def served(trained, redis_url):
+    """The server's url and its application (whose engine a test may look at)."""
     settings = Settings(
         model_dir=trained.run_dir,
         session_store="redis",
@@ -35,10 +39,17 @@ def server(trained, redis_url):
         max_batch=4,
         max_wait_ms=5,
         sample_counts=(8,),
+        default_adapt_steps=4,
     )
-    with running_server(settings) as (url, readiness):
+    app = create_app(settings)
+    with running_server(settings, app=app) as (url, readiness):
         READINESS[:] = readiness
-        yield url
+        yield url, app
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture
@@ -163,7 +174,7 @@ def test_msgpack_and_json_give_the_same_action(client):
     assert by_msgpack["action"] == by_json["action"]
 
 
-def sequential_replay(bundle, seed: int, observations) -> tuple[list, Decision]:
+def sequential_replay(bundle, seed: int, observations) -> tuple[list, StepInput]:
     """One session's steps, one at a time in this process: its actions and last state."""
     engine = Engine(bundle, batch_sizes=(1,))
     model, params, planning = bundle.model, bundle.params, bundle.config.planning
@@ -266,6 +277,14 @@ def test_adapt_sets_the_task_and_persists_delta_only_when_asked(client):
         for sid in (a, c)
     }
     assert acts[a]["action"] == acts[c]["action"]  # without persist, nothing of Δφ stays
+
+
+def test_adapt_without_a_step_count_takes_the_configured_default(client):
+    sid = new_session(client)
+    r = client.post("/adapt", json={"session_id": sid, "observation": OBS})
+    assert r.status_code == 200, r.text
+    diag = r.json()["diagnostics"]
+    assert diag["steps"] == 4 and len(diag["objective"]) == 5  # WORLDPLAN_DEFAULT_ADAPT_STEPS
 
 
 def test_adapt_takes_any_step_count_up_to_the_published_maximum(client):
@@ -412,3 +431,54 @@ def test_a_damaged_session_record_is_a_500_with_the_error_shape(client, redis_ur
     r = client.get(f"/sessions/{sid}")
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error"
     assert "CodecError" in r.json()["error"]["message"]
+
+
+class InFlight:
+    """Counts the engine's calls in flight. Each call holds the engine 50 ms longer, so
+    that two calls allowed to run at once would overlap."""
+
+    def __init__(self):
+        self.now = self.most = 0
+        self.calls: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def wrap(self, name: str, method):
+        def counted(*args):
+            with self._lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+                self.calls[name] = self.calls.get(name, 0) + 1
+            try:
+                time.sleep(0.05)
+                return method(*args)
+            finally:
+                with self._lock:
+                    self.now -= 1
+
+        return counted
+
+
+def test_adapt_and_a_batch_of_act_never_run_two_engine_calls_at_once(served, monkeypatch):
+    url, app = served
+    engine = app.state.runtime.engine
+    in_flight = InFlight()
+    for name in ("run", "adapt", "task_weights"):
+        monkeypatch.setattr(engine, name, in_flight.wrap(name, getattr(engine, name)))
+
+    async def concurrently():
+        headers = {"X-API-Key": KEY}
+        async with httpx.AsyncClient(base_url=url, headers=headers, timeout=60) as c:
+            created = await asyncio.gather(*(c.post("/sessions", json={}) for _ in range(8)))
+            sids = [r.json()["session_id"] for r in created]
+            adapts = [
+                c.post("/adapt", json={"session_id": sid, "observation": OBS, "steps": 3})
+                for sid in sids[:4]
+            ]
+            acts = [c.post("/act", json={"session_id": sid, "observation": OBS}) for sid in sids]
+            return await asyncio.gather(*adapts, *acts)
+
+    answers = asyncio.run(concurrently())
+    assert [r.status_code for r in answers] == [200] * 12, [r.text for r in answers]
+    assert in_flight.calls["adapt"] == 4 and in_flight.calls["run"] >= 1
+    assert in_flight.calls["task_weights"] == 8  # each new session's default task
+    assert in_flight.most == 1

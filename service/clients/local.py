@@ -82,12 +82,14 @@ def stop(process: subprocess.Popen, timeout_s: float = 20.0) -> None:
 
 
 @contextlib.contextmanager
-def running_server(settings: Settings, timeout_s: float = 300.0):
-    """Yields (url, the /readyz answers seen while it prepared) once /readyz says 200."""
+def running_server(settings: Settings, timeout_s: float = 300.0, app=None):
+    """Yields (url, the /readyz answers seen while it prepared) once /readyz says 200. It
+    serves `app` when given (a test that looks inside it), else create_app(settings)."""
     from service.app import create_app
 
     port = free_port()
-    config = uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    app = app if app is not None else create_app(settings)
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
