@@ -21,7 +21,8 @@ from training.models.mdn_rnn import MDNRNN, initial_state, unroll
 from training.models.world import WorldModel, observation_stats
 from training.objectives import info_nce_logits, info_nce_loss, loss_weights, reinforce_loss
 from training.optim import gradient_clipping
-from training.train import device_data, read_metrics, real_frames, spaces_of, train
+from training.stage_data import device_data, real_frames, spaces_of
+from training.train import read_metrics, train
 
 
 def joint_config(mode: str, joint_section: dict | None = None, **train) -> dict:

@@ -33,9 +33,9 @@ TWO_DEVICES = textwrap.dedent(
     from training.models.world import WorldModel
     from training.optim import make_optimizer
     from training.parallel import make_mesh, replicated
-    from training.train import (
-        device_data, prepare_stage, spaces_of, stage_params, stage_update, train,
-    )
+    from training.stage_data import device_data, prepare_stage, spaces_of
+    from training.stages import stage_params, stage_update
+    from training.train import train
 
     config = with_steps(parse_config(json.loads(sys.argv[1])), int(sys.argv[4]))
     data, out = sys.argv[2], sys.argv[3]

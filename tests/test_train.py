@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,6 +21,7 @@ from training.cli import main as cli_main
 from training.config import ConfigError, load_config, parse_config, with_steps
 from training.models.mdn_rnn import initial_state
 from training.planners import PLANNERS, Knobs, PlanShape, compile_decide
+from training.stages import stage_bounds
 from training.tasks import task_weights
 from training.train import METRICS_FILE, read_metrics, train
 
@@ -149,6 +151,22 @@ def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path)
     assert logged == list(range(2, total + 1, 2))
     if mode != "staged":  # the bundle of a joint mode serves as a staged one does
         assert np.all(np.isfinite(decide_once(run_dir)))
+
+
+def test_resume_into_a_later_stage_builds_its_transitions_then(trained, umaze_data, tmp_path):
+    """A run builds the transitions once, at C's stage, and keeps them for psi, the readout
+    and the goal decoder; resumed at the value stage's start, it builds them there, and
+    ends with the same parameters."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained.run_dir, run_dir)
+    value_start = stage_bounds(parse_config(TINY))["value"][0]
+    assert (run_dir / str(value_start)).is_dir()
+    for later in [p for p in run_dir.iterdir() if p.name.isdigit()]:
+        if int(later.name) > value_start:
+            shutil.rmtree(later)
+    resumed = train(parse_config(TINY), umaze_data, run_dir, progress=False)
+    assert resumed.resumed_from == value_start
+    assert params_digest(resumed.params) == params_digest(trained.params)
 
 
 def test_resume_with_another_config_is_refused(trained, umaze_data):
