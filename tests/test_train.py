@@ -184,12 +184,18 @@ def test_resume_with_another_config_is_refused(trained, umaze_data):
         ({"controller": {"kind": "transformer"}}, "controller.kind"),
         ({"mdn": {"temperature": 0}}, "mdn.temperature"),
         ({"trian": {}}, "trian"),
+        ({"planning": {"planner": "teleport"}}, "planning.planner: Input should be 'controller'"),
     ],
 )
 def test_bad_config_values_give_clear_errors(change, message):
     raw = {**TINY, **change}
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
+
+
+def test_the_config_takes_every_planner_of_the_registry():
+    for name in PLANNERS:
+        assert parse_config({**TINY, "planning": {"planner": name}}).planning.planner == name
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
