@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from service.cli import main as cli_main
 from tests.conftest import TINY, decide_once
 from training import joint
 from training.checkpoint import restore_bundle
-from training.cli import main as cli_main
 from training.config import ConfigError, parse_config
 from training.data import collect, load_sequences, open_dataset
 from training.models.controller import gaussian_log_prob

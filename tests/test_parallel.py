@@ -114,7 +114,7 @@ def test_two_hosts_train_as_one_does(one_device, umaze_data, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(WORLD_ONLY))
     port = free_port()
-    command = [sys.executable, "-m", "training.cli", "train", "--config", str(config)]
+    command = [sys.executable, "-m", "service.cli", "train", "--config", str(config)]
     command += ["--data", str(umaze_data), "--steps", str(STEPS), "--quiet"]
     command += ["--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}"]
     hosts = [

@@ -1,5 +1,6 @@
 """Collect -> train -> save -> restore, resume after a killed run, and config errors."""
 
+import argparse
 import json
 import os
 import shutil
@@ -15,9 +16,11 @@ import numpy as np
 import pytest
 import yaml
 
+from service import cli as service_cli
+from service.cli import main as cli_main
 from tests.conftest import TINY, TINY_STEPS, decide_once
+from training import cli as training_cli
 from training.checkpoint import params_digest, restore_bundle
-from training.cli import main as cli_main
 from training.config import ConfigError, load_config, parse_config, with_steps
 from training.models.mdn_rnn import initial_state
 from training.planners import PLANNERS, Knobs, PlanShape, compile_decide
@@ -128,7 +131,7 @@ def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "training.cli", "train", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "service.cli", "train", "--config", str(config_path)]
     cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", str(steps), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -210,6 +213,20 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_one_parser_holds_the_commands_each_package_adds():
+    def added(add_commands) -> set[str]:
+        sub = argparse.ArgumentParser().add_subparsers()
+        add_commands(sub)
+        return set(sub.choices)
+
+    training, service = added(training_cli.add_commands), added(service_cli.add_commands)
+    assert {"collect", "train", "eval", "inspect"} <= training and not training & service
+    assert {"serve", "bench", "loadtest", "drive"} <= service
+    parser = service_cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == training | service
 
 
 def test_packaged_configs_are_valid():
