@@ -1,4 +1,5 @@
-"""The `worldplan` command: the training commands, `serve` (the server in service/), and the
+"""The `worldplan` command: one parser, to which each package adds its commands, the
+training ones (training/cli.py) and the service's: `serve` (the server in service/) and the
 programs that use a server from outside it (service/clients/)."""
 
 from __future__ import annotations
@@ -99,8 +100,8 @@ def cmd_bench_memory(args: argparse.Namespace) -> None:
     print(f"wrote {path}")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser, sub = training_cli.new_parser()
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Adds the service's commands to the `worldplan` parser's subcommands."""
     p = sub.add_parser(
         "serve",
         help="serve planning over HTTP (WORLDPLAN_MODEL_DIR, else the bundled pointmaze-umaze)",
@@ -180,19 +181,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
     p.add_argument("--out", default="bench-start")
     p.set_defaults(func=cmd_bench_start)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worldplan", description="World models trained offline, planning at decision time."
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    training_cli.add_commands(sub)
+    add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parses and runs a command; expected failures print one line and exit 2."""
     import httpx
 
     from service.clients.client import ServiceError
 
+    args = build_parser().parse_args(argv)
     try:
-        return training_cli.run(build_parser(), argv)
-    except (ServiceError, httpx.HTTPError) as err:
+        args.func(args)
+    except (*training_cli.ERRORS, ServiceError, httpx.HTTPError) as err:
         print(f"worldplan: error: {err}", file=sys.stderr)
         return 2
+    return 0
 
 
 if __name__ == "__main__":

@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
+from service.cli import main as cli_main
 from tests.conftest import TINY, decide_once
 from training import joint
 from training.checkpoint import restore_bundle
-from training.cli import main as cli_main
 from training.config import ConfigError, parse_config
 from training.data import collect, load_sequences, open_dataset
 from training.models.controller import gaussian_log_prob
@@ -21,7 +21,8 @@ from training.models.mdn_rnn import MDNRNN, initial_state, unroll
 from training.models.world import WorldModel, observation_stats
 from training.objectives import info_nce_logits, info_nce_loss, loss_weights, reinforce_loss
 from training.optim import gradient_clipping
-from training.train import device_data, read_metrics, real_frames, spaces_of, train
+from training.stage_data import device_data, real_frames, spaces_of
+from training.train import read_metrics, train
 
 
 def joint_config(mode: str, joint_section: dict | None = None, **train) -> dict:

@@ -5,8 +5,8 @@ import json
 import numpy as np
 import pytest
 
+from service.cli import main as cli_main
 from training.checkpoint import restore_bundle
-from training.cli import main as cli_main
 from training.data import episode_observations, open_dataset
 from training.envs import bfs_path, make_env
 from training.evaluate import (

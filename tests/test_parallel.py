@@ -33,9 +33,9 @@ TWO_DEVICES = textwrap.dedent(
     from training.models.world import WorldModel
     from training.optim import make_optimizer
     from training.parallel import make_mesh, replicated
-    from training.train import (
-        device_data, prepare_stage, spaces_of, stage_params, stage_update, train,
-    )
+    from training.stage_data import device_data, prepare_stage, spaces_of
+    from training.stages import stage_params, stage_update
+    from training.train import train
 
     config = with_steps(parse_config(json.loads(sys.argv[1])), int(sys.argv[4]))
     data, out = sys.argv[2], sys.argv[3]
@@ -114,7 +114,7 @@ def test_two_hosts_train_as_one_does(one_device, umaze_data, tmp_path):
     config = tmp_path / "tiny.yaml"
     config.write_text(yaml.safe_dump(WORLD_ONLY))
     port = free_port()
-    command = [sys.executable, "-m", "training.cli", "train", "--config", str(config)]
+    command = [sys.executable, "-m", "service.cli", "train", "--config", str(config)]
     command += ["--data", str(umaze_data), "--steps", str(STEPS), "--quiet"]
     command += ["--out", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{port}"]
     hosts = [

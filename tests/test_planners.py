@@ -1,5 +1,7 @@
 """The diffusion sampler, the four planners, online adaptation and task inference."""
 
+from typing import get_args
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,11 +9,13 @@ import optax
 import pytest
 
 from training.checkpoint import restore_bundle
+from training.config import PlanningConfig
 from training.diffusion import cosine_schedule, ddim_sample, sample_with_path_kl, v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.value import least_squares_weights
 from training.planners import (
+    PLANNER_FNS,
     PLANNERS,
     Knobs,
     PlanShape,
@@ -23,6 +27,11 @@ from training.planners import (
     zero_delta,
 )
 from training.tasks import TaskError, task_weights
+
+
+def test_the_registry_has_a_function_for_every_name_the_config_takes():
+    assert tuple(PLANNER_FNS) == PLANNERS
+    assert get_args(PlanningConfig.model_fields["planner"].annotation) == PLANNERS
 
 
 def test_ddim_sampler_reproduces_a_conditional_2d_distribution():

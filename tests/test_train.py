@@ -1,7 +1,9 @@
 """Collect -> train -> save -> restore, resume after a killed run, and config errors."""
 
+import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,12 +16,15 @@ import numpy as np
 import pytest
 import yaml
 
+from service import cli as service_cli
+from service.cli import main as cli_main
 from tests.conftest import TINY, TINY_STEPS, decide_once
+from training import cli as training_cli
 from training.checkpoint import params_digest, restore_bundle
-from training.cli import main as cli_main
 from training.config import ConfigError, load_config, parse_config, with_steps
 from training.models.mdn_rnn import initial_state
 from training.planners import PLANNERS, Knobs, PlanShape, compile_decide
+from training.stages import stage_bounds
 from training.tasks import task_weights
 from training.train import METRICS_FILE, read_metrics, train
 
@@ -126,7 +131,7 @@ def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path)
     config_path = tmp_path / "tiny.yaml"
     config_path.write_text(yaml.safe_dump(config))
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "training.cli", "train", "--config", str(config_path)]
+    cmd = [sys.executable, "-m", "service.cli", "train", "--config", str(config_path)]
     cmd += ["--data", str(umaze_data), "--out", str(run_dir), "--steps", str(steps), "--quiet"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
@@ -151,6 +156,22 @@ def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path)
         assert np.all(np.isfinite(decide_once(run_dir)))
 
 
+def test_resume_into_a_later_stage_builds_its_transitions_then(trained, umaze_data, tmp_path):
+    """A run builds the transitions once, at C's stage, and keeps them for psi, the readout
+    and the goal decoder; resumed at the value stage's start, it builds them there, and
+    ends with the same parameters."""
+    run_dir = tmp_path / "copy"
+    shutil.copytree(trained.run_dir, run_dir)
+    value_start = stage_bounds(parse_config(TINY))["value"][0]
+    assert (run_dir / str(value_start)).is_dir()
+    for later in [p for p in run_dir.iterdir() if p.name.isdigit()]:
+        if int(later.name) > value_start:
+            shutil.rmtree(later)
+    resumed = train(parse_config(TINY), umaze_data, run_dir, progress=False)
+    assert resumed.resumed_from == value_start
+    assert params_digest(resumed.params) == params_digest(trained.params)
+
+
 def test_resume_with_another_config_is_refused(trained, umaze_data):
     other = dict(TINY, seed=4)
     with pytest.raises(ConfigError, match="different config"):
@@ -166,12 +187,18 @@ def test_resume_with_another_config_is_refused(trained, umaze_data):
         ({"controller": {"kind": "transformer"}}, "controller.kind"),
         ({"mdn": {"temperature": 0}}, "mdn.temperature"),
         ({"trian": {}}, "trian"),
+        ({"planning": {"planner": "teleport"}}, "planning.planner: Input should be 'controller'"),
     ],
 )
 def test_bad_config_values_give_clear_errors(change, message):
     raw = {**TINY, **change}
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
+
+
+def test_the_config_takes_every_planner_of_the_registry():
+    for name in PLANNERS:
+        assert parse_config({**TINY, "planning": {"planner": name}}).planning.planner == name
 
 
 def test_cli_reports_config_errors(tmp_path, capsys):
@@ -186,6 +213,20 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(tmp_path / "list.yaml")
+
+
+def test_one_parser_holds_the_commands_each_package_adds():
+    def added(add_commands) -> set[str]:
+        sub = argparse.ArgumentParser().add_subparsers()
+        add_commands(sub)
+        return set(sub.choices)
+
+    training, service = added(training_cli.add_commands), added(service_cli.add_commands)
+    assert {"collect", "train", "eval", "inspect"} <= training and not training & service
+    assert {"serve", "bench", "loadtest", "drive"} <= service
+    parser = service_cli.build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    assert set(sub.choices) == training | service
 
 
 def test_packaged_configs_are_valid():

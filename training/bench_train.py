@@ -22,7 +22,9 @@ from training.config import Config, parse_config
 from training.evaluate import markdown_table
 from training.joint import PHASES
 from training.parallel import check_batches, make_mesh, replicated
-from training.train import initial_opt_states, new_run, prepare_stage, stage_bounds, stage_update
+from training.stage_data import prepare_stage
+from training.stages import stage_bounds, stage_update
+from training.train import initial_opt_states, new_run
 
 # name -> (changes to the config, the stages or alternating phases timed)
 VARIANTS = {

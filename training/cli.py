@@ -1,10 +1,10 @@
-"""The `worldplan` command: collect datasets, train and inspect model bundles."""
+"""The training commands of `worldplan` (service/cli.py): collect datasets, train, evaluate
+and inspect model bundles."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -176,17 +176,12 @@ def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> Non
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    return new_parser()[0]
+# The failures a training command expects: printed as one line, exit status 2.
+ERRORS = (ConfigError, OSError, ValueError)
 
 
-def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
-    """The parser with the training commands, and its subcommand group for more."""
-    parser = argparse.ArgumentParser(
-        prog="worldplan", description="World models trained offline, planning at decision time."
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Adds the training commands to the `worldplan` parser's subcommands."""
     p = sub.add_parser("collect", help="collect a Minari dataset from a simulator")
     p.add_argument("env", help="environment name, e.g. pointmaze-umaze, pendulum, carracing")
     p.add_argument("--episodes", type=int, required=True)
@@ -300,23 +295,3 @@ def new_parser() -> tuple[argparse.ArgumentParser, argparse._SubParsersAction]:
     p = sub.add_parser("inspect", help="restore a bundle and print its metadata")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_inspect)
-    return parser, sub
-
-
-def main(argv: list[str] | None = None) -> int:
-    return run(build_parser(), argv)
-
-
-def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
-    """Parses and runs a command; expected failures print one line and exit 2."""
-    args = parser.parse_args(argv)
-    try:
-        args.func(args)
-    except (ConfigError, OSError, ValueError) as err:
-        print(f"worldplan: error: {err}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -31,8 +31,9 @@ from training.evaluate import (
 from training.models.mdn_rnn import initial_state
 from training.planners import Knobs, PlanShape, compile_decide, zero_delta
 from training.plots import plt, save_figure
+from training.stage_data import device_data
 from training.tasks import default_task, task_weights
-from training.train import device_data, read_metrics
+from training.train import read_metrics
 
 
 def run_label(bundle: Bundle) -> str:

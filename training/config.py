@@ -81,10 +81,13 @@ class ValueConfig(Strict):
     hidden: int = Field(256, gt=0)
 
 
+# The planners' names, which training/planners.py maps to its functions and every other
+# module reads from there. Spelled here, below that module, because the config checks them.
+PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
+
+
 class PlanningConfig(Strict):
-    planner: Literal["controller", "random_shooting", "guided_diffusion", "online_adaptation"] = (
-        "online_adaptation"
-    )
+    planner: Literal[PLANNERS] = "online_adaptation"
     sample_steps: int = Field(10, gt=0, le=100, description="DDIM steps at decision time")
     n_samples: int = Field(32, gt=0, le=4096, description="psi samples to choose from")
     guidance_scale: float = Field(1.0, ge=0.0)

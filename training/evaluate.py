@@ -46,8 +46,8 @@ VARIANTS = {
     # n_samples is set to what fits in online adaptation's time per decision
     "random_shooting_matched": {"planner": "random_shooting"},
 }
-EVAL_ORDER = ("controller", "random_shooting", "random_shooting_matched", "guided_diffusion",
-              "online_adaptation", "online_adaptation_seed")  # fmt: skip
+# Each planner, followed by the baselines that vary it.
+EVAL_ORDER = tuple(v for p in PLANNERS for v in VARIANTS if VARIANTS[v]["planner"] == p)
 # One setting moved at a time off the bundle's defaults; `rule` names the adaptation rule
 # and, for the gradient rule, its KL estimator.
 ABLATION_GRID = {

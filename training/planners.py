@@ -37,13 +37,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from training.config import PlanningConfig
+from training.config import PLANNERS, PlanningConfig
 from training.diffusion import sample_with_path_kl
 from training.models.mdn_rnn import MDNRNN, LSTMState
 from training.models.value import linear_value
 from training.models.world import WorldModel, denormalise
 
-PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
 # Which psi-network layers Δφ adapts, by name prefix (None: every layer).
 ADAPTED_LAYERS = {"all": None, "film": ("film_", "out"), "head": ("out",)}
 FIT_DRAWS = 4  # noise draws per prior sample in the reweighted denoising loss
@@ -397,6 +396,8 @@ def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key,
                 a.steps.delta)  # fmt: skip
 
 
+# The planners by name (the names PLANNERS, re-exported here, lists), the registry the
+# evaluation, the service and its clients read.
 PLANNER_FNS = {
     "controller": plan_controller,
     "random_shooting": plan_random_shooting,

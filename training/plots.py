@@ -1,4 +1,5 @@
-"""Figures a person would rather look at than read, written as PNG."""
+"""Figures a person would rather look at than read, written as PNG: training's and the
+evaluation's (the service's are in service/clients/plots.py)."""
 
 from __future__ import annotations
 
@@ -139,36 +140,4 @@ def plot_success_against_cost(rows: list[dict], path: Path, defaults: dict) -> P
     ax.set_title("online adaptation settings: success against cost")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return save_figure(fig, path)
-
-
-def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Path) -> Path:
-    """Latency histogram with the p50 / p99 marked."""
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    values = np.asarray(latencies_ms) if latencies_ms else np.zeros(1)
-    ax.hist(values, bins=50, color="tab:blue", alpha=0.8)
-    for q, style in ((50, "--"), (99, ":")):
-        x = float(np.percentile(values, q))
-        ax.axvline(x, color="k", ls=style, lw=1, label=f"p{q} {x:.1f} ms")
-    ax.set_xlabel("latency (ms)")
-    ax.set_ylabel("requests")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_throughput(throughput: dict[str, dict], title: str, path: str | Path) -> Path:
-    """Decisions per second against concurrent sessions, one line per batching mode."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    for mode, rows in throughput.items():
-        sessions = [int(n) for n in rows]
-        ax.plot(sessions, [rows[n]["decisions_per_s"] for n in rows], "o-", label=mode)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("concurrent sessions")
-    ax.set_ylabel("decisions / s")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
     return save_figure(fig, path)

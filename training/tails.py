@@ -21,8 +21,8 @@ from training.envs import make_env
 from training.evaluate import GoalSpec, fmt, markdown_table
 from training.models.mdn_rnn import initial_state
 from training.planners import broadcast_state, value_fn
+from training.stage_data import monte_carlo_psi
 from training.tasks import task_weights
-from training.train import monte_carlo_psi
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,7 @@ def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, re
 
 
 def write_bench(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    from training.plots import plot_throughput
+    from service.clients.plots import plot_throughput
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ async def run_loadtest(
 
 
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
-    from training.plots import plot_latency_histogram
+    from service.clients.plots import plot_latency_histogram
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

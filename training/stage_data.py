@@ -1,0 +1,212 @@
+"""What each stage reads: the dataset on the device, and what the stages before it give
+the later ones (V's latents for M, the planning-state transitions for C, psi, the readout
+and the goal decoder)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from training import joint
+from training.config import Config
+from training.data import Sequences
+from training.models.world import Spaces, WorldModel, normalise
+from training.objectives import discounted_returns, return_weights
+
+# The stages that read the transitions. None of them trains V, M or the cumulants the
+# transitions are made of, so the first of them to run builds them for all.
+TRANSITION_STAGES = ("controller", "psi", "readout", "value")
+
+
+class DeviceData(NamedTuple):
+    """The dataset on the device, as every stage reads it (a pytree, so jit takes it)."""
+
+    observations: jax.Array  # [N, L+1, *obs] as stored
+    frames: jax.Array  # [M, *obs] every real observation, for V
+    actions: jax.Array  # [N, L, A]
+    rewards: jax.Array  # [N, L]
+    dones: jax.Array  # [N, L]
+    mask: jax.Array  # [N, L]
+
+
+def real_frames(seqs: Sequences) -> np.ndarray:
+    """The observations that are not padding: the first of each window, then one per real step."""
+    valid = np.concatenate([np.ones_like(seqs.mask[:, :1]), seqs.mask], axis=1) > 0
+    return seqs.observations[valid]
+
+
+def device_data(seqs: Sequences) -> DeviceData:
+    return DeviceData(
+        observations=jnp.asarray(seqs.observations),
+        frames=jnp.asarray(real_frames(seqs)),
+        actions=jnp.asarray(seqs.actions),
+        rewards=jnp.asarray(seqs.rewards),
+        dones=jnp.asarray(seqs.dones),
+        mask=jnp.asarray(seqs.mask),
+    )
+
+
+def spaces_of(dataset, seqs: Sequences) -> Spaces:
+    obs_shape = tuple(seqs.observations.shape[2:])
+    if len(obs_shape) == 3:
+        if obs_shape != (64, 64, 3):
+            raise ValueError(f"pixel observations must be 64x64x3, the dataset has {obs_shape}")
+        kind = "pixels"
+    elif len(obs_shape) == 1:
+        kind = "vector"
+    else:
+        raise ValueError(f"unsupported observation shape {obs_shape}")
+    space = dataset.action_space
+    return Spaces(
+        obs_shape=obs_shape,
+        obs_kind=kind,
+        action_low=tuple(float(x) for x in np.broadcast_to(space.low, space.shape)),
+        action_high=tuple(float(x) for x in np.broadcast_to(space.high, space.shape)),
+    )
+
+
+class Transitions(NamedTuple):
+    """Every real transition of the dataset, flattened, as the later stages read them."""
+
+    states: jax.Array  # [M, S] planning state s_t = [z_t, h_t]
+    next_states: jax.Array  # [M, S]
+    phi: jax.Array  # [M, P] cumulants of s_t
+    dones: jax.Array  # [M]
+    actions: jax.Array  # [M, A]
+    weights: jax.Array  # [M] return weights for cloning
+    observations: jax.Array  # [M, *obs] for goal tasks, [M, 0] without them
+    mc_psi: jax.Array  # [M, P] discounted sum of the cumulants that followed, in the data
+
+
+def in_chunks(fn: Callable, arrays: tuple, chunk: int = 256):
+    """fn over the leading axis in fixed-size (zero-padded) chunks: one compilation."""
+    n = arrays[0].shape[0]
+    outputs = []
+    for i in range(0, n, chunk):
+        part = [a[i : i + chunk] for a in arrays]
+        pad = chunk - part[0].shape[0]
+        part = [jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)) for a in part]
+        out = fn(*part)
+        outputs.append(jax.tree.map(lambda x, keep=chunk - pad: x[:keep], out))
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
+
+
+def encode_sequences(model: WorldModel, params: dict, observations):
+    """(mu, logvar) of V for every observation of every window, [N, L+1, Z] each."""
+    encode = jax.jit(
+        lambda x: model.vae.apply(
+            {"params": params["vae"]}, normalise(x, params["normaliser"]), method="encode"
+        )
+    )
+    return in_chunks(encode, (observations,))
+
+
+def window_positions(episode: np.ndarray) -> np.ndarray:
+    """0 for an episode's first window, 1 for its second, ..."""
+    index = np.arange(len(episode))
+    starts = np.r_[True, episode[1:] != episode[:-1]]
+    return index - np.maximum.accumulate(np.where(starts, index, 0))
+
+
+def unroll_episodes(model: WorldModel, params: dict, zs, actions, episode: np.ndarray):
+    """M's state h before each observation, [N, L+1, H], driven by the mean latents, with
+    the state carried from each window of an episode into the next, as when acting."""
+    unroll = jax.jit(
+        lambda c, h, z, a: model.mdn.apply({"params": params["mdn"]}, (c, h), z, a)[:2]
+    )
+    n, hidden = actions.shape[0], model.mdn.hidden
+    positions = window_positions(episode)
+    final_c, final_h = jnp.zeros((n, hidden)), jnp.zeros((n, hidden))
+    hs = jnp.zeros((n, actions.shape[1] + 1, hidden))
+    for k in range(int(positions.max()) + 1):
+        rows = np.flatnonzero(positions == k)
+        if k:
+            start_c, start_h = final_c[rows - 1], final_h[rows - 1]
+        else:
+            start_c = start_h = jnp.zeros((len(rows), hidden))
+        (c, h), window_hs = in_chunks(unroll, (start_c, start_h, zs[rows], actions[rows]))
+        final_c, final_h = final_c.at[rows].set(c), final_h.at[rows].set(h)
+        hs = hs.at[rows].set(jnp.concatenate([window_hs, h[:, None]], axis=1))
+    return hs
+
+
+def monte_carlo_psi(phi: np.ndarray, dones: np.ndarray, episode: np.ndarray, gamma: float):
+    """Discounted sums of future cumulants along each episode, for transitions given in
+    chronological order within each episode: the psi each transition actually had."""
+    psi = np.zeros_like(phi)
+    running = np.zeros(phi.shape[-1], phi.dtype)
+    for t in range(len(phi) - 1, -1, -1):
+        if t == len(phi) - 1 or episode[t] != episode[t + 1]:
+            running = np.zeros_like(running)
+        running = phi[t] + gamma * (1.0 - dones[t]) * running
+        psi[t] = running
+    return psi
+
+
+def psi_statistics(mc_psi: np.ndarray) -> dict:
+    return {
+        "mean": jnp.asarray(mc_psi.mean(0), jnp.float32),
+        "std": jnp.asarray(np.maximum(mc_psi.std(0), 1e-2), jnp.float32),
+    }
+
+
+def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode: np.ndarray):
+    cfg = model.config
+    mu, _ = encode_sequences(model, params, data.observations)
+    hs = unroll_episodes(model, params, mu[:, :-1], data.actions, episode)
+    states = jnp.concatenate([mu, hs], axis=-1)
+    phi = model.phi(params, data.observations[:, :-1], mu[:, :-1])
+    returns = discounted_returns(data.rewards, data.dones, cfg.controller.gamma)
+    weights = return_weights(returns, data.mask, cfg.controller.return_temperature)
+    observations = data.observations[:, :-1]
+    if cfg.value.goal_dims is None:
+        observations = jnp.zeros((*observations.shape[:2], 0))
+    valid = np.asarray(data.mask) > 0
+    phi, dones = np.asarray(phi[valid]), np.asarray(data.dones[valid])
+    episodes = np.broadcast_to(episode[:, None], valid.shape)[valid]
+    return Transitions(
+        states[:, :-1][valid],
+        states[:, 1:][valid],
+        jnp.asarray(phi),
+        jnp.asarray(dones),
+        data.actions[valid],
+        weights[valid],
+        observations[valid].astype(jnp.float32),
+        jnp.asarray(monte_carlo_psi(phi, dones, episodes, cfg.successor.gamma)),
+    )
+
+
+def with_aux(stage: str, config: Config) -> bool:
+    """Whether a staged stage trains the auxiliary losses: V's, with joint.aux_losses."""
+    return stage == "vae" and config.joint.aux_losses
+
+
+def prepare_stage(
+    stage: str,
+    model: WorldModel,
+    params: dict,
+    data: DeviceData,
+    episode,
+    trans: Transitions | None = None,
+):
+    """(params, inputs) for a stage; the psi stage also sets the psi normalisation. A
+    transition stage reads `trans` when given, built from V and M when not."""
+    if stage == "joint":
+        return params, joint.prepare(model.config, data, episode)
+    if with_aux(stage, model.config):
+        windows = np.arange(len(episode))
+        return params, joint.make_windows(data, episode, windows, model.config.controller.gamma)
+    if stage == "vae":
+        return params, (data.frames,)
+    if stage == "mdn":
+        mu, logvar = encode_sequences(model, params, data.observations)
+        return params, (mu, logvar, data.actions, data.rewards, data.dones, data.mask)
+    if trans is None:
+        trans = build_transitions(model, params, data, episode)
+    if stage == "psi":
+        params = {**params, "psi_norm": psi_statistics(np.asarray(trans.mc_psi))}
+    return params, trans
