@@ -57,9 +57,6 @@ class StepInput:
     delta: dict | None = None  # Δφ warm start (online adaptation), None = 0
 
 
-Decision = StepInput  # the former name, which service/clients/bench.py still imports
-
-
 class InvalidTask(ValueError):
     """A task that gives no usable cumulant weights."""
 

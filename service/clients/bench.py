@@ -22,7 +22,7 @@ import numpy as np
 
 from service.clients.loadtest import run_loadtest
 from service.clients.local import serving_process
-from service.engine import Decision, Engine
+from service.engine import Engine, StepInput
 from service.settings import Settings
 from training.checkpoint import restore_bundle
 from training.planners import PLANNERS, PlanShape, knob_values
@@ -42,7 +42,7 @@ def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
     times = []
     for step in range(repeats):
         started = time.perf_counter()
-        engine.run(shape, [Decision(**{**decision.__dict__, "step": step})])
+        engine.run(shape, [StepInput(**{**decision.__dict__, "step": step})])
         times.append(1000 * (time.perf_counter() - started))
     return float(np.median(times))
 
