@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from training.config import Config, parse_config
 from training.evaluate import markdown_table
-from training.joint import PHASES
+from training.joint import PHASES, phase_start
 from training.parallel import check_batches, make_mesh, replicated
 from training.stage_data import prepare_stage
 from training.stages import stage_bounds, stage_update
@@ -54,14 +54,6 @@ def variant(config: Config, changes: dict) -> Config:
     return parse_config(raw, "bench-train")
 
 
-def phase_offset(config: Config, phase: str) -> int:
-    """The first step of an alternating phase within the joint stage."""
-    j = config.joint
-    epochs = {"world": 0, "controller": j.world_epochs}
-    epochs["joint"] = j.world_epochs + j.controller_epochs
-    return epochs[phase] * j.epoch_steps
-
-
 def time_updates(update, params, opt_state, inputs, first_step: int, steps: int, repeats: int):
     """Median steps per second of `steps` updates from `first_step`, after one compiling call."""
     key = jax.random.key(0)
@@ -88,7 +80,7 @@ def bench_variant(config: Config, data_path, parts, mesh, steps: int, repeats: i
             args = replicated((stage_params, opt_states[stage], inputs), mesh)
             first = stage_bounds(config)[stage][0]
             if config.train.mode == "alternating":
-                first += phase_offset(config, part)
+                first += phase_start(config, part)
             update = stage_update(stage, model, tx)
             rates[part] = time_updates(update, *args, first, steps, repeats)
     return rates

@@ -279,12 +279,22 @@ def aux_weights(config: Config) -> dict[str, jax.Array]:
     }
 
 
-def phase_at(config: Config, step: int) -> str:
-    """Alternating: the phase of a step of the joint stage, in cycles of world_epochs,
-    controller_epochs and joint_epochs epochs of epoch_steps steps."""
+def phase_ends(config: Config) -> np.ndarray:
+    """Alternating: where each phase of a cycle ends, in steps from the cycle's start; a
+    cycle is world_epochs, controller_epochs and joint_epochs epochs of epoch_steps steps."""
     j = config.joint
     lengths = [j.world_epochs, j.controller_epochs, j.joint_epochs]
-    ends = np.cumsum(lengths) * j.epoch_steps
+    return np.cumsum(lengths) * j.epoch_steps
+
+
+def phase_start(config: Config, phase: str) -> int:
+    """The first step of a phase within the joint stage's first cycle."""
+    return int(np.concatenate([[0], phase_ends(config)])[PHASES.index(phase)])
+
+
+def phase_at(config: Config, step: int) -> str:
+    """Alternating: the phase of a step of the joint stage."""
+    ends = phase_ends(config)
     position = step % int(ends[-1])
     return PHASES[int(np.searchsorted(ends, position, side="right"))]
 
