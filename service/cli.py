@@ -1,15 +1,23 @@
-"""The `worldplan` command: one parser, to which each package adds its commands, the
-training ones (training/cli.py) and the service's: `serve` (the server in service/) and the
-programs that use a server from outside it (service/clients/)."""
+"""The `worldplan` command: one parser, to which each package adds its commands (the
+`worldplan.commands` entry points of pyproject.toml): the training ones (training/cli.py)
+and the service's, here: `serve` (the server in service/) and the programs that use a
+server from outside it (service/clients/)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
+from types import ModuleType
 
-from training import cli as training_cli
+import httpx
+
+from service.clients.client import ServiceError
+
+# The service's commands' expected failures: one line and exit 2, not a traceback.
+ERRORS = (ServiceError, httpx.HTTPError)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
@@ -38,9 +46,15 @@ def cmd_openapi(args: argparse.Namespace) -> None:
 
 
 def cmd_drive(args: argparse.Namespace) -> None:
-    from service.clients.drive import run_drive
+    from service.clients.drive import episode_line, run_drive, summarise
 
-    print(json.dumps(run_drive(args), indent=2))
+    results = run_drive(
+        args.url, args.env, args.episodes, args.seed, args.start_cell, args.goal_cell,
+        args.planner, args.max_steps, args.api_key,
+    )  # fmt: skip
+    for i, result in enumerate(results):
+        print(episode_line(i, result))
+    print(json.dumps(summarise(results), indent=2))
 
 
 def cmd_loadtest(args: argparse.Namespace) -> None:
@@ -183,26 +197,27 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_bench_start)
 
 
+def command_modules() -> list[ModuleType]:
+    """The modules that add commands to `worldplan`, as the installed package lists them."""
+    return [point.load() for point in entry_points(group="worldplan.commands")]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="worldplan", description="World models trained offline, planning at decision time."
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    training_cli.add_commands(sub)
-    add_commands(sub)
+    for module in command_modules():
+        module.add_commands(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Parses and runs a command; expected failures print one line and exit 2."""
-    import httpx
-
-    from service.clients.client import ServiceError
-
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (*training_cli.ERRORS, ServiceError, httpx.HTTPError) as err:
+    except tuple(err for module in command_modules() for err in module.ERRORS) as err:
         print(f"worldplan: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -8,9 +8,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.engine import PLANNERS
 from service.guard import FLOAT32_MAX
 
-PlannerName = Literal["controller", "random_shooting", "guided_diffusion", "online_adaptation"]
+PlannerName = Literal[PLANNERS]
 
 
 class Body(BaseModel):

@@ -69,16 +69,29 @@ def summarise(results: list[DriveResult]) -> dict:
     }
 
 
-def run_drive(args) -> dict:
-    cells = {"reset_cell": args.start_cell, "goal_cell": args.goal_cell}
+def run_drive(
+    url: str,
+    env_name: str,
+    episodes: int,
+    seed: int = 0,
+    start_cell: tuple[int, int] | None = None,
+    goal_cell: tuple[int, int] | None = None,
+    planner: str | None = None,
+    max_steps: int | None = None,
+    api_key: str | None = None,
+) -> list[DriveResult]:
+    """`episodes` episodes through the service at `url`, from seeds seed, seed + 1, ..."""
+    cells = {"reset_cell": start_cell, "goal_cell": goal_cell}
     options = {k: np.array(v) for k, v in cells.items() if v} or None
-    planner = {"planner": args.planner} if args.planner else None
-    with Client(args.url, api_key=args.api_key) as client:
-        results = [
-            drive_episode(client, args.env, args.seed + i, options, planner, args.max_steps)
-            for i in range(args.episodes)
+    overrides = {"planner": planner} if planner else None
+    with Client(url, api_key=api_key) as client:
+        return [
+            drive_episode(client, env_name, seed + i, options, overrides, max_steps)
+            for i in range(episodes)
         ]
-    for i, r in enumerate(results):
-        print(f"episode {i}: {'reached' if r.success else 'missed'} in {r.steps} steps, "
-              f"act p50 {np.median(r.latency_ms):.1f} ms")  # fmt: skip
-    return summarise(results)
+
+
+def episode_line(index: int, result: DriveResult) -> str:
+    outcome = "reached" if result.success else "missed"
+    p50 = np.median(result.latency_ms)
+    return f"episode {index}: {outcome} in {result.steps} steps, act p50 {p50:.1f} ms"
