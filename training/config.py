@@ -109,6 +109,11 @@ class PlanningConfig(Strict):
     warm_start: bool = Field(
         True, description="each step's Δφ starts from the previous step's (reset per episode)"
     )
+    choice: Literal["max_value", "tilted_mode"] = Field(
+        "max_value",
+        description="which sample is the chosen outcome: the one of highest V, or the mode of "
+        "q* ∝ p exp(V / λ) among them (V / λ plus the log density of the prior's samples there)",
+    )
     delta_phi_lr: float = Field(1e-3, gt=0.0, lt=1.0)
     adaptation_steps: int = Field(10, ge=0, le=1000)
     max_adaptation_steps: int = Field(

@@ -28,7 +28,6 @@ them compiles nothing.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -63,6 +62,7 @@ class PlanShape:
     adapt_params: str = "head"
     support_guard: bool = True
     max_adaptation_steps: int = 200
+    choice: str = "max_value"
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -76,10 +76,13 @@ class PlanShape:
             config.adapt_params,
             config.support_guard,
             config.max_adaptation_steps,
+            config.choice,
         )
 
     def __str__(self) -> str:
         sizes = f"sample_steps={self.sample_steps}, n_samples={self.n_samples}"
+        if self.choice != "max_value":
+            sizes += f", choice={self.choice}"
         if self.planner == "online_adaptation":
             sizes += f", n_adaptation_samples={self.n_adaptation_samples}, "
             sizes += f"adaptation={self.adaptation}"
@@ -167,9 +170,45 @@ def plan_without_adaptation(action, value, mean) -> Plan:
     return Plan(action, value, mean[None], 0, zero, mean, mean, zero, no, no, None)
 
 
-def best_sample_plan(model: WorldModel, params, state, values, psi) -> Plan:
-    """Reads out the sample of highest value."""
-    best = jnp.argmax(values)
+def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
+    """[len(a), len(b)] squared Euclidean distances, from a Gram matrix (no [N, M, P])."""
+    sq = jnp.sum(jnp.square(a), axis=-1)[:, None] + jnp.sum(jnp.square(b), axis=-1)[None]
+    return jnp.maximum(sq - 2.0 * a @ b.T, 0.0)
+
+
+def nearest_spacing(samples: jax.Array) -> jax.Array:
+    """Each sample's distance to its nearest other sample."""
+    gaps = squared_distances(samples, samples)
+    gaps = jnp.where(jnp.eye(samples.shape[0], dtype=bool), jnp.inf, gaps)
+    return jnp.sqrt(jnp.min(gaps, axis=1))
+
+
+def log_density(candidates: jax.Array, prior: jax.Array, is_prior: jax.Array) -> jax.Array:
+    """Log of a Gaussian kernel density of the prior's samples at each candidate, up to a
+    constant; a candidate that is prior sample i leaves sample i out (`is_prior` [C, N]
+    marks it), so prior and adapted candidates are judged alike. The bandwidth is the
+    prior samples' median nearest-neighbour spacing: in normalised psi an outcome far
+    from every sample the model drew pays for it."""
+    bandwidth2 = jnp.square(jnp.median(nearest_spacing(prior)))
+    logits = -squared_distances(candidates, prior) / (2.0 * bandwidth2)
+    return jax.nn.logsumexp(jnp.where(is_prior, -jnp.inf, logits), axis=1)
+
+
+def choice_scores(choice: str, values, candidates, prior, is_prior, kl_coef) -> jax.Array:
+    """What the chosen outcome maximises among candidate samples: V (`max_value`), or
+    V / λ + log p (`tilted_mode`), the mode of q* ∝ p exp(V / λ), the optimum of
+    E_q[V] - λ KL(q || p): an outcome of high value that the model also makes often, so
+    one sample whose value is overestimated does not win by itself."""
+    if choice == "max_value":
+        return values
+    return values / kl_coef + log_density(candidates, prior, is_prior)
+
+
+def best_sample_plan(model: WorldModel, shape: PlanShape, params, state, values, psi,
+                     knobs) -> Plan:  # fmt: skip
+    """Reads out the sample the planner's choice rule scores highest."""
+    is_self = jnp.eye(psi.shape[0], dtype=bool)
+    best = jnp.argmax(choice_scores(shape.choice, values, psi, psi, is_self, knobs.kl_coef))
     action = read_out(model, params, state, psi[best])
     return plan_without_adaptation(action, values[best], jnp.mean(values))
 
@@ -186,7 +225,8 @@ def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, k
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
     psi = model.sample_psi(params["psi_ema"], broadcast_state(state, noise.shape[0]), noise,
                            shape.sample_steps)  # fmt: skip
-    return best_sample_plan(model, params, state, value_fn(params, weights)(psi), psi)
+    return best_sample_plan(model, shape, params, state, value_fn(params, weights)(psi), psi,
+                            knobs)  # fmt: skip
 
 
 def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -203,7 +243,7 @@ def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, 
         guide_fn=lambda x0: value(x0) / grad_norm,
         guidance_scale=knobs.guidance_scale,
     )
-    return best_sample_plan(model, params, state, value(psi), psi)
+    return best_sample_plan(model, shape, params, state, value(psi), psi, knobs)
 
 
 class Steps(NamedTuple):
@@ -349,19 +389,16 @@ def outside_support(prior: jax.Array, prior_best: jax.Array, candidate: jax.Arra
     from each other: its distance to the nearest prior sample exceeds both the
     GUARD_QUANTILE of the prior samples' nearest-neighbour distances and that of the
     prior's own choice, which lies in the tail where samples are sparse (normalised psi)."""
-    norms = jnp.sum(jnp.square(prior), axis=-1)
-    gaps = norms[:, None] + norms[None] - 2.0 * prior @ prior.T  # squared, without [N, N, P]
-    gaps = jnp.where(jnp.eye(prior.shape[0], dtype=bool), jnp.inf, gaps)
-    spacing = jnp.sqrt(jnp.maximum(jnp.min(gaps, axis=1), 0.0))
+    spacing = nearest_spacing(prior)
     distance = jnp.min(jnp.linalg.norm(prior - candidate, axis=-1))
     return distance > jnp.maximum(jnp.quantile(spacing, GUARD_QUANTILE), spacing[prior_best])
 
 
 def adapt(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
     """Δφ adaptation from the warm start `delta`, then `n_samples` outcomes of the adapted
-    model; the best by V is chosen unless the support guard sends the choice back to the
-    prior's samples (and Δφ back to 0). Under the reweighted rule the prior's best competes
-    with the adapted model's best by V."""
+    model; the choice rule picks one unless the support guard sends the choice back to
+    the prior's samples (and Δφ back to 0). Under the reweighted rule the prior's samples
+    compete with the adapted model's: weighted, they are samples of the target q* too."""
     k_adapt, k_choose = jax.random.split(key)
     value = value_fn(params, weights)
     rule = reweighted_steps if shape.adaptation == "reweighted" else gradient_steps
@@ -372,20 +409,25 @@ def adapt(model: WorldModel, shape: PlanShape, params, state, weights, key, knob
                            broadcast_state(state, shape.n_samples), noise,
                            shape.sample_steps)  # fmt: skip
     values = value(psi)
-    best = jnp.argmax(values)
-    prior_best = jnp.argmax(prior_values)
+    n_prior = prior.shape[0]
+    candidates = jnp.concatenate([prior, psi])
+    candidate_values = jnp.concatenate([prior_values, values])
+    is_prior = jnp.eye(len(candidates), n_prior, dtype=bool)
+    scores = choice_scores(shape.choice, candidate_values, candidates, prior, is_prior,
+                           knobs.kl_coef)  # fmt: skip
     fallback = jnp.bool_(False)
     if shape.support_guard:
-        fallback = outside_support(prior, prior_best, psi[best])
-    chose_prior = fallback
-    if shape.adaptation == "reweighted":
-        # The prior's samples, weighted, are samples of the target q* too: they compete.
-        chose_prior = fallback | (prior_values[prior_best] > values[best])
-    chosen = jnp.where(chose_prior, prior[prior_best], psi[best])
-    chosen_value = jnp.where(chose_prior, prior_values[prior_best], values[best])
+        adapted_best = n_prior + jnp.argmax(scores[n_prior:])
+        fallback = outside_support(prior, jnp.argmax(prior_values), candidates[adapted_best])
+    from_prior = jnp.arange(len(candidates)) < n_prior
+    # The gradient rule's prior samples are unweighted: they only stand in on a fallback.
+    eligible = from_prior if shape.adaptation == "reweighted" else jnp.zeros_like(from_prior)
+    eligible = jnp.where(fallback, from_prior, eligible | ~from_prior)
+    chosen = jnp.argmax(jnp.where(eligible, scores, -jnp.inf))
     kept = jax.tree.map(lambda d: jnp.where(fallback, jnp.zeros_like(d), d), steps.delta)
     return Adaptation(steps._replace(delta=kept), ess, jnp.mean(prior_values),
-                      jnp.mean(values), chosen, chosen_value, fallback, chose_prior)  # fmt: skip
+                      jnp.mean(values), candidates[chosen], candidate_values[chosen], fallback,
+                      chosen < n_prior)  # fmt: skip
 
 
 def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
@@ -432,10 +474,10 @@ def decide(model: WorldModel, shape: PlanShape, params, lstm, obs, weights, key,
     return Decision(p, lstm)
 
 
-@functools.cache
 def compile_decide(model: WorldModel, shape: PlanShape, batched: bool = False) -> Callable:
-    """jit(decide) for one planner configuration, made once per (model, shape); `batched`
-    vmaps it over sessions (every input but the parameters has a leading batch axis)."""
+    """jit(decide) for one planner configuration; `batched` vmaps it over sessions (every
+    input but the parameters has a leading batch axis). The caller holds the program: a
+    new one compiles again on its first call."""
 
     def fn(params, lstm, obs, weights, key, knobs, delta):
         return decide(model, shape, params, lstm, obs, weights, key, knobs, delta)
@@ -450,7 +492,6 @@ def session_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-@functools.cache
 def compile_adapt(model: WorldModel, shape: PlanShape) -> Callable:
     """jit of Δφ adaptation alone at the state [V(obs), h] (no action, no M step): what
     /adapt runs."""
