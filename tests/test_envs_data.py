@@ -134,6 +134,23 @@ def test_pointmaze_skew_keeps_resets_off_and_goals_mostly_off_rare_cells():
     assert len(goals) >= 3
 
 
+def _rare_goal_fraction(rare_goal_prob: float, draws: int = 4000) -> float:
+    env = make_env("pointmaze-medium")
+    policy = make_behaviour_policy(
+        "pointmaze-medium", env, np.random.default_rng(2), skew=0.3, rare_goal_prob=rare_goal_prob
+    )
+    rare = set(policy.rare)
+    return np.mean([tuple(policy.reset_options()["goal_cell"]) in rare for _ in range(draws)])
+
+
+def test_rare_goal_prob_sets_how_often_behaviour_goals_are_rare():
+    assert _rare_goal_fraction(0.0) == 0.0
+    assert 0.0 < _rare_goal_fraction(0.01) < 0.02
+    assert 0.2 < _rare_goal_fraction(0.25) < 0.3
+    with pytest.raises(ValueError, match="rare_goal_prob"):
+        _rare_goal_fraction(1.5)
+
+
 def _wall_fraction(env, policy, steps):
     """Fraction of steps the point spends in its cell's outer band on a side with a wall."""
     maze = env.unwrapped.maze
@@ -164,7 +181,9 @@ def test_waypoint_jitter_moves_waypoints_off_centre_and_the_data_to_cell_edges()
     assert _wall_fraction(env, jittered, 1500) > _wall_fraction(env, centred, 1500) + 0.05
 
 
-@pytest.mark.parametrize("option", [{"skew": 0.2}, {"noise": 0.5}, {"waypoint_jitter": 0.3}])
+@pytest.mark.parametrize(
+    "option", [{"skew": 0.2}, {"noise": 0.5}, {"waypoint_jitter": 0.3}, {"rare_goal_prob": 0.01}]
+)
 def test_maze_options_are_pointmaze_only(option):
     env = make_env("pendulum")
     with pytest.raises(ValueError, match=f"{next(iter(option))}: only for the pointmaze"):

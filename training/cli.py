@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from training.config import ConfigError
-from training.envs import MAZE_ACTION_NOISE
+from training.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
@@ -24,6 +24,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
         skew=args.skew,
         noise=args.noise,
         waypoint_jitter=args.waypoint_jitter,
+        rare_goal_prob=args.rare_goal_prob,
         max_episode_steps=args.max_episode_steps,
         progress=not args.quiet,
     )
@@ -206,6 +207,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=0.0,
         help="pointmaze: how far (in cells, per axis) each waypoint lies off its cell's "
         "centre, so the data covers cell edges and walls too",
+    )
+    p.add_argument(
+        "--rare-goal-prob",
+        type=float,
+        default=RARE_GOAL_PROB,
+        help="pointmaze with --skew: how often a behaviour goal lies in the rarely visited "
+        "cells (default: %(default)s)",
     )
     p.add_argument("--max-episode-steps", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from training.envs import (
     ENVIRONMENTS,
     MAZE_ACTION_NOISE,
+    RARE_GOAL_PROB,
     get_env_spec,
     make_behaviour_policy,
     make_env,
@@ -44,6 +45,7 @@ def collect(
     skew: float = 0.0,
     noise: float = MAZE_ACTION_NOISE,
     waypoint_jitter: float = 0.0,
+    rare_goal_prob: float = RARE_GOAL_PROB,
     max_episode_steps: int | None = None,
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
@@ -72,7 +74,9 @@ def collect(
             )
             try:
                 rng = np.random.default_rng(seed)
-                policy = make_behaviour_policy(env_name, env, rng, skew, noise, waypoint_jitter)
+                policy = make_behaviour_policy(
+                    env_name, env, rng, skew, noise, waypoint_jitter, rare_goal_prob
+                )
                 seeds = episode_seeds(seed, episodes)
                 for episode_seed in tqdm(
                     seeds, desc=f"collect {env_name}", unit="ep", disable=not progress
@@ -86,7 +90,8 @@ def collect(
                         algorithm_name=f"worldplan behaviour policy for {env_name}",
                         author="worldplan",
                         description=f"{episodes} episodes of {env_name}, seed {seed}, skew {skew}, "
-                        f"action noise {noise}, waypoint jitter {waypoint_jitter}",
+                        f"action noise {noise}, waypoint jitter {waypoint_jitter}, "
+                        f"rare goal probability {rare_goal_prob}",
                     )
                 sidecar = {
                     "env": env_name,
@@ -94,6 +99,7 @@ def collect(
                     "skew": skew,
                     "noise": noise,
                     "waypoint_jitter": waypoint_jitter,
+                    "rare_goal_prob": rare_goal_prob,
                     "episodes": episodes,
                     "max_episode_steps": steps,
                     "env_kwargs": env_kwargs or {},

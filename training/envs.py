@@ -98,6 +98,7 @@ class BehaviourPolicy(Protocol):
 
 
 MAZE_ACTION_NOISE = 0.2  # standard deviation of the Gaussian added to the maze PD actions
+RARE_GOAL_PROB = 0.05  # how often a skewed maze's behaviour goal lies in a rare cell
 
 
 def make_behaviour_policy(
@@ -107,18 +108,21 @@ def make_behaviour_policy(
     skew: float = 0.0,
     noise: float = MAZE_ACTION_NOISE,
     waypoint_jitter: float = 0.0,
+    rare_goal_prob: float = RARE_GOAL_PROB,
 ) -> BehaviourPolicy:
-    """The environment's behaviour policy; skew, noise and waypoint_jitter shape the
-    pointmaze one (MazeWaypointPolicy) and are errors elsewhere."""
+    """The environment's behaviour policy; skew, noise, waypoint_jitter and rare_goal_prob
+    shape the pointmaze one (MazeWaypointPolicy) and are errors elsewhere."""
     spec = get_env_spec(name)
     if name.startswith("pointmaze"):
         maze = env.unwrapped.maze
         return MazeWaypointPolicy(maze, env.action_space, rng, skew, noise=noise,
-                                  waypoint_jitter=waypoint_jitter)  # fmt: skip
+                                  waypoint_jitter=waypoint_jitter,
+                                  rare_goal_prob=rare_goal_prob)  # fmt: skip
     changed = {
         "skew": skew,
         "noise": noise != MAZE_ACTION_NOISE,
         "waypoint_jitter": waypoint_jitter,
+        "rare_goal_prob": rare_goal_prob != RARE_GOAL_PROB,
     }
     if any(changed.values()):
         options = ", ".join(option for option, value in changed.items() if value)
@@ -214,7 +218,7 @@ class MazeWaypointPolicy:
         waypoint_jitter: float = 0.0,
         waypoint_reach: float = 0.3,
         goal_reach: float = 0.15,
-        rare_goal_prob: float = 0.05,
+        rare_goal_prob: float = RARE_GOAL_PROB,
     ):
         self.maze = maze
         self.low, self.high = action_space.low, action_space.high
@@ -227,6 +231,8 @@ class MazeWaypointPolicy:
         self.rare = rare_cells(maze.maze_map, skew)
         rare = set(self.rare)
         self.candidates = [cell for cell in free_cells(maze.maze_map) if cell not in rare]
+        if not 0.0 <= rare_goal_prob <= 1.0:
+            raise ValueError(f"rare_goal_prob must lie in [0, 1], got {rare_goal_prob}")
         self.rare_goal_prob = rare_goal_prob
         self._pending_goal: Cell | None = None
         self._path: list[Cell] = []
