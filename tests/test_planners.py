@@ -20,7 +20,9 @@ from training.planners import (
     Knobs,
     PlanShape,
     adapt,
+    choice_scores,
     compile_decide,
+    log_density,
     plan,
     tilt_weights,
     with_delta,
@@ -390,3 +392,52 @@ def test_the_guard_falls_back_when_delta_is_off_support(two_mode_model):
     distance = np.min(np.linalg.norm(np.asarray(off.psi) - TWO_MODES, axis=-1))
     assert distance < 1.0  # the prior's own sample was chosen
     assert not bool(run(zero).fallback)
+
+
+def test_the_leave_one_out_density_is_higher_inside_a_cluster_than_alone():
+    rng = np.random.default_rng(0)
+    cluster = rng.normal(0.0, 0.1, (20, 3))
+    samples = jnp.asarray(np.concatenate([cluster, [[3.0, 3.0, 3.0]]]), jnp.float32)
+    alone = jnp.eye(len(samples), dtype=bool)
+    density = np.asarray(log_density(samples, samples, alone))
+    assert density[-1] < density[:-1].min() - 10.0  # far from every other sample
+    # Without leaving itself out, each sample would see itself: the lone one looks dense.
+    with_self = np.asarray(log_density(samples, samples, jnp.zeros_like(alone)))
+    assert with_self[-1] > density[-1] + 10.0
+
+
+def test_the_tilted_mode_prefers_a_well_supported_outcome_to_a_lone_slightly_better_one():
+    rng = np.random.default_rng(1)
+    cluster = rng.normal(0.0, 0.1, (31, 2))
+    samples = jnp.asarray(np.concatenate([cluster, [[4.0, 4.0]]]), jnp.float32)
+    values = jnp.asarray(np.concatenate([np.full(31, 5.0) + 0.01 * np.arange(31), [6.0]]))
+    alone = jnp.eye(len(samples), dtype=bool)
+
+    def chosen(choice, kl_coef):
+        scores = choice_scores(choice, values, samples, samples, alone, jnp.float32(kl_coef))
+        return int(jnp.argmax(scores))
+
+    assert chosen("max_value", 1.0) == 31  # the lone sample has the highest V
+    assert chosen("tilted_mode", 1.0) != 31  # V / λ + log p: the cluster's best wins
+    assert chosen("tilted_mode", 1e-6) == 31  # λ -> 0: the mode of q* is the argmax of V
+
+
+@pytest.mark.parametrize("planner", ["random_shooting", "online_adaptation"])
+def test_both_choice_rules_plan_with_a_real_bundle(bundle, planner):
+    plans = {
+        choice: plan(
+            bundle.model,
+            PlanShape(planner, 4, 16, 16, support_guard=False, choice=choice),
+            bundle.params,
+            planning_state(bundle),
+            goal_weights(bundle),
+            jax.random.key(3),
+            knobs(kl_coef=1.0, steps=2),
+        )  # fmt: skip
+        for choice in ("max_value", "tilted_mode")
+    }
+    for p in plans.values():
+        assert np.all(np.isfinite(np.asarray(p.action))) and np.isfinite(float(p.value))
+    # The same samples (no guard to tell the rules apart): the highest V is at least the V
+    # the tilted mode chose.
+    assert float(plans["max_value"].value) >= float(plans["tilted_mode"].value) - 1e-5
