@@ -55,6 +55,7 @@ ABLATION_GRID = {
     "adapt_params": ["head", "film", "all"],
     "warm_start": [True, False],
     "support_guard": [True, False],
+    "choice": ["max_value", "tilted_mode"],
     "kl_coef": [0.1, 0.3, 1.0, 3.0, 10.0],
     "adaptation_steps": [0, 2, 5, 10, 20],
     "delta_phi_lr": [1e-3, 3e-3, 1e-2, 3e-2],
