@@ -20,6 +20,10 @@ the output alone). The support guard falls back to Δφ = 0, that is to the prio
 samples, when the chosen adapted outcome lies farther from the prior's samples than they
 lie from each other.
 
+Every sampling planner chooses its outcome by `planning.choice`: the sample of highest V,
+or the mode of q* ∝ p exp(V / λ) among the samples (V / λ plus a kernel density of the
+prior's samples).
+
 Values are V(psi) = psi . w on un-normalised psi. Shapes (sample counts, the rule) are
 static and fix a compilation; the learning rate, KL coefficient, guidance scale and the
 number of adaptation steps (up to `max_adaptation_steps`) are ordinary inputs, so changing
