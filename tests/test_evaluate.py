@@ -107,6 +107,14 @@ def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
         assert (tmp_path / name).stat().st_size > 5_000
 
 
+def test_ablation_measures_the_defaults_once_for_every_knob(bundle, tmp_path):
+    planning = bundle.config.planning
+    grid = {"kl_coef": [planning.kl_coef, 5.0], "warm_start": [planning.warm_start]}
+    rows = ablate(bundle, 2, 0, tmp_path, grid, max_steps=5, progress=False)
+    assert rows[0]["summary"] is rows[2]["summary"]  # both rows are the defaults' one run
+    assert rows[1]["summary"] is not rows[0]["summary"]
+
+
 def test_episodes_carry_delta_over_between_steps_only_with_warm_start(bundle):
     spec = evaluation_goals(bundle, 1, seed=0)[0]
     base = bundle.config.planning.model_copy(
