@@ -22,6 +22,7 @@ from training.planners import (
     adapt,
     choice_scores,
     compile_decide,
+    heaviest,
     log_density,
     plan,
     tilt_weights,
@@ -369,10 +370,19 @@ def test_reweighted_adaptation_stays_in_support_where_the_seed_rule_leaves_it(tw
         return off_support_fraction(model, params, a.steps.delta)
 
     seed_off, seed_y = adapted({"adaptation": "gradient", "kl_estimator": "seed"}, 0.01)
-    tilted_off, tilted_y = adapted({"adaptation": "reweighted"}, 0.3)
     assert seed_y > prior_y + 0.5 and seed_off > 0.5  # pushed off the modes, upwards
-    assert tilted_y > prior_y  # leaning to the higher values ...
-    assert tilted_off < 0.1  # ... that the prior's own samples have
+    for fit in (None, 32):  # every prior sample, or the 32 heaviest of 256
+        tilted_off, tilted_y = adapted({"adaptation": "reweighted", "n_fit_samples": fit}, 0.3)
+        assert tilted_y > prior_y  # leaning to the higher values ...
+        assert tilted_off < 0.1  # ... that the prior's own samples have
+
+
+def test_the_fit_keeps_the_heaviest_samples_with_their_weights_renormalised():
+    prior = jnp.arange(12.0).reshape(6, 2)
+    w = jnp.array([0.05, 0.4, 0.12, 0.3, 0.05, 0.08])
+    kept, w_kept = heaviest(prior, w, 3)
+    np.testing.assert_array_equal(np.asarray(kept), np.asarray(prior)[[1, 3, 2]])
+    np.testing.assert_allclose(np.asarray(w_kept), np.array([0.4, 0.3, 0.12]) / 0.82, rtol=1e-6)
 
 
 def test_the_guard_falls_back_when_delta_is_off_support(two_mode_model):

@@ -71,6 +71,11 @@ class SuccessorConfig(Strict):
 class ReadoutConfig(Strict):
     hidden: int = Field(256, gt=0)
     depth: int = Field(2, gt=0)
+    target: Literal["bellman", "monte_carlo"] = Field(
+        "bellman",
+        description="the outcome paired with each dataset action: phi(s) + gamma psi' with psi' "
+        "drawn from the psi-model at s', or the discounted sum of the cumulants that followed",
+    )
 
 
 class ValueConfig(Strict):
@@ -121,6 +126,13 @@ class PlanningConfig(Strict):
     )
     kl_coef: float = Field(1.0, gt=0.0)
     n_adaptation_samples: int = Field(32, gt=0, le=4096)
+    n_fit_samples: int | None = Field(
+        None,
+        gt=0,
+        le=4096,
+        description="the reweighted rule fits Δφ on this many of the prior's samples, those of "
+        "largest weight (all of them when unset)",
+    )
 
     @model_validator(mode="after")
     def _steps_within_maximum(self) -> PlanningConfig:

@@ -67,6 +67,7 @@ class PlanShape:
     support_guard: bool = True
     max_adaptation_steps: int = 200
     choice: str = "max_value"
+    n_fit_samples: int | None = None
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -81,6 +82,7 @@ class PlanShape:
             config.support_guard,
             config.max_adaptation_steps,
             config.choice,
+            config.n_fit_samples,
         )
 
     def __str__(self) -> str:
@@ -90,6 +92,8 @@ class PlanShape:
         if self.planner == "online_adaptation":
             sizes += f", n_adaptation_samples={self.n_adaptation_samples}, "
             sizes += f"adaptation={self.adaptation}"
+            if self.adaptation == "reweighted" and self.n_fit_samples is not None:
+                sizes += f", n_fit_samples={self.n_fit_samples}"
             if self.adaptation == "gradient":
                 sizes += f", kl_estimator={self.kl_estimator}"
             sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
@@ -308,26 +312,38 @@ def tilt_weights(values: jax.Array, kl_coef: jax.Array) -> tuple[jax.Array, jax.
     return w, 1.0 / jnp.sum(jnp.square(w))
 
 
+def heaviest(prior: jax.Array, w: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
+    """The m prior samples of largest weight and their weights, renormalised: the tilted
+    target's mass sits on few samples (ESS well below N), and the fit's cost grows with
+    the samples it runs over."""
+    w_top, index = jax.lax.top_k(w, m)
+    return prior[index], w_top / jnp.sum(w_top)
+
+
 def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
-    """Δφ fitted to q* ∝ p exp(V / λ): weighted denoising loss on the prior's samples.
-    Returns (Steps, prior samples, their values, ESS). The KL reported is that of the
-    reweighted samples from the prior, Σ w log(N w): the KL the target pays."""
+    """Δφ fitted to q* ∝ p exp(V / λ): weighted denoising loss on the prior's samples (the
+    n_fit_samples heaviest of them when set). Returns (Steps, prior samples, their values,
+    ESS). The KL reported is that of the reweighted samples from the prior, Σ w log(N w):
+    the KL the target pays."""
     base = params["psi_ema"]
     n = shape.n_adaptation_samples
     k_prior, k_t, k_noise = jax.random.split(key, 3)
-    cond = broadcast_state(state, n)
-    prior = model.sample_psi(base, cond, jax.random.normal(k_prior, (n, model.psi_dim)),
+    prior = model.sample_psi(base, broadcast_state(state, n),
+                             jax.random.normal(k_prior, (n, model.psi_dim)),
                              shape.sample_steps)  # fmt: skip
     values = value(prior)
     w, ess = tilt_weights(values, knobs.kl_coef)
     kl = jnp.sum(w * jnp.log(jnp.maximum(n * w, 1e-30)))
+    m = min(shape.n_fit_samples or n, n)
+    fit, w_fit = heaviest(prior, w, m) if m < n else (prior, w)
+    cond = broadcast_state(state, m)
     # Fixed noise levels and noise (common random numbers): the iterates compare fairly.
     schedule = model.schedule
-    t = jax.random.randint(k_t, (FIT_DRAWS, n), 1, schedule.n_steps + 1)
-    eps = jax.random.normal(k_noise, (FIT_DRAWS, n, model.psi_dim))
+    t = jax.random.randint(k_t, (FIT_DRAWS, m), 1, schedule.n_steps + 1)
+    eps = jax.random.normal(k_noise, (FIT_DRAWS, m, model.psi_dim))
     ab = schedule.alpha_bar[t][..., None]
-    x_t = jnp.sqrt(ab) * prior + jnp.sqrt(1.0 - ab) * eps
-    target = jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * prior
+    x_t = jnp.sqrt(ab) * fit + jnp.sqrt(1.0 - ab) * eps
+    target = jnp.sqrt(ab) * eps - jnp.sqrt(1.0 - ab) * fit
     t_fraction = t / schedule.n_steps
     if shape.adapt_params == "head":
         # Δφ leaves the layers below the output alone: their features are computed once.
@@ -344,7 +360,7 @@ def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
             return jax.vmap(lambda x, tf: model.predict_v(psi_params, x, tf, cond))(x_t, t_fraction)
 
     def objective(d):
-        loss = jnp.sum(w * jnp.mean(jnp.square(predict(d) - target), axis=(0, 2)))
+        loss = jnp.sum(w_fit * jnp.mean(jnp.square(predict(d) - target), axis=(0, 2)))
         return -loss, kl
 
     steps = ascend(objective, delta, knobs, shape.max_adaptation_steps)

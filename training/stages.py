@@ -120,9 +120,15 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
 
 
 def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
+    """Action regression on (s, outcome) pairs. The Monte-Carlo outcome is the future the
+    action actually led to; the Bellman one draws that future from the psi-model at s',
+    which tells the action apart only through the one step between s and s'."""
     k_rows, k_target = jax.random.split(key)
     rows = sample_rows(k_rows, trans.states.shape[0], model.config.successor.batch_size)
-    psi = bellman_target(model, params, trans, rows, k_target)
+    if model.config.readout.target == "monte_carlo":
+        psi = normalise(trans.mc_psi[rows], params["psi_norm"])
+    else:
+        psi = bellman_target(model, params, trans, rows, k_target)
     action = model.readout.apply({"params": params["readout"]}, trans.states[rows], psi)
     return jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1)), {}
 
