@@ -19,7 +19,7 @@ from training.objectives import (
     weighted_bc_loss,
 )
 from training.stage_data import Transitions, psi_statistics
-from training.stages import readout_objective
+from training.stages import psi_objective, readout_objective
 
 KEY = jax.random.key(0)
 
@@ -198,3 +198,32 @@ def test_the_monte_carlo_readout_learns_the_action_its_future_reveals():
     assert mc_after < 0.1 * mc_before  # the realised future names the action
     # A future drawn from the psi-model at s' is the same whatever the action was.
     assert bellman_after > 0.5 * bellman_before
+
+
+def test_history_dropout_hides_the_lstm_state_from_the_psi_loss():
+    def psi_loss(dropout: float, h_value: float) -> float:
+        config = parse_config({
+            "env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8},
+            "successor": {"n_features": 7, "hidden": 16, "depth": 1, "batch_size": 64,
+                          "history_dropout": dropout},
+        })  # fmt: skip
+        model = WorldModel.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
+        params = model.init(KEY)
+        n = 64
+        mc_psi = np.random.default_rng(0).normal(size=(n, model.psi_dim)).astype(np.float32)
+        states = jnp.concatenate([jnp.ones((n, 4)), jnp.full((n, 8), h_value)], axis=-1)
+        trans = Transitions(
+            states=states, next_states=states, phi=jnp.zeros((n, model.psi_dim)),
+            dones=jnp.zeros(n), actions=jnp.zeros((n, 1)), weights=jnp.ones(n),
+            observations=jnp.zeros((n, 0)), mc_psi=jnp.asarray(mc_psi),
+        )  # fmt: skip
+        # Moved off the initialisation, whose conditioning layers ignore the state.
+        leaves, treedef = jax.tree.flatten(params["psi"])
+        keys = jax.random.split(KEY, len(leaves))
+        psi = [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        params = {**params, "psi": jax.tree.unflatten(treedef, psi),
+                  "psi_norm": psi_statistics(mc_psi)}  # fmt: skip
+        return float(psi_objective(model, params, trans, KEY, 0)[0])
+
+    assert psi_loss(1.0, 0.0) == psi_loss(1.0, 3.0)  # every row's history dropped
+    assert psi_loss(0.0, 0.0) != psi_loss(0.0, 3.0)  # the history conditions the loss

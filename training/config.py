@@ -66,6 +66,13 @@ class SuccessorConfig(Strict):
     )
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     batch_size: int = Field(256, gt=0, description="batch of the psi, readout and value stages")
+    history_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="fraction of psi-training rows whose LSTM state is replaced by the initial "
+        "one: the model then also learns the futures a state allows whatever its history",
+    )
 
 
 class ReadoutConfig(Strict):

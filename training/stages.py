@@ -115,7 +115,13 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
         lambda: normalise(trans.mc_psi[rows], params["psi_norm"]),
         lambda: bellman_target(model, params, trans, rows, k_target),
     )
-    loss = v_loss(model.predict_v, params["psi"], model.schedule, x0, trans.states[rows], k_loss)
+    states = trans.states[rows]
+    if sf.history_dropout > 0.0:
+        k_loss, k_drop = jax.random.split(k_loss)
+        drop = jax.random.bernoulli(k_drop, sf.history_dropout, (rows.shape[0], 1))
+        is_h = jnp.arange(states.shape[-1]) >= model.latent_dim
+        states = jnp.where(drop & is_h, 0.0, states)
+    loss = v_loss(model.predict_v, params["psi"], model.schedule, x0, states, k_loss)
     return loss, {"target_abs": jnp.mean(jnp.abs(x0))}
 
 
