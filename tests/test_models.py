@@ -158,24 +158,35 @@ def test_world_model_init_and_normaliser():
     assert float(normalise(jnp.full((64, 64, 3), 255, jnp.uint8), pixels).max()) == 1.0
 
 
+def tiny_successor_model(successor: dict, readout: dict | None = None):
+    """A small pendulum world model for the successor-feature stages, and its params."""
+    config = parse_config({
+        "env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8},
+        "successor": {"n_features": 7, "hidden": 16, "depth": 1, **successor},
+        "readout": readout or {},
+    })  # fmt: skip
+    model = WorldModel.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
+    return model, model.init(KEY)
+
+
+def transitions(states, mc_psi: np.ndarray, actions) -> Transitions:
+    """Transitions with the given states, outcomes and actions; the rest zero or one."""
+    n = states.shape[0]
+    return Transitions(
+        states=states, next_states=states, phi=jnp.zeros_like(jnp.asarray(mc_psi)),
+        dones=jnp.zeros(n), actions=actions, weights=jnp.ones(n),
+        observations=jnp.zeros((n, 0)), mc_psi=jnp.asarray(mc_psi),
+    )  # fmt: skip
+
+
 def readout_fit(target: str, steps: int = 300) -> tuple[float, float]:
     """A readout of `target` fitted to actions that only the realised future reveals (the
     states are all alike); its loss on a fresh batch before and after."""
-    config = parse_config({
-        "env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8},
-        "successor": {"n_features": 7, "hidden": 16, "depth": 1, "batch_size": 128},
-        "readout": {"hidden": 64, "target": target},
-    })  # fmt: skip
-    model = WorldModel.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
-    params = model.init(KEY)
+    model, params = tiny_successor_model({"batch_size": 128}, {"hidden": 64, "target": target})
     n = 1024
     mc_psi = np.random.default_rng(0).normal(size=(n, model.psi_dim)).astype(np.float32)
-    zeros = jnp.zeros((n, model.state_dim))
-    trans = Transitions(
-        states=zeros, next_states=zeros, phi=jnp.zeros((n, model.psi_dim)), dones=jnp.zeros(n),
-        actions=jnp.asarray(np.clip(mc_psi[:, :1], -1.9, 1.9)), weights=jnp.ones(n),
-        observations=jnp.zeros((n, 0)), mc_psi=jnp.asarray(mc_psi),
-    )  # fmt: skip
+    actions = jnp.asarray(np.clip(mc_psi[:, :1], -1.9, 1.9))
+    trans = transitions(jnp.zeros((n, model.state_dim)), mc_psi, actions)
     params = {**params, "psi_norm": psi_statistics(mc_psi)}
 
     def loss(readout, key):
@@ -202,21 +213,11 @@ def test_the_monte_carlo_readout_learns_the_action_its_future_reveals():
 
 def test_history_dropout_hides_the_lstm_state_from_the_psi_loss():
     def psi_loss(dropout: float, h_value: float) -> float:
-        config = parse_config({
-            "env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8},
-            "successor": {"n_features": 7, "hidden": 16, "depth": 1, "batch_size": 64,
-                          "history_dropout": dropout},
-        })  # fmt: skip
-        model = WorldModel.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
-        params = model.init(KEY)
+        model, params = tiny_successor_model({"batch_size": 64, "history_dropout": dropout})
         n = 64
         mc_psi = np.random.default_rng(0).normal(size=(n, model.psi_dim)).astype(np.float32)
         states = jnp.concatenate([jnp.ones((n, 4)), jnp.full((n, 8), h_value)], axis=-1)
-        trans = Transitions(
-            states=states, next_states=states, phi=jnp.zeros((n, model.psi_dim)),
-            dones=jnp.zeros(n), actions=jnp.zeros((n, 1)), weights=jnp.ones(n),
-            observations=jnp.zeros((n, 0)), mc_psi=jnp.asarray(mc_psi),
-        )  # fmt: skip
+        trans = transitions(states, mc_psi, jnp.zeros((n, 1)))
         # Moved off the initialisation, whose conditioning layers ignore the state.
         leaves, treedef = jax.tree.flatten(params["psi"])
         keys = jax.random.split(KEY, len(leaves))
