@@ -88,6 +88,16 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
     assert "unknown planner" in capsys.readouterr().err
 
 
+def test_eval_can_run_only_the_rare_goals(trained, tmp_path):
+    argv = ["eval", str(trained.run_dir), "--goals", "4", "--max-steps", "3", "--quiet"]
+    out = tmp_path / "rare"
+    assert cli_main([*argv, "--planner", "random_shooting", "--rare-only", "--out", str(out)]) == 0
+    record = json.loads((out / "eval.json").read_text())
+    rare = [g.goal_cell for g in evaluation_goals(restore_bundle(trained.run_dir), 4) if g.rare]
+    assert [tuple(g["goal_cell"]) for g in record["goals"]] == rare
+    assert all(e["rare"] for e in record["results"][0]["episodes"])
+
+
 def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
     grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4], "rule": ["gradient/seed"]}
     rows = ablate(bundle, 2, 0, tmp_path, grid, max_steps=5, progress=False)

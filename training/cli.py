@@ -101,8 +101,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     results = compare_planners(
-        bundle, planners, args.goals, args.episodes, args.seed, out, args.max_steps, not args.quiet
-    )
+        bundle, planners, args.goals, args.episodes, args.seed, out, args.max_steps,
+        not args.quiet, args.rare_only,
+    )  # fmt: skip
     print(comparison_table(bundle.env_id, results))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
 
@@ -264,6 +265,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "online_adaptation_seed (the seed's exact rule)",
     )
     p.add_argument("--episodes", type=int, default=1, help="episodes per goal")
+    p.add_argument(
+        "--rare-only", action="store_true", help="run only the goals drawn in rare cells"
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="sweep the online-adaptation knobs one at a time")

@@ -359,14 +359,19 @@ def compare_planners(
     out_dir: Path,
     max_steps: int | None = None,
     progress: bool = True,
+    rare_only: bool = False,
 ) -> list[dict]:
-    """Every planner (or variant) on the same goals; writes eval.json and eval.md into
-    out_dir. The compute-matched random shooting gets the samples that fit in online
-    adaptation's time per decision, timed here on this machine."""
+    """Every planner (or variant) on the same goals (only those in rare cells when
+    rare_only); writes eval.json and eval.md into out_dir. The compute-matched random
+    shooting gets the samples that fit in online adaptation's time per decision, timed
+    here on this machine."""
     unknown = sorted(set(planners) - set(VARIANTS))
     if unknown:
         raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
-    goals = repeat_goals(evaluation_goals(bundle, n_goals, seed), episodes_per_goal)
+    drawn = [g for g in evaluation_goals(bundle, n_goals, seed) if g.rare or not rare_only]
+    if not drawn:
+        raise ValueError(f"none of the {n_goals} goals lies in a rare cell")
+    goals = repeat_goals(drawn, episodes_per_goal)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"env": bundle.env_id, "seed": seed, "goals": [asdict(g) for g in goals]}
     results = []
