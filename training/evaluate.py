@@ -60,6 +60,7 @@ ABLATION_GRID = {
     "adaptation_steps": [0, 2, 5, 10, 20],
     "delta_phi_lr": [1e-3, 3e-3, 1e-2, 3e-2],
     "n_adaptation_samples": [32, 64, 128, 256],
+    "n_fit_samples": [16, 32, 64, 256],
 }
 
 
