@@ -88,12 +88,12 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
     assert "unknown planner" in capsys.readouterr().err
 
 
-def test_eval_can_run_only_the_rare_goals(trained, tmp_path):
+def test_eval_can_run_only_the_rare_goals(trained, bundle, tmp_path):
     argv = ["eval", str(trained.run_dir), "--goals", "4", "--max-steps", "3", "--quiet"]
     out = tmp_path / "rare"
     assert cli_main([*argv, "--planner", "random_shooting", "--rare-only", "--out", str(out)]) == 0
     record = json.loads((out / "eval.json").read_text())
-    rare = [g.goal_cell for g in evaluation_goals(restore_bundle(trained.run_dir), 4) if g.rare]
+    rare = [g.goal_cell for g in evaluation_goals(bundle, 4) if g.rare]
     assert [tuple(g["goal_cell"]) for g in record["goals"]] == rare
     assert all(e["rare"] for e in record["results"][0]["episodes"])
 
