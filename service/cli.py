@@ -88,7 +88,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
-    from service.clients.bench import run_bench, write_bench
+    from service.benchmarks.bench import run_bench, write_bench
 
     sessions = [int(n) for n in args.sessions.split(",")]
     report = run_bench(args.model_dir, sessions, args.duration, args.repeats)
@@ -98,7 +98,7 @@ def cmd_bench(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_start(args: argparse.Namespace) -> None:
-    from service.clients.startup import run_start_bench
+    from service.benchmarks.startup import run_start_bench
 
     report = run_start_bench(args.model_dir, args.out)
     print(json.dumps(report, indent=2))
@@ -106,7 +106,7 @@ def cmd_bench_start(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_memory(args: argparse.Namespace) -> None:
-    from service.clients.memory import run_memory_bench, write_memory
+    from service.benchmarks.memory import run_memory_bench, write_memory
 
     report = run_memory_bench(args.model_dir, args.sessions, args.redis_url)
     path = write_memory(report, args.out)

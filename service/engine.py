@@ -3,7 +3,7 @@ planner shape and batch size), task -> weights, planner overrides and the model'
 description. No other server module imports `training`.
 
 A batch of decisions of different sessions runs as vmapped calls of
-`training.planners.decide` (V encode -> plan -> read out -> clip -> M step): the compiled
+`training.planning.planners.decide` (V encode -> plan -> read out -> clip -> M step): the compiled
 batch sizes whose calls cover it at the least cost measured at warm-up, the last padded.
 The mathematics lives in `training`; this module only gathers inputs, pads, calls and
 splits. What here runs JAX runs off the event loop: at startup on an executor, once
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from service.guard import as_float32
-from training.checkpoint import Bundle, params_digest, restore_bundle
 from training.config import PlanningConfig
-from training.planners import (
+from training.learning.checkpoint import Bundle, params_digest, restore_bundle
+from training.planning.planners import (
     PLANNERS,
     Knobs,
     PlanShape,
@@ -36,7 +36,7 @@ from training.planners import (
     session_key,
     zero_delta,
 )
-from training.tasks import TaskError, default_task, task_weights
+from training.planning.tasks import TaskError, default_task, task_weights
 
 __all__ = ["Engine", "InvalidTask", "Outcome", "PlanShape", "Planning", "StepInput"]
 

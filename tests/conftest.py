@@ -19,13 +19,13 @@ from service.clients.local import (
     running_server,  # noqa: F401  (the tests' server)
     stop,
 )
-from training.checkpoint import restore_bundle
 from training.config import parse_config
-from training.data import collect
+from training.data.datasets import collect
+from training.learning.checkpoint import restore_bundle
+from training.learning.loop import train
 from training.models.mdn_rnn import initial_state
-from training.planners import Knobs, PlanShape, compile_decide
-from training.tasks import default_task, task_weights
-from training.train import train
+from training.planning.planners import Knobs, PlanShape, compile_decide
+from training.planning.tasks import default_task, task_weights
 
 # Tests train the same tiny models many times, in this process and in subprocesses: a
 # compilation cache for the session makes every compilation after the first a lookup.

@@ -1,6 +1,6 @@
 """`worldplan bench` runs end to end (its figures are reported, never asserted)."""
 
-from service.clients.bench import run_bench, write_bench
+from service.benchmarks.bench import run_bench, write_bench
 
 
 def test_bench_measures_every_part(trained, tmp_path):

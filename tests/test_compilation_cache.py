@@ -2,7 +2,7 @@
 directory reads every program back and compiles nothing (`worldplan bench-start`'s two
 starts)."""
 
-from service.clients.startup import timed_start
+from service.benchmarks.startup import timed_start
 from service.settings import Settings
 
 

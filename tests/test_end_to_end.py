@@ -12,17 +12,17 @@ import pytest
 
 from service.cli import main as cli_main
 from tests.conftest import TINY, decide_once
-from training import joint
-from training.checkpoint import restore_bundle
 from training.config import ConfigError, parse_config
-from training.data import collect, load_sequences, open_dataset
+from training.data.datasets import collect, load_sequences, open_dataset
+from training.learning import joint
+from training.learning.checkpoint import restore_bundle
+from training.learning.loop import read_metrics, train
+from training.learning.losses import info_nce_logits, info_nce_loss, loss_weights, reinforce_loss
+from training.learning.optim import gradient_clipping
+from training.learning.stage_inputs import device_data, real_frames, spaces_of
 from training.models.controller import gaussian_log_prob
 from training.models.mdn_rnn import MDNRNN, initial_state, unroll
 from training.models.world import WorldModel, observation_stats
-from training.objectives import info_nce_logits, info_nce_loss, loss_weights, reinforce_loss
-from training.optim import gradient_clipping
-from training.stage_data import device_data, real_frames, spaces_of
-from training.train import read_metrics, train
 
 
 def joint_config(mode: str, joint_section: dict | None = None, **train) -> dict:

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 
 from service.engine import Engine, StepInput
-from training.checkpoint import restore_bundle
-from training.planners import PLANNERS, PlanShape
-from training.tasks import task_weights
+from training.learning.checkpoint import restore_bundle
+from training.planning.planners import PLANNERS, PlanShape
+from training.planning.tasks import task_weights
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from gymnasium_robotics.envs.maze.maps import MEDIUM_MAZE, U_MAZE
 
-from training.data import (
+from training.data.datasets import (
     Sequences,
     collect,
     dataset_env_name,
@@ -19,7 +19,7 @@ from training.data import (
     load_sequences,
     open_dataset,
 )
-from training.envs import (
+from training.data.envs import (
     ENVIRONMENTS,
     MazeWaypointPolicy,
     bfs_path,

@@ -6,10 +6,7 @@ import numpy as np
 import pytest
 
 from service.cli import main as cli_main
-from training.checkpoint import restore_bundle
-from training.data import episode_observations, open_dataset
-from training.envs import bfs_path, make_env
-from training.evaluate import (
+from training.analysis.evaluate import (
     EpisodeRunner,
     ablate,
     evaluation_goals,
@@ -17,7 +14,10 @@ from training.evaluate import (
     repeat_goals,
     summarise_episodes,
 )
-from training.tails import data_futures
+from training.analysis.tails import data_futures
+from training.data.datasets import episode_observations, open_dataset
+from training.data.envs import bfs_path, make_env
+from training.learning.checkpoint import restore_bundle
 
 
 @pytest.fixture(scope="module")

@@ -103,7 +103,7 @@ def test_a_setting_opens_the_documents_and_the_delta_a_session_keeps_is_bounded(
 
 
 def test_bench_memory_measures_both_stores(trained, redis_url):
-    from service.clients.memory import run_memory_bench
+    from service.benchmarks.memory import run_memory_bench
 
     report = run_memory_bench(trained.run_dir, 20, redis_url)
     rows = report["bytes_per_session"]

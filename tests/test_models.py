@@ -7,19 +7,19 @@ import optax
 import pytest
 
 from training.config import parse_config
-from training.models.controller import Controller, gaussian_log_prob
-from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent
-from training.models.vae import ConvVAE, VectorVAE
-from training.models.world import Spaces, WorldModel, normalise, observation_stats
-from training.objectives import (
+from training.learning.losses import (
     discounted_returns,
     mdn_loss,
     return_weights,
     vae_loss,
     weighted_bc_loss,
 )
-from training.stage_data import Transitions, psi_statistics
-from training.stages import psi_objective, readout_objective
+from training.learning.stage_inputs import Transitions, psi_statistics
+from training.learning.stages import psi_objective, readout_objective
+from training.models.controller import Controller, gaussian_log_prob
+from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent
+from training.models.vae import ConvVAE, VectorVAE
+from training.models.world import Spaces, WorldModel, normalise, observation_stats
 
 KEY = jax.random.key(0)
 

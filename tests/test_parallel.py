@@ -15,9 +15,9 @@ import yaml
 
 from service.clients.local import free_port
 from tests.conftest import TINY
-from training.checkpoint import restore_bundle
 from training.config import parse_config, with_steps
-from training.train import read_metrics, train
+from training.learning.checkpoint import restore_bundle
+from training.learning.loop import read_metrics, train
 
 STEPS = 4  # per stage
 # V, M and C only: the successor-feature stages sample their rows the same way.
@@ -29,13 +29,13 @@ TWO_DEVICES = textwrap.dedent(
     import json, sys
     import jax, numpy as np
     from training.config import ConfigError, parse_config, with_steps
-    from training.data import load_sequences, open_dataset
+    from training.data.datasets import load_sequences, open_dataset
     from training.models.world import WorldModel
-    from training.optim import make_optimizer
-    from training.parallel import make_mesh, replicated
-    from training.stage_data import device_data, prepare_stage, spaces_of
-    from training.stages import stage_params, stage_update
-    from training.train import train
+    from training.learning.optim import make_optimizer
+    from training.learning.parallel import make_mesh, replicated
+    from training.learning.stage_inputs import device_data, prepare_stage, spaces_of
+    from training.learning.stages import stage_params, stage_update
+    from training.learning.loop import train
 
     config = with_steps(parse_config(json.loads(sys.argv[1])), int(sys.argv[4]))
     data, out = sys.argv[2], sys.argv[3]

@@ -8,13 +8,13 @@ import numpy as np
 import optax
 import pytest
 
-from training.checkpoint import restore_bundle
 from training.config import PlanningConfig
-from training.diffusion import cosine_schedule, ddim_sample, sample_with_path_kl, v_loss
+from training.learning.checkpoint import restore_bundle
+from training.models.diffusion import cosine_schedule, ddim_sample, sample_with_path_kl, v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.value import least_squares_weights
-from training.planners import (
+from training.planning.planners import (
     PLANNER_FNS,
     PLANNERS,
     Knobs,
@@ -29,7 +29,7 @@ from training.planners import (
     with_delta,
     zero_delta,
 )
-from training.tasks import TaskError, task_weights
+from training.planning.tasks import TaskError, task_weights
 
 
 def test_the_registry_has_a_function_for_every_name_the_config_takes():

@@ -19,9 +19,9 @@ from service.clients.local import running_server
 from service.engine import Engine, StepInput
 from service.sessions import RedisSessionStore
 from service.settings import Settings
-from training.checkpoint import restore_bundle
-from training.planners import PlanShape, knob_values
-from training.tasks import default_task, task_weights
+from training.learning.checkpoint import restore_bundle
+from training.planning.planners import PlanShape, knob_values
+from training.planning.tasks import default_task, task_weights
 
 KEY = "test-key"
 READINESS: list[int] = []

@@ -20,13 +20,13 @@ from service import cli as service_cli
 from service.cli import main as cli_main
 from tests.conftest import TINY, TINY_STEPS, decide_once
 from training import cli as training_cli
-from training.checkpoint import params_digest, restore_bundle
 from training.config import ConfigError, load_config, parse_config, with_steps
+from training.learning.checkpoint import params_digest, restore_bundle
+from training.learning.loop import METRICS_FILE, read_metrics, train
+from training.learning.stages import stage_bounds
 from training.models.mdn_rnn import initial_state
-from training.planners import PLANNERS, Knobs, PlanShape, compile_decide
-from training.stages import stage_bounds
-from training.tasks import task_weights
-from training.train import METRICS_FILE, read_metrics, train
+from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decide
+from training.planning.tasks import task_weights
 
 
 def probe_outputs(run_dir: str) -> str:

@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 
 from training.config import ConfigError
-from training.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
+from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
-    from training.data import collect
+    from training.data.datasets import collect
 
     started = time.perf_counter()
     path = collect(
@@ -36,7 +36,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from training.config import load_config, with_overrides, with_steps
-    from training.train import CURVES_FILE, METRICS_FILE, train
+    from training.learning.loop import CURVES_FILE, METRICS_FILE, train
 
     config = with_overrides(load_config(args.config), args.mode, args.tbptt)
     config = with_steps(config, args.steps)
@@ -44,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
     if args.coordinator:
-        from training.parallel import initialize_hosts
+        from training.learning.parallel import initialize_hosts
 
         initialize_hosts(args.coordinator, args.num_processes, args.process_id)
     result = train(config, data, args.out, progress=not args.quiet, devices=args.devices)
@@ -61,7 +61,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from training.bench_train import bench_train
+    from training.analysis.bench_train import bench_train
     from training.config import load_config
 
     config = load_config(args.config)
@@ -75,7 +75,7 @@ def cmd_bench_train(args: argparse.Namespace) -> None:
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from training.checkpoint import params_digest, restore_bundle
+    from training.learning.checkpoint import params_digest, restore_bundle
 
     bundle = restore_bundle(args.run_dir)
     report = {
@@ -94,8 +94,8 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from training.checkpoint import restore_bundle
-    from training.evaluate import EVAL_ORDER, compare_planners, comparison_table
+    from training.analysis.evaluate import EVAL_ORDER, compare_planners, comparison_table
+    from training.learning.checkpoint import restore_bundle
 
     bundle = restore_bundle(args.run_dir)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
@@ -111,8 +111,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def cmd_ablate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from training.checkpoint import restore_bundle
-    from training.evaluate import ABLATION_GRID, ablate, ablation_table
+    from training.analysis.evaluate import ABLATION_GRID, ablate, ablation_table
+    from training.learning.checkpoint import restore_bundle
 
     bundle = restore_bundle(args.run_dir)
     knobs = args.knobs.split(",") if args.knobs else list(ABLATION_GRID)
@@ -131,9 +131,9 @@ def cmd_tails(args: argparse.Namespace) -> None:
     from dataclasses import asdict
     from pathlib import Path
 
-    from training.checkpoint import restore_bundle
-    from training.evaluate import evaluation_goals
-    from training.tails import outcome_tails, tails_table
+    from training.analysis.evaluate import evaluation_goals
+    from training.analysis.tails import outcome_tails, tails_table
+    from training.learning.checkpoint import restore_bundle
 
     bundle = restore_bundle(args.run_dir)
     drawn = evaluation_goals(bundle, args.goals, args.seed)
@@ -150,7 +150,7 @@ def cmd_tails(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from training.compare import compare_runs, compare_table
+    from training.analysis.compare import compare_runs, compare_table
 
     rows = compare_runs(
         args.run_dirs, args.out, args.planner, args.episodes, args.seed, args.max_steps,
@@ -161,7 +161,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from training.checkpoint import export_bundle
+    from training.learning.checkpoint import export_bundle
 
     out = export_bundle(args.run_dir, args.out)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())

@@ -93,7 +93,7 @@ class ValueConfig(Strict):
     hidden: int = Field(256, gt=0)
 
 
-# The planners' names, which training/planners.py maps to its functions and every other
+# The planners' names, which training/planning/planners.py maps to its functions and every other
 # module reads from there. Spelled here, below that module, because the config checks them.
 PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
 
@@ -241,7 +241,7 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        from training.envs import ENVIRONMENTS
+        from training.data.envs import ENVIRONMENTS
 
         if self.env not in ENVIRONMENTS:
             raise ValueError(f"unknown env {self.env!r}; known: {', '.join(sorted(ENVIRONMENTS))}")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.clients.client import Client
-from training.envs import get_env_spec, make_env, select_observation
+from training.data.envs import get_env_spec, make_env, select_observation
 
 
 @dataclass

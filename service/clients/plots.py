@@ -1,5 +1,5 @@
 """The figures of the programs that load a server: latency (loadtest) and throughput
-(bench), written as PNG the way training/plots.py writes its own."""
+(bench), written as PNG the way training/analysis/plots.py writes its own."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.plots import plt, save_figure
+from training.analysis.plots import plt, save_figure
 
 
 def plot_latency_histogram(latencies_ms: list[float], title: str, path: str | Path) -> Path:

@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from training.config import Config
-from training.diffusion import Schedule, cosine_schedule, ddim_sample
 from training.models.controller import Controller
+from training.models.diffusion import Schedule, cosine_schedule, ddim_sample
 from training.models.mdn_rnn import MDNRNN
 from training.models.readout import Readout
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection

@@ -3,15 +3,15 @@ readout policy and the goal decoder on the planning states [z, h] that V and M g
 
 The world model trains in one of three modes (`train.mode`):
 - staged: V, then M on V's latents, then C with V and M frozen, each its own stage;
-- end_to_end and alternating: one `joint` stage on the joint loss (training/joint.py).
+- end_to_end and alternating: one `joint` stage on the joint loss (training/learning/joint.py).
 
 One global step counter runs through the stages. Every step's randomness is
 `fold_in(seed, step)`, and each checkpoint holds parameters and optimiser states, so a run
 that is interrupted and re-run on the same directory continues from its latest saved step
 and ends with the same parameters as a run that was never interrupted.
 
-The stages' losses and updates are in training/stages.py, what each reads in
-training/stage_data.py; this module runs them in order and keeps the checkpoints and
+The stages' losses and updates are in training/learning/stages.py, what each reads in
+training/learning/stage_inputs.py; this module runs them in order and keeps the checkpoints and
 metrics.
 """
 
@@ -29,15 +29,14 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from training import checkpoint, joint
+from training.analysis.plots import plot_lambda_trajectory, plot_loss_curves
 from training.config import Config, ConfigError
-from training.data import Sequences, dataset_info, load_sequences, open_dataset
-from training.envs import get_env_spec
-from training.models.world import WorldModel, observation_stats
-from training.optim import make_optimizer
-from training.parallel import check_batches, make_mesh, replicated
-from training.plots import plot_lambda_trajectory, plot_loss_curves
-from training.stage_data import (
+from training.data.datasets import Sequences, dataset_info, load_sequences, open_dataset
+from training.data.envs import get_env_spec
+from training.learning import checkpoint, joint
+from training.learning.optim import make_optimizer
+from training.learning.parallel import check_batches, make_mesh, replicated
+from training.learning.stage_inputs import (
     TRANSITION_STAGES,
     DeviceData,
     Transitions,
@@ -46,7 +45,8 @@ from training.stage_data import (
     real_frames,
     spaces_of,
 )
-from training.stages import stage_at, stage_bounds, stage_params, stage_update
+from training.learning.stages import stage_at, stage_bounds, stage_params, stage_update
+from training.models.world import WorldModel, observation_stats
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"

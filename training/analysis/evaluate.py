@@ -18,12 +18,12 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from training.checkpoint import Bundle
 from training.config import PlanningConfig
-from training.envs import bfs_path, free_cells, make_env
+from training.data.envs import bfs_path, free_cells, make_env
+from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
-from training.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
-from training.tasks import default_task, task_weights
+from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
+from training.planning.tasks import default_task, task_weights
 
 # The seed's exact online adaptation: gradient ascent through the sampler on all of the
 # psi-model, the seed's KL proxy, no warm start, no guard, the seed's knob values.
@@ -395,7 +395,7 @@ def ablate(
     progress: bool = True,
 ) -> list[dict]:
     """Online adaptation with one knob at a time moved off the bundle's defaults."""
-    from training.plots import plot_ablation
+    from training.analysis.plots import plot_ablation
 
     grid = grid or ABLATION_GRID
     goals = evaluation_goals(bundle, n_goals, seed)

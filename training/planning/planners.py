@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import optax
 
 from training.config import PLANNERS, PlanningConfig
-from training.diffusion import sample_with_path_kl
+from training.models.diffusion import sample_with_path_kl
 from training.models.mdn_rnn import MDNRNN, LSTMState
 from training.models.value import linear_value
 from training.models.world import WorldModel, denormalise

@@ -18,13 +18,13 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from training.analysis.evaluate import markdown_table
 from training.config import Config, parse_config
-from training.evaluate import markdown_table
-from training.joint import PHASES, phase_start
-from training.parallel import check_batches, make_mesh, replicated
-from training.stage_data import prepare_stage
-from training.stages import stage_bounds, stage_update
-from training.train import initial_opt_states, new_run
+from training.learning.joint import PHASES, phase_start
+from training.learning.loop import initial_opt_states, new_run
+from training.learning.parallel import check_batches, make_mesh, replicated
+from training.learning.stage_inputs import prepare_stage
+from training.learning.stages import stage_bounds, stage_update
 
 # name -> (changes to the config, the stages or alternating phases timed)
 VARIANTS = {

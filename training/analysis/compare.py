@@ -16,24 +16,24 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from training import joint
-from training.checkpoint import Bundle, restore_bundle
-from training.config import WORLD_STAGES
-from training.data import load_sequences
-from training.envs import get_env_spec, make_env, select_observation
-from training.evaluate import (
+from training.analysis.evaluate import (
     EpisodeRunner,
     evaluation_goals,
     fmt,
     markdown_table,
     wilson_interval,
 )
+from training.analysis.plots import plt, save_figure
+from training.config import WORLD_STAGES
+from training.data.datasets import load_sequences
+from training.data.envs import get_env_spec, make_env, select_observation
+from training.learning import joint
+from training.learning.checkpoint import Bundle, restore_bundle
+from training.learning.loop import read_metrics
+from training.learning.stage_inputs import device_data
 from training.models.mdn_rnn import initial_state
-from training.planners import Knobs, PlanShape, compile_decide, zero_delta
-from training.plots import plt, save_figure
-from training.stage_data import device_data
-from training.tasks import default_task, task_weights
-from training.train import read_metrics
+from training.planning.planners import Knobs, PlanShape, compile_decide, zero_delta
+from training.planning.tasks import default_task, task_weights
 
 
 def run_label(bundle: Bundle) -> str:

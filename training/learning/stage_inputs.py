@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from training import joint
 from training.config import Config
-from training.data import Sequences
+from training.data.datasets import Sequences
+from training.learning import joint
+from training.learning.losses import discounted_returns, return_weights
 from training.models.world import Spaces, WorldModel, normalise
-from training.objectives import discounted_returns, return_weights
 
 # The stages that read the transitions. None of them trains V, M or the cumulants the
 # transitions are made of, so the first of them to run builds them for all.

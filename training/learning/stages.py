@@ -13,16 +13,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from training import joint
 from training.config import Config
-from training.diffusion import v_loss
+from training.learning import joint
+from training.learning.losses import mdn_loss, vae_loss, weighted_bc_loss, weighted_sum
+from training.learning.parallel import split_rows
+from training.learning.stage_inputs import Transitions, with_aux
+from training.models.diffusion import v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.successor import ema_update
 from training.models.value import goal_reward
 from training.models.world import WorldModel, denormalise, normalise
-from training.objectives import mdn_loss, vae_loss, weighted_bc_loss, weighted_sum
-from training.parallel import split_rows
-from training.stage_data import Transitions, with_aux
 
 
 def stage_bounds(config: Config) -> dict[str, tuple[int, int]]:

@@ -25,9 +25,9 @@ import redis
 from service.app import default_model_dir
 from service.engine import Engine
 from service.sessions import MemorySessionStore, RedisSessionStore, Session, session_to_bytes
-from training.checkpoint import restore_bundle
-from training.planners import PlanShape, knob_values
-from training.tasks import default_task, task_weights
+from training.learning.checkpoint import restore_bundle
+from training.planning.planners import PlanShape, knob_values
+from training.planning.tasks import default_task, task_weights
 
 
 def sample_session(engine: Engine, planning, with_delta: bool) -> Session:

@@ -18,7 +18,7 @@ import numpy as np
 from minari.dataset.minari_dataset import parse_dataset_id
 from tqdm import tqdm
 
-from training.envs import (
+from training.data.envs import (
     ENVIRONMENTS,
     MAZE_ACTION_NOISE,
     RARE_GOAL_PROB,

@@ -28,10 +28,7 @@ import numpy as np
 import optax
 
 from training.config import Config, ConfigError
-from training.models.controller import gaussian_log_prob
-from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent, unroll
-from training.models.world import WorldModel, normalise
-from training.objectives import (
+from training.learning.losses import (
     discounted_returns,
     imagined_return,
     info_nce_logits,
@@ -43,8 +40,11 @@ from training.objectives import (
     vae_loss,
     weighted_sum,
 )
-from training.optim import make_optimizer, with_frozen
-from training.parallel import split_rows
+from training.learning.optim import make_optimizer, with_frozen
+from training.learning.parallel import split_rows
+from training.models.controller import gaussian_log_prob
+from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent, unroll
+from training.models.world import WorldModel, normalise
 
 # The parameter groups the joint stage trains, and the group each belongs to.
 GROUPS = {"vae": "world", "mdn": "world", "value_head": "world", "controller": "controller"}

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from training.checkpoint import Bundle
-from training.data import episode_observations, open_dataset
-from training.envs import make_env
-from training.evaluate import GoalSpec, fmt, markdown_table
+from training.analysis.evaluate import GoalSpec, fmt, markdown_table
+from training.data.datasets import episode_observations, open_dataset
+from training.data.envs import make_env
+from training.learning.checkpoint import Bundle
+from training.learning.stage_inputs import monte_carlo_psi
 from training.models.mdn_rnn import initial_state
-from training.planners import broadcast_state, value_fn
-from training.stage_data import monte_carlo_psi
-from training.tasks import task_weights
+from training.planning.planners import broadcast_state, value_fn
+from training.planning.tasks import task_weights
 
 
 @dataclass(frozen=True)

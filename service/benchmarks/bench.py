@@ -24,9 +24,9 @@ from service.clients.loadtest import run_loadtest
 from service.clients.local import serving_process
 from service.engine import Engine, StepInput
 from service.settings import Settings
-from training.checkpoint import restore_bundle
-from training.planners import PLANNERS, PlanShape, knob_values
-from training.tasks import default_task, task_weights
+from training.learning.checkpoint import restore_bundle
+from training.planning.planners import PLANNERS, PlanShape, knob_values
+from training.planning.tasks import default_task, task_weights
 
 
 def in_process_p50_ms(engine: Engine, planner: str, repeats: int) -> float:
