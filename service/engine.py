@@ -36,9 +36,23 @@ from training.planning.planners import (
     session_key,
     zero_delta,
 )
+from training.planning.step_rule import Carried, after_act, after_adapt, starting_delta
 from training.planning.tasks import TaskError, default_task, task_weights
 
-__all__ = ["Engine", "InvalidTask", "Outcome", "PlanShape", "Planning", "StepInput"]
+# The step rule is re-exported for service.stepping: this module is the server's one door
+# into training.
+__all__ = [
+    "Carried",
+    "Engine",
+    "InvalidTask",
+    "Outcome",
+    "PlanShape",
+    "Planning",
+    "StepInput",
+    "after_act",
+    "after_adapt",
+    "starting_delta",
+]
 
 log = logging.getLogger("worldplan")
 

@@ -28,7 +28,10 @@ import redis.asyncio as aioredis
 
 from service.codec import MSGPACK, CodecError, decode_body, encode_body
 
-RECORD_VERSION = 2  # 2 added `owner`; version 1 records are read with no owner
+# 2 added `owner`: version 1 records are read with no owner. 3 added `delta_program`: older
+# records are read without their Δφ, which no program can be told to have fitted (a warm
+# start only; the next step adapts from Δφ = 0).
+RECORD_VERSION = 3
 
 
 @dataclass(eq=False)
@@ -47,6 +50,7 @@ class Session:
     last_used: float
     last_observation: np.ndarray | None = None  # where /adapt adapts when given none
     owner: str | None = None  # a digest of the API key that created it (never the key)
+    delta_program: str | None = None  # the planning program that fitted `delta`
 
 
 _FIELDS = tuple(f.name for f in fields(Session))
@@ -114,7 +118,9 @@ def session_from_bytes(b: bytes) -> Session:
     ValueError (``CodecError``), never something executed."""
     record = decode_body(b, MSGPACK)
     if isinstance(record, dict) and record.get("v") == 1:
-        record = {**record, "v": RECORD_VERSION, "owner": None}
+        record = {**record, "v": 2, "owner": None}
+    if isinstance(record, dict) and record.get("v") == 2:
+        record = {**record, "v": RECORD_VERSION, "delta": None, "delta_program": None}
     if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
         raise CodecError("not a session record (or one of another version)")
     if set(record) != {"v", *_FIELDS}:

@@ -14,13 +14,30 @@ import numpy as np
 from pydantic import ValidationError
 
 from service import codec
-from service.engine import InvalidTask, Outcome, Planning, StepInput
+from service.engine import (
+    Carried,
+    InvalidTask,
+    Outcome,
+    Planning,
+    StepInput,
+    after_act,
+    after_adapt,
+    starting_delta,
+)
 from service.errors import ApiError, expired, not_found
 from service.guard import as_float32, non_finite_paths
 from service.schemas import LIMITS, ActRequest, AdaptRequest, CreateSession, PlannerOverrides
 from service.sessions import Session, SessionExpired, SessionNotFound
 
 SESSION_ID_BYTES = 16  # 128 random bits
+
+
+def carried(session: Session) -> Carried:
+    return Carried(delta=session.delta, program=session.delta_program)
+
+
+def keep(session: Session, carried: Carried) -> None:
+    session.delta, session.delta_program = carried.delta, carried.program
 
 
 @contextmanager
@@ -159,6 +176,7 @@ def prepare_act(rt, session: Session, body: ActRequest) -> tuple[Planning, StepI
     obs = check_observation(rt, body.observation, "/act")
     planning = planning_for(rt, session, body.planner)
     state = rt.engine.initial_state() if body.reset else (session.lstm_c, session.lstm_h)
+    warm_start = planning.config.warm_start
     step = rt.engine.step_input(
         obs,
         state,
@@ -166,7 +184,7 @@ def prepare_act(rt, session: Session, body: ActRequest) -> tuple[Planning, StepI
         session.seed,
         expected,
         planning.config,
-        None if body.reset else session.delta,
+        starting_delta(carried(session), planning.shape, warm_start, body.reset),
     )
     if rt.batcher.pending >= rt.settings.max_queue:
         raise ApiError(
@@ -189,11 +207,9 @@ def apply_act(
     session.lstm_c, session.lstm_h = outcome.lstm_c, outcome.lstm_h
     session.last_response = response
     session.last_observation = step.observation
-    config = planning.config
-    if config.planner == "online_adaptation" and config.warm_start and rt.keeps_delta:
-        session.delta = outcome.delta  # the next step's Δφ starts here
-    elif body.reset:
-        session.delta = None
+    shape, warm_start = planning.shape, planning.config.warm_start
+    delta = outcome.delta
+    keep(session, after_act(carried(session), shape, warm_start, body.reset, delta, rt.keeps_delta))
 
 
 @dataclass
@@ -226,6 +242,7 @@ async def prepare_adapt(rt, session: Session, body: AdaptRequest) -> Adaptation:
     steps = body.steps or rt.settings.default_adapt_steps
     overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
     planning = planning_for(rt, session, overrides)
+    warm_start, new_task = planning.config.warm_start, task != session.task
     step = rt.engine.step_input(
         obs,
         (session.lstm_c, session.lstm_h),
@@ -233,15 +250,15 @@ async def prepare_adapt(rt, session: Session, body: AdaptRequest) -> Adaptation:
         session.seed,
         session.step + 1,
         planning.config,
-        None if task != session.task else session.delta,  # a new task starts at 0
+        starting_delta(carried(session), planning.shape, warm_start, False, new_task),
     )
     return Adaptation(task, weights, steps, planning, step)
 
 
 def apply_adapt(session: Session, adaptation: Adaptation, delta: dict, persist: bool) -> None:
     """The session after an adaptation: its task, and Δφ when asked to keep it."""
-    if persist:
-        session.delta = delta
-    elif adaptation.task != session.task:
-        session.delta = None  # a warm start adapted to another task
+    new_task = adaptation.task != session.task
+    keep(
+        session, after_adapt(carried(session), adaptation.planning.shape, delta, persist, new_task)
+    )
     session.task, session.task_weights = adaptation.task, adaptation.weights

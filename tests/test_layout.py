@@ -111,7 +111,9 @@ def server_modules(graph: dict[str, set[str]]) -> list[str]:
     return [
         m
         for m in graph
-        if m.startswith("service") and not m.startswith("service.clients") and m != COMMAND_LINE
+        if m.startswith("service")
+        and not m.startswith(("service.clients", "service.benchmarks"))
+        and m != COMMAND_LINE
     ]
 
 

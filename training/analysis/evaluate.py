@@ -23,6 +23,7 @@ from training.data.envs import bfs_path, free_cells, make_env
 from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
+from training.planning.step_rule import NOTHING, after_act, starting_delta
 from training.planning.tasks import default_task, task_weights
 
 # The seed's exact online adaptation: gradient ascent through the sampler on all of the
@@ -149,7 +150,8 @@ class EpisodeRunner:
         goal = np.asarray(obs["desired_goal"], np.float32)
         weights = jnp.asarray(task_weights(model, params, {"kind": "goal", "goal": goal}))
         adapts = self.shape.planner == "online_adaptation"
-        delta = zero_delta(params, self.shape) if adapts else None  # reset per episode
+        zero = zero_delta(params, self.shape) if adapts else None
+        carried, warm = NOTHING, self.planning.warm_start  # each episode starts without Δφ
         n_steps = self.planning.adaptation_steps if adapts else 0
         lstm = initial_state((), model.mdn.hidden)
         key = jax.random.key(spec.seed)
@@ -157,6 +159,8 @@ class EpisodeRunner:
         ess, fallbacks, chose_prior = [], [], []
         total, success, step = 0.0, False, 0
         while True:
+            delta = starting_delta(carried, self.shape, warm, reset=False)
+            delta = zero if delta is None else delta
             started = time.perf_counter()
             out = self.decide(
                 params, lstm, jnp.asarray(obs["observation"], jnp.float32), weights,
@@ -165,8 +169,9 @@ class EpisodeRunner:
             action = np.asarray(out.plan.action)  # waits for the result
             plan_ms.append(1000 * (time.perf_counter() - started))
             lstm = out.lstm
-            if adapts and self.planning.warm_start:
-                delta = out.plan.delta
+            carried = after_act(
+                carried, self.shape, self.planning.warm_start, False, out.plan.delta
+            )
             gains.append(float(out.plan.value_after - out.plan.value_before))
             kls.append(float(out.plan.kl))
             ess.append(float(out.plan.ess))
