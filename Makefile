@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve bench test lint format clean
+.PHONY: install serve bench test test-fast lint format clean docs
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,15 @@ serve: $(INSTALLED)
 bench: $(INSTALLED)
 	$(VENV)/bin/worldplan bench --out bench
 
+# The suite on every core (pytest-xdist); test-fast leaves out the tests marked slow.
 test: $(INSTALLED)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto
+
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -q -n auto -m "not slow"
+
+docs: $(INSTALLED)
+	$(VENV)/bin/mkdocs build --strict
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

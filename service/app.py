@@ -6,9 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-import weakref
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -16,11 +14,12 @@ from fastapi.responses import JSONResponse
 
 from service import compilation_cache
 from service.batcher import Batcher
-from service.engine import Engine, PlanShape
+from service.engine import Engine
 from service.errors import ApiError, error_response
 from service.metrics import Metrics
 from service.openapi import build_openapi
 from service.routes import router
+from service.runtime import Runtime
 from service.sessions import (
     MemorySessionStore,
     RedisSessionStore,
@@ -31,37 +30,6 @@ from service.settings import Settings
 
 log = logging.getLogger("worldplan")
 DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
-
-
-@dataclass
-class Runtime:
-    """What the handlers share once the lifespan has started."""
-
-    settings: Settings
-    engine: Engine
-    batcher: Batcher
-    store: SessionStore
-    metrics: Metrics
-    model_version: str
-    shapes: list[PlanShape]
-    ready: bool = False
-    warm_up_s: float = 0.0
-    delta_bytes: int = 0  # the size of one session's Δφ warm start
-    # Weak values: a lock lives while a request holds or awaits it, so the locks of
-    # sessions that expired or were evicted do not pile up.
-    locks: weakref.WeakValueDictionary = field(default_factory=weakref.WeakValueDictionary)
-
-    @property
-    def keeps_delta(self) -> bool:
-        """Whether a session may keep a Δφ warm start (bounded by max_delta_bytes)."""
-        return self.delta_bytes <= self.settings.max_delta_bytes
-
-    def lock(self, session_id: str) -> asyncio.Lock:
-        """Requests of one session run in order."""
-        lock = self.locks.get(session_id)
-        if lock is None:
-            lock = self.locks[session_id] = asyncio.Lock()
-        return lock
 
 
 def make_store(settings: Settings) -> SessionStore:

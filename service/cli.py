@@ -120,7 +120,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "serve",
         help="serve planning over HTTP (WORLDPLAN_MODEL_DIR, else the bundled pointmaze-umaze)",
         description="Every other setting is a WORLDPLAN_* environment variable "
-        "(service/settings.py; the README lists them): WORLDPLAN_MODEL_DIR, WORLDPLAN_API_KEY, "
+        "(service/settings.py; docs/api.md lists them): WORLDPLAN_MODEL_DIR, WORLDPLAN_API_KEY, "
         "WORLDPLAN_BATCH_SIZES, WORLDPLAN_SESSION_STORE, WORLDPLAN_REDIS_URL, ...",
     )
     p.add_argument(

@@ -67,7 +67,7 @@ class StepInput:
     weights: np.ndarray  # [P] task cumulant weights
     seed: int
     step: int
-    knobs: tuple[float, float, float, float]  # planners.knob_values: lr, λ, guidance, steps
+    knobs: Knobs  # of plain numbers (planners.knob_values)
     delta: dict | None = None  # Δφ warm start (online adaptation), None = 0
 
 
@@ -92,7 +92,7 @@ class Outcome:
 
 
 def adaptation_diagnostics(
-    steps, objective, kept, kl, before, after, ess, fallback, chose_prior
+    steps, *, objective, kept_step, kl, value_before, value_after, ess, fallback, chose_prior
 ) -> dict:
     """What a decision reports of its adaptation: the objective at the start and after each
     of its `steps` steps, the kept step, the KL, mean V before and after, the effective
@@ -100,10 +100,10 @@ def adaptation_diagnostics(
     whether the chosen outcome was one of the prior's samples."""
     return {
         "objective": objective[: int(steps) + 1].tolist(),
-        "kept_step": int(kept),
+        "kept_step": int(kept_step),
         "kl": float(kl),
-        "value_before": float(before),
-        "value_after": float(after),
+        "value_before": float(value_before),
+        "value_after": float(value_after),
         "ess": float(ess),
         "fallback": bool(fallback),
         "chose_prior": bool(chose_prior),
@@ -119,7 +119,9 @@ class Engine:
         self.env_id = bundle.env_id
         self.model_version = f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}"
         self.planning_defaults = bundle.config.planning
-        self.default_task = default_task(bundle.model, bundle.params)
+        self.default_task = default_task(
+            bundle.model, bundle.params, bundle.metadata.get("default_task")
+        )
         self.batch_sizes = tuple(sorted(set(batch_sizes)))
         # Seconds per call of each (shape, compiled size), measured by warm_up. Unmeasured
         # calls count 1 each, so a batch is then padded to one call.
@@ -226,7 +228,7 @@ class Engine:
         weights: np.ndarray,
         seed: int,
         step: int,
-        planning: PlanningConfig | tuple[float, ...],
+        planning: PlanningConfig | Knobs,
         delta: dict | None = None,
     ) -> StepInput:
         """The engine's input record of one step; `planning` gives the knobs (a config, or
@@ -239,7 +241,7 @@ class Engine:
             weights=weights,
             seed=seed,
             step=step,
-            knobs=tuple(knobs),
+            knobs=Knobs(*knobs),
             delta=delta,
         )
 
@@ -316,15 +318,15 @@ class Engine:
                 diagnostics={
                     "value": float(plan.value[i]),
                     **adaptation_diagnostics(
-                        rows[i].knobs[3] if adapts else 0,
-                        plan.objective[i],
-                        plan.kept_step[i],
-                        plan.kl[i],
-                        plan.value_before[i],
-                        plan.value_after[i],
-                        plan.ess[i],
-                        plan.fallback[i],
-                        plan.chose_prior[i],
+                        rows[i].knobs.adaptation_steps if adapts else 0,
+                        objective=plan.objective[i],
+                        kept_step=plan.kept_step[i],
+                        kl=plan.kl[i],
+                        value_before=plan.value_before[i],
+                        value_after=plan.value_after[i],
+                        ess=plan.ess[i],
+                        fallback=plan.fallback[i],
+                        chose_prior=plan.chose_prior[i],
                     ),
                 },
                 delta=jax.tree.map(lambda x, i=i: x[i], plan.delta) if adapts else None,
@@ -348,12 +350,19 @@ class Engine:
         a = jax.device_get(out)
         s = a.steps
         diagnostics = adaptation_diagnostics(
-            decision.knobs[3], s.objective, s.kept_step, s.kl, a.value_before, a.value_after,
-            a.ess, a.fallback, a.chose_prior,
-        )  # fmt: skip
+            decision.knobs.adaptation_steps,
+            objective=s.objective,
+            kept_step=s.kept_step,
+            kl=s.kl,
+            value_before=a.value_before,
+            value_after=a.value_after,
+            ess=a.ess,
+            fallback=a.fallback,
+            chose_prior=a.chose_prior,
+        )
         return s.delta, diagnostics
 
-    def probe(self, weights: np.ndarray, knobs: tuple[float, ...]) -> StepInput:
+    def probe(self, weights: np.ndarray, knobs: Knobs) -> StepInput:
         """A first step of a session: zero observation and the initial LSTM state."""
         observation = np.zeros(self.model.spaces.obs_shape, np.float32)
         return self.step_input(observation, self.initial_state(), weights, 0, 0, knobs)
@@ -363,7 +372,8 @@ class Engine:
         `chunk_sizes` then weighs; logs each shape; returns the seconds it took."""
         started = time.perf_counter()
         self.compiled, self.programs = 0, len(shapes) * len(self.batch_sizes)
-        probe = self.probe(np.zeros(self.model.psi_dim, np.float32), (1e-3, 1.0, 1.0, 1))
+        knobs = Knobs(delta_phi_lr=1e-3, kl_coef=1.0, guidance_scale=1.0, adaptation_steps=1)
+        probe = self.probe(np.zeros(self.model.psi_dim, np.float32), knobs)
         for shape in shapes:
             shape_started = time.perf_counter()
             for size in self.batch_sizes:

@@ -1,4 +1,5 @@
-"""The error shape of the API: {"error": {"code", "message", "detail"}} with DESIGN §4's codes."""
+"""The error shape of the API: {"error": {"code", "message", "detail"}} with the codes of
+docs/design.md §4."""
 
 from __future__ import annotations
 

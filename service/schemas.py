@@ -1,5 +1,5 @@
 """The HTTP API contract in code: request and response bodies of /sessions, /act, /adapt
-and /model (DESIGN §4). Arrays arrive in any form `service.codec.to_array` accepts; their
+and /model (docs/design.md §4). Arrays arrive in any form `service.codec.to_array` accepts; their
 shapes and values are checked against the bundle by the handlers."""
 
 from __future__ import annotations

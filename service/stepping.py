@@ -26,6 +26,7 @@ from service.engine import (
 )
 from service.errors import ApiError, expired, not_found
 from service.guard import as_float32, non_finite_paths
+from service.runtime import Runtime
 from service.schemas import LIMITS, ActRequest, AdaptRequest, CreateSession, PlannerOverrides
 from service.sessions import Session, SessionExpired, SessionNotFound
 
@@ -51,7 +52,7 @@ def store_errors(session_id: str):
         raise expired(session_id) from None
 
 
-async def load_session(rt, owner: str | None, session_id: str) -> Session:
+async def load_session(rt: Runtime, owner: str | None, session_id: str) -> Session:
     """The session, if the caller's key created it: another key's session is 404, as if
     it did not exist."""
     with store_errors(session_id):
@@ -61,7 +62,7 @@ async def load_session(rt, owner: str | None, session_id: str) -> Session:
     return session
 
 
-async def save_session(rt, session: Session) -> None:
+async def save_session(rt: Runtime, session: Session) -> None:
     # The last line of defence: the handlers checked every input and result already.
     if paths := non_finite_paths(vars(session)):
         raise ApiError(500, "non_finite_state", f"refused to store non-finite {paths[:5]}")
@@ -70,7 +71,7 @@ async def save_session(rt, session: Session) -> None:
         await rt.store.put(session)
 
 
-async def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
+async def resolve_task(rt: Runtime, task: dict | None) -> tuple[dict, np.ndarray]:
     """The task (the default for None) and its weights, computed on the engine's worker."""
     try:
         return await rt.batcher.task_weights(task)
@@ -78,7 +79,7 @@ async def resolve_task(rt, task: dict | None) -> tuple[dict, np.ndarray]:
         raise ApiError(422, "invalid_task", str(err)) from None
 
 
-def planner_limits(rt) -> dict:
+def planner_limits(rt: Runtime) -> dict:
     oa = [s for s in rt.shapes if s.planner == "online_adaptation"]
     return {
         "planners": sorted({s.planner for s in rt.shapes}),
@@ -89,7 +90,7 @@ def planner_limits(rt) -> dict:
     }
 
 
-def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> Planning:
+def planning_for(rt: Runtime, session: Session, overrides: PlannerOverrides | None) -> Planning:
     """The bundle's defaults, then the session's overrides, then the request's; shapes
     that were not compiled are refused."""
     request = overrides.model_dump(exclude_none=True) if overrides else {}
@@ -107,7 +108,7 @@ def planning_for(rt, session: Session, overrides: PlannerOverrides | None) -> Pl
     return planning
 
 
-def check_observation(rt, value: Any, route: str) -> np.ndarray:
+def check_observation(rt: Runtime, value: Any, route: str) -> np.ndarray:
     """The observation as the model takes it (float32), or 400. It is checked after the
     conversion: a finite number beyond float32 would reach the model as Inf."""
     space = rt.engine.observation_space
@@ -138,7 +139,7 @@ def check_observation(rt, value: Any, route: str) -> np.ndarray:
     return obs
 
 
-async def new_session(rt, body: CreateSession, owner: str | None) -> Session:
+async def new_session(rt: Runtime, body: CreateSession, owner: str | None) -> Session:
     """A session before its first step, with its task's weights; overrides that no
     compiled program serves are refused."""
     task, weights = await resolve_task(rt, body.task.model_dump() if body.task else None)
@@ -163,7 +164,7 @@ async def new_session(rt, body: CreateSession, owner: str | None) -> Session:
     return session
 
 
-def prepare_act(rt, session: Session, body: ActRequest) -> tuple[Planning, StepInput]:
+def prepare_act(rt: Runtime, session: Session, body: ActRequest) -> tuple[Planning, StepInput]:
     """The checked /act request as the engine takes it; any refusal here changes nothing."""
     expected = session.step + 1
     if body.step is not None and body.step != expected:
@@ -194,7 +195,7 @@ def prepare_act(rt, session: Session, body: ActRequest) -> tuple[Planning, StepI
 
 
 def apply_act(
-    rt,
+    rt: Runtime,
     session: Session,
     body: ActRequest,
     planning: Planning,
@@ -213,7 +214,7 @@ def apply_act(
 
 
 @dataclass
-class Adaptation:
+class CheckedAdapt:
     """A checked /adapt request: its task, step count, planner and the engine's input."""
 
     task: dict
@@ -223,7 +224,7 @@ class Adaptation:
     step: StepInput
 
 
-async def prepare_adapt(rt, session: Session, body: AdaptRequest) -> Adaptation:
+async def prepare_adapt(rt: Runtime, session: Session, body: AdaptRequest) -> CheckedAdapt:
     """The checked /adapt request as the engine takes it; any refusal here changes nothing."""
     if body.task is not None:
         task, weights = await resolve_task(rt, body.task.model_dump())
@@ -252,10 +253,10 @@ async def prepare_adapt(rt, session: Session, body: AdaptRequest) -> Adaptation:
         planning.config,
         starting_delta(carried(session), planning.shape, warm_start, False, new_task),
     )
-    return Adaptation(task, weights, steps, planning, step)
+    return CheckedAdapt(task=task, weights=weights, steps=steps, planning=planning, step=step)
 
 
-def apply_adapt(session: Session, adaptation: Adaptation, delta: dict, persist: bool) -> None:
+def apply_adapt(session: Session, adaptation: CheckedAdapt, delta: dict, persist: bool) -> None:
     """The session after an adaptation: its task, and Δφ when asked to keep it."""
     new_task = adaptation.task != session.task
     keep(

@@ -17,9 +17,10 @@ from pydantic import BaseModel, ValidationError
 from service import codec
 from service.errors import ApiError
 from service.guard import non_finite_paths
+from service.runtime import Runtime
 
 
-async def runtime(request: Request):
+async def runtime(request: Request) -> Runtime:
     """The runtime once every program is compiled, else 503 (with the warm-up's progress)."""
     rt = getattr(request.app.state, "runtime", None)
     if rt is None or not rt.ready:
@@ -32,7 +33,7 @@ async def runtime(request: Request):
     return rt
 
 
-Ready = Annotated[Any, Depends(runtime)]  # the runtime, once ready
+Ready = Annotated[Runtime, Depends(runtime)]  # the runtime, once ready
 
 
 async def not_draining(request: Request) -> None:
@@ -54,14 +55,14 @@ def caller(request: Request) -> str | None:
     return hashlib.sha256(sent).hexdigest()[:32]
 
 
-async def authorised(request: Request, rt: Ready):
+async def authorised(request: Request, rt: Ready) -> Runtime:
     """The runtime, for a request that carries an accepted API key (when keys are set);
     the caller's identity is kept in request.state.owner. Readiness is checked first."""
     request.state.owner = caller(request)
     return rt
 
 
-Authorised = Annotated[Any, Depends(authorised)]  # the runtime, for an accepted key
+Authorised = Annotated[Runtime, Depends(authorised)]  # the runtime, for an accepted key
 
 
 async def docs_allowed(request: Request) -> None:

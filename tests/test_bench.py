@@ -1,8 +1,11 @@
 """`worldplan bench` runs end to end (its figures are reported, never asserted)."""
 
+import pytest
+
 from service.benchmarks.bench import run_bench, write_bench
 
 
+@pytest.mark.slow
 def test_bench_measures_every_part(trained, tmp_path):
     report = run_bench(trained.run_dir, sessions=[1, 2], duration_s=0.5, repeats=3)
     assert set(report["in_process_p50_ms"]) == {

@@ -2,10 +2,13 @@
 directory reads every program back and compiles nothing (`worldplan bench-start`'s two
 starts)."""
 
+import pytest
+
 from service.benchmarks.startup import timed_start
 from service.settings import Settings
 
 
+@pytest.mark.slow
 def test_a_second_start_compiles_nothing_new(trained, tmp_path):
     cache = tmp_path / "cache"
     settings = Settings(

@@ -22,7 +22,7 @@ from training.learning.optim import gradient_clipping
 from training.learning.stage_inputs import device_data, real_frames, spaces_of
 from training.models.controller import gaussian_log_prob
 from training.models.mdn_rnn import MDNRNN, initial_state, unroll
-from training.models.world import WorldModel, observation_stats
+from training.models.networks import Networks, observation_stats
 
 
 def joint_config(mode: str, joint_section: dict | None = None, **train) -> dict:
@@ -89,7 +89,7 @@ def umaze_setup(umaze_data):
     def build(raw: dict):
         config = parse_config(raw)
         seqs = load_sequences(umaze_data, config.data.seq_len)
-        model = WorldModel.build(config, spaces_of(open_dataset(umaze_data), seqs))
+        model = Networks.build(config, spaces_of(open_dataset(umaze_data), seqs))
         params = model.init(jax.random.key(0))
         params["normaliser"] = observation_stats(real_frames(seqs), "vector")
         inputs = joint.prepare(config, device_data(seqs), seqs.episode)
@@ -296,6 +296,7 @@ def pendulum_config(mode: str, joint_section: dict | None = None, **train) -> di
         ("alternating", {"aux_losses": True, "policy_loss": "imagination"}, {"tbptt": 2}),
     ],
 )
+@pytest.mark.slow
 def test_each_mode_trains_a_pendulum_bundle_the_planners_load(
     mode, joint_section, train_section, pendulum_data, tmp_path
 ):
@@ -312,6 +313,7 @@ def test_each_mode_trains_a_pendulum_bundle_the_planners_load(
     assert actions.shape == (2, 1) and np.all(np.isfinite(actions))
 
 
+@pytest.mark.slow
 def test_staged_auxiliary_losses_train_with_v_and_shape_it(pendulum_data, tmp_path):
     """staged + aux_losses: V's stage trains V and the value head on the auxiliary
     losses too (so V ends elsewhere than without them), and no later stage moves the head."""
@@ -354,6 +356,7 @@ def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     assert (out / "compare.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_each_mode_trains_on_carracing_pixels_with_a_small_config(tmp_path):
     """The convolutional V in every mode, the joint ones with TBPTT and the auxiliary
     losses: a bundle the planners load."""
@@ -388,6 +391,7 @@ def test_each_mode_trains_on_carracing_pixels_with_a_small_config(tmp_path):
         assert actions.shape == (2, 3) and np.all(np.isfinite(actions))
 
 
+@pytest.mark.slow
 def test_bench_train_times_each_named_mode(umaze_data, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(json.dumps(TINY))  # YAML reads JSON

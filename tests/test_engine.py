@@ -5,7 +5,7 @@ import pytest
 
 from service.engine import Engine, StepInput
 from training.learning.checkpoint import restore_bundle
-from training.planning.planners import PLANNERS, PlanShape
+from training.planning.planners import PLANNERS, Knobs, PlanShape
 from training.planning.tasks import task_weights
 
 
@@ -28,7 +28,9 @@ def decisions(engine, n):
                 weights=task_weights(model, params, {"kind": "goal", "goal": goal}),
                 seed=100 + i,
                 step=i,
-                knobs=(1e-3, 1.0 + i, 1.0, 5),
+                knobs=Knobs(
+                    delta_phi_lr=1e-3, kl_coef=1.0 + i, guidance_scale=1.0, adaptation_steps=5
+                ),
             )
         )
     return out

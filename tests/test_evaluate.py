@@ -62,6 +62,7 @@ def test_an_episode_runs_the_whole_decision_loop(bundle):
     assert summary["episodes"] == 2 and summary["success_rare"] is not None
 
 
+@pytest.mark.slow
 def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, capsys):
     out = tmp_path / "eval"
     argv = ["eval", str(trained.run_dir), "--goals", "2", "--max-steps", "6"]
@@ -70,14 +71,14 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
     assert "`online_adaptation`" in printed and "`controller`" in printed
     record = json.loads((out / "eval.json").read_text())
     labels = ["controller", "random_shooting", "random_shooting_matched", "guided_diffusion",
-              "online_adaptation", "online_adaptation_seed"]  # fmt: skip
+              "online_adaptation", "online_adaptation_original"]  # fmt: skip
     assert [r["label"] for r in record["results"]] == labels
     by_label = {r["label"]: r for r in record["results"]}
     # Random shooting given online adaptation's time takes at least its own samples.
     matched = by_label["random_shooting_matched"]["planning"]["n_samples"]
     assert matched >= by_label["random_shooting"]["planning"]["n_samples"]
-    seed_rule = by_label["online_adaptation_seed"]["planning"]
-    assert (seed_rule["adaptation"], seed_rule["kl_estimator"]) == ("gradient", "seed")
+    seed_rule = by_label["online_adaptation_original"]["planning"]
+    assert (seed_rule["adaptation"], seed_rule["kl_estimator"]) == ("gradient", "proxy")
     goal_cells = [g["goal_cell"] for g in record["goals"]]
     for result in record["results"]:
         assert [e["goal_cell"] for e in result["episodes"]] == goal_cells
@@ -98,15 +99,16 @@ def test_eval_can_run_only_the_rare_goals(trained, bundle, tmp_path):
     assert all(e["rare"] for e in record["results"][0]["episodes"])
 
 
+@pytest.mark.slow
 def test_ablation_writes_table_json_and_plots(bundle, tmp_path):
-    grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4], "rule": ["gradient/seed"]}
+    grid = {"kl_coef": [0.1, 5.0], "adaptation_steps": [2, 4], "rule": ["gradient/proxy"]}
     rows = ablate(bundle, 2, 0, tmp_path, grid, max_steps=5, progress=False)
     assert [(r["knob"], r["value"]) for r in rows] == [
         ("kl_coef", 0.1),
         ("kl_coef", 5.0),
         ("adaptation_steps", 2),
         ("adaptation_steps", 4),
-        ("rule", "gradient/seed"),
+        ("rule", "gradient/proxy"),
     ]
     assert len(rows[2]["summary"]["objective"]) == 3 and len(rows[3]["summary"]["objective"]) == 5
     assert rows[4]["summary"]["ess"] == 8.0  # the gradient rule weighs no samples

@@ -188,7 +188,7 @@ def test_kustomize_builds_what_the_tests_check():
 
 
 def test_an_images_entry_names_the_image_a_cluster_pulls(tmp_path):
-    """README: a cluster that pulls from a registry gets the image named in `images:`."""
+    """docs/deploy.md: a cluster that pulls from a registry gets the image named in `images:`."""
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump(
             {

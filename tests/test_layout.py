@@ -2,8 +2,10 @@
 import inside a function counts as much as one at the top of a file):
 
 - `training` imports nothing from `service`: the model library knows nothing of HTTP;
-- the server (service/ outside service/clients/ and the command line) imports nothing from
-  the programs that talk to it from outside;
+- each room of `training` imports only the rooms below it (ROOMS): `analysis` is used by
+  the command line, never by the library;
+- the server (service/ outside service/clients/, service/benchmarks/ and the command line)
+  imports nothing from the programs that talk to it from outside or measure it;
 - of the server, only service.engine imports `training`: the one door into the model;
 - no two modules import each other, directly or through others.
 """
@@ -15,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("training", "service")
 COMMAND_LINE = "service.cli"  # the `worldplan` command, over server, clients and training
 DOOR = "service.engine"  # the server's one module that imports training
+# The rooms of `training` and the rooms each may import (training.config: any of them).
+ROOMS = {
+    "data": set(),
+    "models": set(),
+    "learning": {"data", "models"},
+    "planning": {"models"},
+    "analysis": {"data", "models", "learning", "planning"},
+}
 
 
 def module_name(path: Path, root: Path) -> str:
@@ -99,11 +109,46 @@ def test_training_imports_nothing_from_service():
     assert not offending, sorted(offending)
 
 
-def test_the_server_imports_nothing_from_its_clients():
+def room(module: str) -> str | None:
+    """The room of a training module (training.planning.planners -> planning), else None."""
+    parts = module.split(".")
+    return parts[1] if parts[0] == "training" and len(parts) > 1 and parts[1] in ROOMS else None
+
+
+def room_violations(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(module, import) pairs where a room imports a room it may not; the modules at the
+    top of `training` (config, cli) are outside every room."""
+    return {
+        (m, t)
+        for m, targets in graph.items()
+        if room(m) in ROOMS
+        for t in targets
+        if room(t) not in (None, room(m)) and room(t) not in ROOMS[room(m)]
+    }
+
+
+def test_every_training_module_lives_in_a_room():
+    graph = import_graph(ROOT)
+    loose = {m for m in graph if m.startswith("training.") and room(m) is None}
+    assert loose <= {"training.config", "training.cli"}, sorted(loose)
+    assert {room(m) for m in graph if room(m)} == set(ROOMS)
+
+
+def test_each_room_imports_only_the_rooms_below_it():
+    assert room_violations(import_graph(ROOT)) == set()
+
+
+def test_the_room_rule_catches_the_library_importing_analysis():
+    graph = {"training.learning.loop": {"training.analysis.plots", "training.models.vae"}}
+    assert room_violations(graph) == {("training.learning.loop", "training.analysis.plots")}
+
+
+def test_the_server_imports_nothing_from_its_clients_or_benchmarks():
     graph = import_graph(ROOT)
     server = server_modules(graph)
     assert {"service.app", "service.routes", "service.openapi"} <= set(server)
-    offending = {(m, t) for m in server for t in graph[m] if t.startswith("service.clients")}
+    outside = ("service.clients", "service.benchmarks")
+    offending = {(m, t) for m in server for t in graph[m] if t.startswith(outside)}
     assert not offending, sorted(offending)
 
 

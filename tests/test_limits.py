@@ -5,6 +5,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 
 from service.clients.local import free_port, running_server
 from service.settings import Settings
@@ -17,6 +18,7 @@ LONG = {
 }  # keeps the engine busy
 
 
+@pytest.mark.slow
 def test_queue_and_session_limits(trained):
     settings = Settings(
         model_dir=trained.run_dir, batch_sizes=(1,), max_batch=1, max_queue=1,

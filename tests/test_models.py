@@ -18,8 +18,8 @@ from training.learning.stage_inputs import Transitions, psi_statistics
 from training.learning.stages import psi_objective, readout_objective
 from training.models.controller import Controller, gaussian_log_prob
 from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent
+from training.models.networks import Networks, Spaces, normalise, observation_stats
 from training.models.vae import ConvVAE, VectorVAE
-from training.models.world import Spaces, WorldModel, normalise, observation_stats
 
 KEY = jax.random.key(0)
 
@@ -55,6 +55,7 @@ def test_vector_vae_shapes_and_loss_decreases():
     assert after < 0.7 * before
 
 
+@pytest.mark.slow
 def test_conv_vae_shapes_and_loss_decreases():
     vae = ConvVAE(latent_dim=8, channels=(4, 8, 8, 16))
     ramp = jnp.linspace(0.0, 1.0, 64)[None, :, None, None]
@@ -143,7 +144,7 @@ def test_world_model_init_and_normaliser():
         {"env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8}}
     )
     spaces = Spaces((3,), "vector", (-2.0,), (2.0,))
-    params = WorldModel.build(config, spaces).init(KEY)
+    params = Networks.build(config, spaces).init(KEY)
     assert set(params) == {
         "vae", "mdn", "controller", "psi", "psi_ema", "readout", "cumulants", "normaliser",
         "psi_norm",
@@ -165,7 +166,7 @@ def tiny_successor_model(successor: dict, readout: dict | None = None):
         "successor": {"n_features": 7, "hidden": 16, "depth": 1, **successor},
         "readout": readout or {},
     })  # fmt: skip
-    model = WorldModel.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
+    model = Networks.build(config, Spaces((3,), "vector", (-2.0,), (2.0,)))
     return model, model.init(KEY)
 
 
@@ -203,6 +204,7 @@ def readout_fit(target: str, steps: int = 300) -> tuple[float, float]:
     return before, float(loss(readout, jax.random.key(10_000)))
 
 
+@pytest.mark.slow
 def test_the_monte_carlo_readout_learns_the_action_its_future_reveals():
     mc_before, mc_after = readout_fit("monte_carlo")
     bellman_before, bellman_after = readout_fit("bellman")

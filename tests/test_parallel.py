@@ -30,7 +30,7 @@ TWO_DEVICES = textwrap.dedent(
     import jax, numpy as np
     from training.config import ConfigError, parse_config, with_steps
     from training.data.datasets import load_sequences, open_dataset
-    from training.models.world import WorldModel
+    from training.models.networks import Networks
     from training.learning.optim import make_optimizer
     from training.learning.parallel import make_mesh, replicated
     from training.learning.stage_inputs import device_data, prepare_stage, spaces_of
@@ -45,7 +45,7 @@ TWO_DEVICES = textwrap.dedent(
         # V's update as train() compiles it on n devices
         dataset = open_dataset(data)
         seqs = load_sequences(dataset, config.data.seq_len)
-        model = WorldModel.build(config, spaces_of(dataset, seqs))
+        model = Networks.build(config, spaces_of(dataset, seqs))
         tx, mesh = make_optimizer(config.train), make_mesh(n)
         with jax.set_mesh(mesh):
             on_mesh = replicated(device_data(seqs), mesh)
@@ -108,6 +108,7 @@ def test_two_devices_train_as_one_does(one_device, umaze_data, tmp_path):
     assert not (tmp_path / "odd").exists()  # refused before anything was written
 
 
+@pytest.mark.slow
 def test_two_hosts_train_as_one_does(one_device, umaze_data, tmp_path):
     """Two processes joined by jax.distributed (one CPU device each) into one run
     directory: one device's parameters, and one metrics log."""

@@ -1,4 +1,4 @@
-"""The API contract's bodies refuse what DESIGN §4 does not allow."""
+"""The API contract's bodies refuse what docs/design.md §4 does not allow."""
 
 import pytest
 from pydantic import ValidationError

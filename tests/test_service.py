@@ -325,6 +325,44 @@ def test_act_reports_adaptation_and_carries_delta_over_until_a_reset(client, ser
     assert "worldplan_adaptation_fallbacks_total" in client.get("/metrics").text
 
 
+def test_warm_start_false_decides_as_a_cold_twin(client):
+    """A session that holds a Δφ and asks for no warm start decides exactly as its twin
+    that holds none; asking for the warm start does start from it."""
+    oa = {"planner": "online_adaptation"}
+    warm, twin, control = (new_session(client, seed=11, planner=oa) for _ in range(3))
+    act = lambda sid, **extra: client.post(  # noqa: E731
+        "/act", json={"session_id": sid, "observation": OBS, **extra}
+    ).json()
+    act(warm)  # keeps its Δφ
+    act(control)  # keeps the same Δφ
+    act(twin, planner={**oa, "warm_start": False})  # the same step, keeps none
+    cold = {**oa, "warm_start": False}
+    asked_cold, twin_cold = act(warm, planner=cold), act(twin, planner=cold)
+    assert asked_cold["action"] == twin_cold["action"]
+    assert asked_cold["diagnostics"] == twin_cold["diagnostics"]
+    warm_started = act(control)
+    assert warm_started["diagnostics"]["objective"] != twin_cold["diagnostics"]["objective"]
+
+
+def test_a_delta_fitted_by_one_program_never_reaches_another():
+    """The step rule hands a carried Δφ only to a warm step of the program that fitted it."""
+    from training.planning.step_rule import Carried, after_act, starting_delta
+
+    fitted_by = PlanShape("online_adaptation", 4, 8, 8)
+    carried = Carried.fitted({"out": np.ones(3)}, fitted_by)
+    assert starting_delta(carried, fitted_by, warm_start=True, reset=False) is not None
+    others = [
+        PlanShape("online_adaptation", 4, 8, 16),  # another sample count
+        PlanShape("online_adaptation", 4, 8, 8, adapt_params="film"),  # another tree
+        *(PlanShape(name, 4, 8, 8) for name in ("controller", "random_shooting")),
+    ]
+    for shape in others:
+        assert starting_delta(carried, shape, warm_start=True, reset=False) is None
+    # A step of another planner leaves the Δφ for a later step of its own program.
+    kept = after_act(carried, others[-1], warm_start=True, reset=False, delta=None)
+    assert starting_delta(kept, fitted_by, warm_start=True, reset=False) is carried.delta
+
+
 def test_a_new_task_drops_the_warm_start(client):
     oa = {"planner": "online_adaptation"}
     warm, cold = (new_session(client, seed=9, planner=oa) for _ in range(2))

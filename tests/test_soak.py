@@ -1,5 +1,5 @@
 """The short soak of CI: `worldplan loadtest --mix` against a real server whose sessions
-expire after 2 s idle. The longer one is a benchmark command (README, Reliability)."""
+expire after 2 s idle. The longer one is a benchmark command (docs/reliability.md)."""
 
 import asyncio
 

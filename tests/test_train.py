@@ -45,6 +45,7 @@ def probe_outputs(run_dir: str) -> str:
     return "".join(np.asarray(x, np.float32).tobytes().hex() for x in leaves)
 
 
+@pytest.mark.slow
 def test_round_trip_is_bit_identical_in_another_process(trained):
     restored = restore_bundle(trained.run_dir)
     assert restored.step == TINY_STEPS and restored.env_id == "pointmaze-umaze"
@@ -123,6 +124,7 @@ RESUMED_MODES = {
 
 
 @pytest.mark.parametrize("mode", list(RESUMED_MODES))
+@pytest.mark.slow
 def test_resume_after_kill_matches_uninterrupted_run(mode, umaze_data, tmp_path):
     change, steps = RESUMED_MODES[mode]
     train_section = {**TINY["train"], "checkpoint_every": 2, "log_every": 2}
@@ -235,7 +237,7 @@ def test_packaged_configs_are_valid():
 
 
 def test_packaged_maze_configs_fit_psi_to_the_datas_own_futures():
-    # Bootstrapped targets lost the rarely taken futures that rare goals need (README).
+    # Bootstrapped targets lost the rarely taken futures that rare goals need (docs/results.md).
     for name in ("pointmaze-umaze", "pointmaze-medium"):
         config = load_config(name)
         assert config.successor.mc_warmup_steps >= config.train.psi_steps

@@ -13,8 +13,13 @@ from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
 
 
 def cmd_collect(args: argparse.Namespace) -> None:
+    if args.env.startswith("ogbench/"):
+        cmd_collect_ogbench(args)
+        return
     from training.data.datasets import collect
 
+    if args.episodes is None:
+        raise ValueError("collect needs --episodes N (only ogbench/ datasets have a default)")
     started = time.perf_counter()
     path = collect(
         args.env,
@@ -34,12 +39,49 @@ def cmd_collect(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_collect_ogbench(args: argparse.Namespace) -> None:
+    """`collect ogbench/NAME`: OGBench's own recipe for one of its point-maze datasets."""
+    from training.data.ogbench_recipe import NPZ_DIR, collect_ogbench_dataset, get_recipe
+
+    recipe = get_recipe(args.env)  # an unknown name fails here, listing the known ones
+    fixed = {
+        "--skew": args.skew != 0.0,
+        "--noise": args.noise != MAZE_ACTION_NOISE,
+        "--waypoint-jitter": args.waypoint_jitter != 0.0,
+        "--rare-goal-prob": args.rare_goal_prob != RARE_GOAL_PROB,
+        "--max-episode-steps": args.max_episode_steps is not None,
+    }
+    if given := [flag for flag, set_ in fixed.items() if set_]:
+        raise ValueError(
+            f"{', '.join(given)}: not for {args.env}, whose settings OGBench's recipe fixes"
+        )
+    started = time.perf_counter()
+    path = collect_ogbench_dataset(
+        recipe.dataset_name,
+        args.out or f"data/{args.env}",
+        seed=args.seed,
+        episodes=args.episodes,
+        progress=not args.quiet,
+    )
+    episodes = recipe.num_episodes if args.episodes is None else args.episodes
+    print(
+        f"wrote {episodes} + {recipe.val_episodes(episodes)} (validation) episodes of "
+        f"{recipe.dataset_name} to {path} (Minari) and {path / NPZ_DIR} (OGBench npz) in "
+        f"{time.perf_counter() - started:.1f} s"
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> None:
-    from training.config import load_config, with_overrides, with_steps
+    from training.config import dataset_config, load_config, with_overrides, with_steps
     from training.learning.loop import CURVES_FILE, METRICS_FILE, train
 
-    config = with_overrides(load_config(args.config), args.mode, args.tbptt)
-    config = with_steps(config, args.steps)
+    if args.data:
+        config = dataset_config(args.data, args.config)
+    elif args.config:
+        config = load_config(args.config)
+    else:
+        raise ConfigError("pass --data DIR (and --config, unless the dataset's own will do)")
+    config = with_steps(with_overrides(config, args.mode, args.tbptt), args.steps)
     data = args.data or config.data.path
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
@@ -100,8 +142,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     bundle = restore_bundle(args.run_dir)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
+    if args.suite == "ogbench":
+        from training.analysis.ogbench_suite import compare_on_suite
+
+        episodes = args.episodes or 50
+        compare_on_suite(
+            bundle, planners, episodes, args.seed, out, args.batch, args.max_steps, not args.quiet
+        )
+        print((out / "ogbench.md").read_text())
+        print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
+        return
     results = compare_planners(
-        bundle, planners, args.goals, args.episodes, args.seed, out, args.max_steps,
+        bundle, planners, args.goals, args.episodes or 1, args.seed, out, args.max_steps,
         not args.quiet, args.rare_only,
     )  # fmt: skip
     print(comparison_table(bundle.env_id, results))
@@ -185,8 +237,16 @@ ERRORS = (ConfigError, OSError, ValueError)
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Adds the training commands to the `worldplan` parser's subcommands."""
     p = sub.add_parser("collect", help="collect a Minari dataset from a simulator")
-    p.add_argument("env", help="environment name, e.g. pointmaze-umaze, pendulum, carracing")
-    p.add_argument("--episodes", type=int, required=True)
+    p.add_argument(
+        "env",
+        help="environment name, e.g. pointmaze-umaze, pendulum, carracing; or an OGBench "
+        "dataset made by OGBench's recipe, e.g. ogbench/pointmaze-medium-navigate-v0",
+    )
+    p.add_argument(
+        "--episodes",
+        type=int,
+        help="episodes to collect (required, except for ogbench/ datasets: the published count)",
+    )
     p.add_argument("--out", help="directory the dataset is written to (default: data/ENV)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -223,7 +283,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train", help="train the world model and the successor-feature model into a bundle"
     )
-    p.add_argument("--config", required=True, help="YAML path or packaged name (pointmaze-umaze)")
+    p.add_argument(
+        "--config",
+        help="YAML path or packaged name (pointmaze-umaze); default with --data: the packaged "
+        "config of the dataset's environment, else `generic`",
+    )
     p.add_argument("--data", help="dataset directory or Minari id (overrides data.path)")
     p.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
     p.add_argument(
@@ -262,9 +326,21 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default="all",
         help="a planner, a comma list, or all; besides the four planners, "
         "random_shooting_matched (as many samples as fit in online adaptation's time) and "
-        "online_adaptation_seed (the seed's exact rule)",
+        "online_adaptation_original (the original formulation's exact rule)",
     )
-    p.add_argument("--episodes", type=int, default=1, help="episodes per goal")
+    p.add_argument(
+        "--episodes", type=int, help="episodes per goal (default 1), or per task (--suite: 50)"
+    )
+    p.add_argument(
+        "--suite",
+        choices=("goals", "ogbench"),
+        default="goals",
+        help="goals: held-out goals of our mazes; ogbench: OGBench's five tasks of the maze "
+        "the bundle was trained on",
+    )
+    p.add_argument(
+        "--batch", type=int, default=50, help="--suite ogbench: episodes run in lockstep"
+    )
     p.add_argument(
         "--rare-only", action="store_true", help="run only the goals drawn in rare cells"
     )

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
@@ -105,13 +113,28 @@ class PlanningConfig(Strict):
     guidance_scale: float = Field(1.0, ge=0.0)
     adaptation: Literal["reweighted", "gradient"] = Field(
         "reweighted",
-        description="Δφ rule: fit the prior's samples weighted by exp(V / λ), or the seed's "
-        "gradient ascent through the sampler",
+        description="Δφ rule: fit the prior's samples weighted by exp(V / λ), or the original "
+        "formulation's gradient ascent through the sampler",
     )
-    kl_estimator: Literal["path", "seed"] = Field(
+    kl_estimator: Literal["path", "proxy"] = Field(
         "path",
-        description="gradient rule's KL: between the samplers' paths, or the seed's proxy",
+        description="gradient rule's KL: between the samplers' paths, or the original "
+        "formulation's proxy 0.5 Σ Δφ² + 0.1 mean((V - V_prior)²)",
     )
+
+    @field_validator("kl_estimator", mode="before")
+    @classmethod
+    def renamed_estimator(cls, value):
+        """`seed`, the estimator's former name, is still read."""
+        if value == "seed":
+            warnings.warn(
+                "kl_estimator: seed is now spelled kl_estimator: proxy",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return "proxy"
+        return value
+
     adapt_params: Literal["all", "film", "head"] = Field(
         "head", description="psi-network layers Δφ covers: all, FiLM and output, output"
     )
@@ -226,7 +249,7 @@ class TrainConfig(Strict):
 
 
 class Config(Strict):
-    env: str
+    env: str = Field(description="a packaged environment (pointmaze-umaze) or a gymnasium id")
     seed: int = 0
     data: DataConfig = DataConfig()
     vae: VAEConfig = VAEConfig()
@@ -241,10 +264,15 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> Config:
-        from training.data.envs import ENVIRONMENTS
+        from training.data.envs import ENVIRONMENTS, get_env_spec
 
-        if self.env not in ENVIRONMENTS:
-            raise ValueError(f"unknown env {self.env!r}; known: {', '.join(sorted(ENVIRONMENTS))}")
+        try:
+            get_env_spec(self.env)  # a packaged environment or a registered gymnasium id
+        except ValueError:
+            known = ", ".join(sorted(ENVIRONMENTS))
+            raise ValueError(
+                f"unknown env {self.env!r}; known: {known}, or a registered gymnasium id"
+            ) from None
         if self.train.value_steps and self.value.goal_dims is None:
             raise ValueError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
         tbptt = self.train.tbptt
@@ -285,7 +313,11 @@ def parse_config(raw: dict, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {problems}") from None
 
 
-def load_config(path_or_name: str | Path) -> Config:
+GENERIC = "generic"  # the packaged config of any vector dataset; its env is the dataset's
+
+
+def read_config_file(path_or_name: str | Path) -> tuple[dict, Path]:
+    """The mapping a config file holds, and the file's path."""
     path = resolve_config_path(path_or_name)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -293,7 +325,33 @@ def load_config(path_or_name: str | Path) -> Config:
         raise ConfigError(f"{path}: not valid YAML ({err})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
+    return raw, path
+
+
+def load_config(path_or_name: str | Path, env: str | None = None) -> Config:
+    """A config file; `env` fills in an environment the file leaves out (the generic one)."""
+    raw, path = read_config_file(path_or_name)
+    if env is not None:
+        raw.setdefault("env", env)
     return parse_config(raw, str(path))
+
+
+def dataset_config(data: str | Path, path_or_name: str | Path | None = None) -> Config:
+    """The config to train on a dataset: the one named (its env, when it names none, the
+    dataset's); else the packaged config of the dataset's environment; else the generic one.
+    The dataset is opened only when the config leaves its environment to it."""
+    from training.data.datasets import dataset_env_name, open_dataset
+
+    if path_or_name is not None:
+        raw, path = read_config_file(path_or_name)
+        if "env" not in raw:
+            raw["env"] = dataset_env_name(open_dataset(data))
+        return parse_config(raw, str(path))
+    env = dataset_env_name(open_dataset(data))
+    if env is None:
+        raise ConfigError(f"{data} records no environment: pass --config")
+    packaged = CONFIG_DIR / f"{env}.yaml"
+    return load_config(packaged if packaged.exists() else GENERIC, env)
 
 
 def with_overrides(config: Config, mode: str | None = None, tbptt: int | None = None) -> Config:

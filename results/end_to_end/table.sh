@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The README's table of training modes: every mode with and without the auxiliary
+# docs/results.md's table of training modes: every mode with and without the auxiliary
 # losses, and end_to_end with meta-learned weights, on pendulum and pointmaze-umaze, at
 # a small budget (320 steps per stage), then `worldplan compare` on each environment.
 # Run from the repository root: bash results/end_to_end/table.sh

@@ -77,7 +77,8 @@ def vector_episode_returns(bundle: Bundle, planning, episodes: int, seed: int, m
     model, params = bundle.model, bundle.params
     shape, knobs = PlanShape.of(planning), Knobs.of(planning)
     decide = compile_decide(model, shape)
-    weights = jnp.asarray(task_weights(model, params, default_task(model, params)))
+    task = default_task(model, params, bundle.metadata.get("default_task"))
+    weights = jnp.asarray(task_weights(model, params, task))
     obs_key = get_env_spec(bundle.env_id).obs_key
     env = make_env(bundle.env_id, max_episode_steps=max_steps)
     delta = zero_delta(params, shape) if shape.planner == "online_adaptation" else None

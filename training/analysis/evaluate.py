@@ -26,12 +26,12 @@ from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decid
 from training.planning.step_rule import NOTHING, after_act, starting_delta
 from training.planning.tasks import default_task, task_weights
 
-# The seed's exact online adaptation: gradient ascent through the sampler on all of the
-# psi-model, the seed's KL proxy, no warm start, no guard, the seed's knob values.
-SEED_ADAPTATION = {
+# The original formulation's online adaptation: gradient ascent through the sampler on all
+# of the psi-model, its KL proxy, no warm start, no guard, its knob values.
+ORIGINAL_ADAPTATION = {
     "planner": "online_adaptation",
     "adaptation": "gradient",
-    "kl_estimator": "seed",
+    "kl_estimator": "proxy",
     "adapt_params": "all",
     "support_guard": False,
     "warm_start": False,
@@ -43,7 +43,7 @@ SEED_ADAPTATION = {
 # What `worldplan eval` can compare: the planners, and two variants that are baselines.
 VARIANTS = {
     **{name: {"planner": name} for name in PLANNERS},
-    "online_adaptation_seed": SEED_ADAPTATION,
+    "online_adaptation_original": ORIGINAL_ADAPTATION,
     # n_samples is set to what fits in online adaptation's time per decision
     "random_shooting_matched": {"planner": "random_shooting"},
 }
@@ -52,7 +52,7 @@ EVAL_ORDER = tuple(v for p in PLANNERS for v in VARIANTS if VARIANTS[v]["planner
 # One setting moved at a time off the bundle's defaults; `rule` names the adaptation rule
 # and, for the gradient rule, its KL estimator.
 ABLATION_GRID = {
-    "rule": ["reweighted", "gradient/path", "gradient/seed"],
+    "rule": ["reweighted", "gradient/path", "gradient/proxy"],
     "adapt_params": ["head", "film", "all"],
     "warm_start": [True, False],
     "support_guard": [True, False],

@@ -1,5 +1,5 @@
-"""Figures a person would rather look at than read, written as PNG: training's and the
-evaluation's (the service's are in service/clients/plots.py)."""
+"""Figures of the evaluation, written as PNG (training's loss curves are in
+training/learning/curves.py, the service's in service/clients/plots.py)."""
 
 from __future__ import annotations
 
@@ -10,49 +10,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-
-def save_figure(fig, path: str | Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return Path(path)
-
-
-def plot_loss_curves(metrics: list[dict], path: str | Path) -> Path:
-    """One panel per training stage, every logged quantity against the global step."""
-    stages = list(dict.fromkeys(m["stage"] for m in metrics))
-    cols = min(3, len(stages))
-    rows = -(-len(stages) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(stages) :]:
-        ax.set_visible(False)
-    for ax, stage in zip(axes.flat, stages, strict=False):  # spare panels stay hidden
-        rows = [m for m in metrics if m["stage"] == stage]
-        steps = [m["step"] for m in rows]
-        keys = [k for k in rows[0] if k not in ("step", "stage", "wall_s")]
-        for key in keys:
-            ax.plot(steps, [m[key] for m in rows], label=key, lw=1.5 if key == "loss" else 1.0)
-        if all(m[k] > 0 for m in rows for k in keys):
-            ax.set_yscale("log")
-        ax.set_title(stage)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    return save_figure(fig, path)
-
-
-def plot_lambda_trajectory(metrics: list[dict], path: str | Path) -> Path:
-    """The meta-learned loss weights (the metrics' lam_* keys) against the step."""
-    rows = [m for m in metrics if any(k.startswith("lam_") for k in m)]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    for key in [k for k in rows[0] if k.startswith("lam_")]:
-        ax.plot([m["step"] for m in rows], [m[key] for m in rows], label=key[4:])
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss weight λ")
-    ax.set_title("meta-learned loss weights")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    return save_figure(fig, path)
+from training.learning.curves import save_figure  # noqa: E402
 
 
 def _knob_panels(rows: list[dict], metrics: dict[str, str], title: str, path: Path) -> None:
@@ -140,4 +98,30 @@ def plot_success_against_cost(rows: list[dict], path: Path, defaults: dict) -> P
     ax.set_title("online adaptation settings: success against cost")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
+    return save_figure(fig, path)
+
+
+def plot_suite(results: list[dict], published: dict, name: str, path: Path) -> Path:
+    """Success per OGBench task and overall, one bar group per planner, with 95% intervals;
+    the published baselines' overall success as dashed lines."""
+    groups = ["all", *(str(t) for t in results[0]["summary"]["tasks"])]
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    width = 0.8 / len(results)
+    for k, r in enumerate(results):
+        entries = [r["summary"], *r["summary"]["tasks"].values()]
+        xs = [g + (k - (len(results) - 1) / 2) * width for g in range(len(groups))]
+        rates = [100 * (e["success"] or 0.0) for e in entries]
+        errors = [
+            [100 * ((e["success"] or 0.0) - e["interval"][0]) for e in entries],
+            [100 * (e["interval"][1] - (e["success"] or 0.0)) for e in entries],
+        ]
+        ax.bar(xs, rates, width, yerr=errors, capsize=2, label=r["label"])
+    for (method, value), style in zip(published.items(), ("--", ":", "-."), strict=False):
+        ax.axhline(value, color="grey", ls=style, lw=1, label=f"{method} (published)")
+    ax.set_xticks(range(len(groups)), ["all tasks", *(f"task {g}" for g in groups[1:])])
+    ax.set_ylabel("success %")
+    ax.set_ylim(0, 105)
+    ax.set_title(name)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)

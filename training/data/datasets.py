@@ -19,12 +19,12 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from tqdm import tqdm
 
 from training.data.envs import (
-    ENVIRONMENTS,
     MAZE_ACTION_NOISE,
     RARE_GOAL_PROB,
     get_env_spec,
     make_behaviour_policy,
     make_env,
+    packaged_name,
     rare_cells,
 )
 
@@ -213,21 +213,16 @@ def dataset_info(dataset: minari.MinariDataset) -> dict[str, Any] | None:
 
 
 def dataset_env_name(dataset: minari.MinariDataset) -> str | None:
-    """The registry name of the dataset's environment.
-
-    From the sidecar when there is one; otherwise by matching the dataset's gym id against the
-    vector environments (pixel environments are stored resized, so a bare id match proves little).
-    """
-    info = dataset_info(dataset)
-    if info is not None:
-        return info.get("env")
+    """The environment a dataset was recorded in, as `get_env_spec` names it: from the
+    sidecar when it names one; else the packaged environment of its recorded gymnasium id;
+    else that id itself. None when the dataset records none."""
+    info = dataset_info(dataset) or {}
+    if info.get("env"):
+        return info["env"]
     env_spec = dataset.env_spec
     if env_spec is None:
         return None
-    for spec in ENVIRONMENTS.values():
-        if spec.kind == "vector" and spec.gym_id == env_spec.id:
-            return spec.name
-    return None
+    return packaged_name(env_spec.id) or env_spec.id
 
 
 # ----- training sequences -----

@@ -1,4 +1,6 @@
-"""Named environments, each exactly as its datasets store it, and their behaviour policies."""
+"""Environments, each exactly as its datasets store it, and their behaviour policies: the
+packaged ones by name (ENVIRONMENTS), and any registered gymnasium id (OGBench's mazes
+among them) as a vector environment."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from PIL import Image
 # uses none of them, so drop the notice before importing it.
 farama_notifications.notifications.pop("gymnasium_robotics", None)
 import gymnasium_robotics  # noqa: E402
+import ogbench  # noqa: E402, F401  (registers OGBench's environments with gymnasium)
 
 gym.register_envs(gymnasium_robotics)
 
@@ -43,12 +46,38 @@ ENVIRONMENTS: dict[str, EnvSpec] = {
 }
 
 
+GENERIC_EPISODE_STEPS = 1000  # for a registered id that sets no episode limit
+
+
 def get_env_spec(name: str) -> EnvSpec:
-    try:
+    """A packaged environment, or a registered gymnasium id as a vector environment whose
+    observations are the environment's own."""
+    if name in ENVIRONMENTS:
         return ENVIRONMENTS[name]
-    except KeyError:
+    try:
+        registered = gym.spec(name)
+    except gym.error.Error:
         known = ", ".join(sorted(ENVIRONMENTS))
-        raise ValueError(f"unknown environment {name!r}; known environments: {known}") from None
+        raise ValueError(
+            f"unknown environment {name!r}: not a registered gymnasium id; known "
+            f"environments: {known}"
+        ) from None
+    steps = registered.max_episode_steps or GENERIC_EPISODE_STEPS
+    return EnvSpec(name, name, "vector", None, steps)
+
+
+def gym_id_of(name: str) -> str:
+    """The gymnasium id of an environment name (a packaged name, or an id already)."""
+    return ENVIRONMENTS[name].gym_id if name in ENVIRONMENTS else name
+
+
+def packaged_name(gym_id: str) -> str | None:
+    """The packaged vector environment of a gymnasium id (pixel environments are stored
+    resized, so a bare id match proves little), or None."""
+    for spec in ENVIRONMENTS.values():
+        if spec.kind == "vector" and spec.gym_id == gym_id:
+            return spec.name
+    return None
 
 
 def select_observation(obs: Any, obs_key: str | None) -> Any:
@@ -131,7 +160,9 @@ def make_behaviour_policy(
         return UniformRandomPolicy(env.action_space, rng)
     if spec.name == "carracing":
         return BrownianDrivingPolicy(env.action_space, rng)
-    raise ValueError(f"no behaviour policy for environment {name!r}")
+    if isinstance(env.action_space, gym.spaces.Box):  # any other environment: uniform actions
+        return UniformRandomPolicy(env.action_space, rng)
+    raise ValueError(f"no behaviour policy for environment {name!r} (continuous actions only)")
 
 
 # ----- maze geometry (pure functions over a maze map: 1 = wall, anything else free) -----

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from training.config import Config, parse_config
-from training.models.world import Spaces, WorldModel
+from training.models.networks import Networks, Spaces
 
 ITEMS = ("params", "opt_state", "metadata")
 
@@ -77,7 +77,7 @@ class Bundle:
     params: dict
     metadata: dict
     config: Config
-    model: WorldModel
+    model: Networks
     step: int
 
     @property
@@ -85,7 +85,7 @@ class Bundle:
         return self.metadata["env"]
 
 
-def abstract_params(model: WorldModel) -> dict:
+def abstract_params(model: Networks) -> dict:
     """Shapes and dtypes of a bundle's `params` item, placed on the default device."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shapes = jax.eval_shape(model.init, jax.random.key(0))
@@ -103,7 +103,7 @@ def restore_bundle(run_dir: str | Path, step: int | None = None) -> Bundle:
         metadata = restore_item(manager, step, "metadata")
         config = parse_config(metadata["config"], f"{run_dir} metadata")
         spaces = Spaces.from_json(metadata["spaces"])
-        model = WorldModel.build(config, spaces)
+        model = Networks.build(config, spaces)
         params = restore_item(manager, step, "params", abstract_params(model))
     return Bundle(params=params, metadata=metadata, config=config, model=model, step=step)
 

@@ -1,5 +1,5 @@
 """V, M and C trained together on one joint loss: the `joint` stage of the end_to_end and
-alternating modes (DESIGN §1, the seed's end-to-end optimisation).
+alternating modes (docs/design.md §1, the end-to-end optimisation).
 
     lambda_V (recon + KL) + lambda_M (MDN NLL + reward + done) + lambda_pi policy loss
         [+ 0.1 value of z + 0.1 InfoNCE, with joint.aux_losses]
@@ -9,7 +9,7 @@ through time in M's LSTM, over a whole window or (train.tbptt K) chunks of K ste
 state is carried but detached. As every stage of train.py, each step is one jitted update
 whose randomness is fold_in(seed, step), so a resumed run is bit-identical.
 
-- end_to_end: one optimiser over V, M and C; the weights follow the seed's schedule, or
+- end_to_end: one optimiser over V, M and C; the weights follow the adaptive schedule, or
   with joint.meta_learning are learned: each step runs `meta_inner_steps` updates with
   the current weights, then moves the weights down the gradient of the loss on held-out
   episodes, differentiated through those updates.
@@ -44,7 +44,7 @@ from training.learning.optim import make_optimizer, with_frozen
 from training.learning.parallel import split_rows
 from training.models.controller import gaussian_log_prob
 from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent, unroll
-from training.models.world import WorldModel, normalise
+from training.models.networks import Networks, normalise
 
 # The parameter groups the joint stage trains, and the group each belongs to.
 GROUPS = {"vae": "world", "mdn": "world", "value_head": "world", "controller": "controller"}
@@ -63,7 +63,7 @@ PHASE_TERMS = {
 LEARNED_WEIGHTS = ("vae", "mdn", "policy")  # what meta-learning learns; aux weights stay
 # What its outer step lowers on held-out windows: the world model's fit. Not the policy
 # term: the REINFORCE surrogate is unbounded below, and the outer step drove lambda_M to 0
-# to chase it (the README's table).
+# to chase it (docs/results.md: training modes).
 VALIDATION_TERMS = ("vae", "mdn")
 
 
@@ -131,7 +131,7 @@ def trained_params(params: dict) -> dict:
 # --- the loss terms ------------------------------------------------------------------------
 
 
-def reinforce_term(model: WorldModel, params, batch: Windows, z, hs, final_state, key):
+def reinforce_term(model: Networks, params, batch: Windows, z, hs, final_state, key):
     """REINFORCE on the dataset's actions at [z_t, h_t]; its gradient reaches V and M too,
     through z and h: the representation is shaped by what the policy needs."""
     mean, log_std = model.controller.apply({"params": params["controller"]}, z[:, :-1], hs)
@@ -140,7 +140,7 @@ def reinforce_term(model: WorldModel, params, batch: Windows, z, hs, final_state
     return loss, {"baseline": metrics["baseline"]}
 
 
-def imagination_term(model: WorldModel, params, batch: Windows, z, hs, final_state, key):
+def imagination_term(model: Networks, params, batch: Windows, z, hs, final_state, key):
     """C acts in M for H steps from the state M reached at each window's end: actions and
     next latents are reparameterised samples, and the loss is minus M's predicted return,
     backpropagated through the whole imagined rollout. Only C learns from it: V and M are
@@ -172,7 +172,7 @@ def imagination_term(model: WorldModel, params, batch: Windows, z, hs, final_sta
 POLICY_TERMS = {"reinforce": reinforce_term, "imagination": imagination_term}
 
 
-def infonce_term(model: WorldModel, batch: Windows, mu, frames, key):
+def infonce_term(model: Networks, batch: Windows, mu, frames, key):
     """InfoNCE on V's mean latents: the anchor z_t, its positive z_{t+1} of the same window,
     and `infonce_negatives` frames drawn from the batch's windows of other episodes."""
     cfg = model.config.joint
@@ -196,7 +196,7 @@ def standardised(x: jax.Array, mask: jax.Array) -> jax.Array:
     return jax.lax.stop_gradient((x - mean) / std)
 
 
-def vae_term(model: WorldModel, params: dict, batch: Windows, key):
+def vae_term(model: Networks, params: dict, batch: Windows, key):
     """V's loss on every real frame of a batch of windows: (loss, metrics, (z, mu, frames)),
     with z the reparameterised latents and frames the frames' mask."""
     cfg = model.config.vae
@@ -207,7 +207,7 @@ def vae_term(model: WorldModel, params: dict, batch: Windows, key):
     return loss, metrics, (z, mu, frames)
 
 
-def aux_terms(model: WorldModel, params: dict, batch: Windows, z, mu, frames, key) -> dict:
+def aux_terms(model: Networks, params: dict, batch: Windows, z, mu, frames, key) -> dict:
     """The auxiliary representation losses on V's latents of a batch of windows: the value
     head's error on the standardised discounted returns, and InfoNCE."""
     value = model.value_head.apply({"params": params["value_head"]}, z[:, :-1])
@@ -218,7 +218,7 @@ def aux_terms(model: WorldModel, params: dict, batch: Windows, z, mu, frames, ke
     }
 
 
-def joint_terms(model: WorldModel, params: dict, batch: Windows, key: jax.Array):
+def joint_terms(model: Networks, params: dict, batch: Windows, key: jax.Array):
     """Every term of the joint loss on a batch of windows, unweighted: (terms, metrics)."""
     cfg = model.config
     k_z, k_policy, k_negatives = jax.random.split(key, 3)
@@ -307,7 +307,7 @@ def in_phase(weights: dict, phase: str) -> dict:
 # --- updates ---------------------------------------------------------------------------
 
 
-def loss_and_grads(model: WorldModel, params, trained, batch, weights, key):
+def loss_and_grads(model: Networks, params, trained, batch, weights, key):
     def loss_fn(trained):
         terms, metrics = joint_terms(model, {**params, **trained}, batch, key)
         return weighted_sum(terms, weights), metrics
@@ -319,7 +319,7 @@ def weight_metrics(weights: dict) -> dict:
     return {f"lam_{k}": w for k, w in weights.items()}
 
 
-def make_step_update(model: WorldModel, tx, weights_of: Callable) -> Callable:
+def make_step_update(model: Networks, tx, weights_of: Callable) -> Callable:
     """One update of V, M and C on the weighted joint loss: (params, opt_state, inputs,
     key, step) -> (params, opt_state, metrics), jitted."""
 
@@ -361,7 +361,7 @@ def meta_gradient_step(
     return final, lambdas, meta_state, val, metrics
 
 
-def make_meta_update(model: WorldModel, tx, meta_tx) -> Callable:
+def make_meta_update(model: Networks, tx, meta_tx) -> Callable:
     """end_to_end with meta-learned weights: each step is `meta_inner_steps` updates of V,
     M and C with the current lambdas, then one meta-gradient step on the lambdas, whose
     objective is V's and M's unweighted losses on a batch of held-out windows."""
@@ -433,7 +433,7 @@ def init_opt_state(config: Config, params: dict):
     return txs["joint"].init(trained)
 
 
-def make_update(model: WorldModel, start: int) -> Callable:
+def make_update(model: Networks, start: int) -> Callable:
     """The joint stage's update for train.py's loop: (params, opt_state, inputs, key, step)
     -> (params, opt_state, metrics), where `start` is the stage's first global step."""
     config = model.config

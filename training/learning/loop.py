@@ -25,15 +25,22 @@ from pathlib import Path
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from training.analysis.plots import plot_lambda_trajectory, plot_loss_curves
 from training.config import Config, ConfigError
-from training.data.datasets import Sequences, dataset_info, load_sequences, open_dataset
-from training.data.envs import get_env_spec
+from training.data.datasets import (
+    Sequences,
+    dataset_env_name,
+    dataset_info,
+    load_sequences,
+    open_dataset,
+)
+from training.data.envs import get_env_spec, gym_id_of
 from training.learning import checkpoint, joint
+from training.learning.curves import plot_lambda_trajectory, plot_loss_curves
 from training.learning.optim import make_optimizer
 from training.learning.parallel import check_batches, make_mesh, replicated
 from training.learning.stage_inputs import (
@@ -46,7 +53,8 @@ from training.learning.stage_inputs import (
     spaces_of,
 )
 from training.learning.stages import stage_at, stage_bounds, stage_params, stage_update
-from training.models.world import WorldModel, observation_stats
+from training.models.networks import Networks, observation_stats
+from training.models.value import least_squares_weights
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "loss_curves.png"
@@ -66,12 +74,15 @@ class RunResult:
     wall_seconds: float
 
 
-def run_metadata(model: WorldModel, data_path: str, data_info: dict | None, stage: str, summary):
+def run_metadata(
+    model: Networks, data_path: str, data_info: dict | None, stage: str, summary, task=None
+):
     config, spaces = model.config, model.spaces
     return {
         "format": "worldplan-bundle/1",
         "env": config.env,
         "gym_id": get_env_spec(config.env).gym_id,
+        "default_task": task,
         "config": config.model_dump(mode="json"),
         "spaces": spaces.to_json(),
         "sizes": {
@@ -88,6 +99,25 @@ def run_metadata(model: WorldModel, data_path: str, data_info: dict | None, stag
         "summary": summary,
         "versions": checkpoint.library_versions(),
     }
+
+
+REWARD_FIT_ROWS = 4096  # (observation, reward) pairs the default task is fitted on
+
+
+def reward_task(model: Networks, params: dict, seqs: Sequences) -> dict | None:
+    """A bundle's default task when it has no goal tasks: the reward weights that least
+    squares fits to the data's (observation, reward) pairs, so that V = ψ·w is the data's
+    own return. None with goal tasks, or when every recorded reward is zero."""
+    real = seqs.mask > 0
+    rewards = seqs.rewards[real]
+    if model.goal_decoder is not None or not np.any(rewards):
+        return None
+    observations = seqs.observations[:, :-1][real]
+    rows = np.random.default_rng(0).permutation(len(rewards))[:REWARD_FIT_ROWS]
+    obs = jnp.asarray(observations[rows])
+    phi = model.phi(params, obs, model.encode(params, obs))
+    weights = least_squares_weights(phi, jnp.asarray(rewards[rows]))
+    return {"kind": "reward_weights", "weights": [round(float(w), 6) for w in weights]}
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -137,16 +167,29 @@ class NewRun(NamedTuple):
     seqs: Sequences
     data: DeviceData
     data_info: dict | None
-    model: WorldModel
+    model: Networks
     params: dict
     tx: optax.GradientTransformation
 
 
+def check_dataset_env(dataset, config: Config, data_path: str | Path) -> None:
+    """Refuses a dataset recorded in another environment than the config's (a dataset that
+    records none is taken at the config's word)."""
+    recorded = dataset_env_name(dataset)
+    if recorded is not None and gym_id_of(recorded) != gym_id_of(config.env):
+        raise ConfigError(
+            f"{data_path} was recorded in {gym_id_of(recorded)!r}, but the config is for "
+            f"{config.env!r} ({gym_id_of(config.env)!r}): pass that environment's config, or "
+            "no --config to use the dataset's own"
+        )
+
+
 def new_run(config: Config, data_path: str | Path, mesh) -> NewRun:
     dataset = open_dataset(data_path)
+    check_dataset_env(dataset, config, data_path)
     seqs = load_sequences(dataset, config.data.seq_len)
     spaces = spaces_of(dataset, seqs)
-    model = WorldModel.build(config, spaces)
+    model = Networks.build(config, spaces)
     params = model.init(jax.random.split(jax.random.key(config.seed))[0])
     params["normaliser"] = observation_stats(real_frames(seqs), spaces.obs_kind)
     data = replicated(device_data(seqs), mesh)
@@ -188,9 +231,11 @@ def train(
         (run_dir / METRICS_FILE).unlink()
     params, opt_states = replicated((params, opt_states), mesh)
 
+    task = None  # the default task, fitted again at the end of each stage
+
     def save(step: int, stage: str) -> None:
         summary = summarise(read_metrics(run_dir))
-        metadata = run_metadata(model, str(data_path), data_info, stage, summary)
+        metadata = run_metadata(model, str(data_path), data_info, stage, summary, task)
         checkpoint.save(manager, step, params, opt_states, metadata)
 
     bar = tqdm(
@@ -224,6 +269,8 @@ def train(
                 log.flush()
                 bar.set_postfix(stage=stage, loss=f"{means['loss']:.4g}")
                 window = []
+            if done == stage_end:
+                task = reward_task(model, jax.device_get(params), seqs)
             if done % config.train.checkpoint_every == 0 or done == stage_end:
                 save(done, stage)
             bar.update(1)

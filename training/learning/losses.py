@@ -109,9 +109,9 @@ def loss_weights(
     recon_decay_steps: int,
     recon_floor: float = 0.1,
 ) -> dict[str, jax.Array]:
-    """The seed's adaptive schedule: lambda_pi = lambda_pi0 min(1, step / warmup) grows
+    """The adaptive schedule: lambda_pi = lambda_pi0 min(1, step / warmup) grows
     while lambda_V = lambda_V0 max(floor, 1 - step / decay) shrinks; lambda_M stays.
-    The seed's lambda_recon weighs V's whole loss (reconstruction and KL), as here."""
+    Its lambda_recon weighs V's whole loss (reconstruction and KL), as here."""
     step = jnp.asarray(step, jnp.float32)
     return {
         "vae": vae_weight * jnp.maximum(recon_floor, 1.0 - step / recon_decay_steps),

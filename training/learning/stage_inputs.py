@@ -15,7 +15,7 @@ from training.config import Config
 from training.data.datasets import Sequences
 from training.learning import joint
 from training.learning.losses import discounted_returns, return_weights
-from training.models.world import Spaces, WorldModel, normalise
+from training.models.networks import Networks, Spaces, normalise
 
 # The stages that read the transitions. None of them trains V, M or the cumulants the
 # transitions are made of, so the first of them to run builds them for all.
@@ -95,7 +95,7 @@ def in_chunks(fn: Callable, arrays: tuple, chunk: int = 256):
     return jax.tree.map(lambda *xs: jnp.concatenate(xs), *outputs)
 
 
-def encode_sequences(model: WorldModel, params: dict, observations):
+def encode_sequences(model: Networks, params: dict, observations):
     """(mu, logvar) of V for every observation of every window, [N, L+1, Z] each."""
     encode = jax.jit(
         lambda x: model.vae.apply(
@@ -112,7 +112,7 @@ def window_positions(episode: np.ndarray) -> np.ndarray:
     return index - np.maximum.accumulate(np.where(starts, index, 0))
 
 
-def unroll_episodes(model: WorldModel, params: dict, zs, actions, episode: np.ndarray):
+def unroll_episodes(model: Networks, params: dict, zs, actions, episode: np.ndarray):
     """M's state h before each observation, [N, L+1, H], driven by the mean latents, with
     the state carried from each window of an episode into the next, as when acting."""
     unroll = jax.jit(
@@ -154,7 +154,7 @@ def psi_statistics(mc_psi: np.ndarray) -> dict:
     }
 
 
-def build_transitions(model: WorldModel, params: dict, data: DeviceData, episode: np.ndarray):
+def build_transitions(model: Networks, params: dict, data: DeviceData, episode: np.ndarray):
     cfg = model.config
     mu, _ = encode_sequences(model, params, data.observations)
     hs = unroll_episodes(model, params, mu[:, :-1], data.actions, episode)
@@ -187,7 +187,7 @@ def with_aux(stage: str, config: Config) -> bool:
 
 def prepare_stage(
     stage: str,
-    model: WorldModel,
+    model: Networks,
     params: dict,
     data: DeviceData,
     episode,

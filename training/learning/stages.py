@@ -20,9 +20,9 @@ from training.learning.parallel import split_rows
 from training.learning.stage_inputs import Transitions, with_aux
 from training.models.diffusion import v_loss
 from training.models.mdn_rnn import initial_state
+from training.models.networks import GOAL_DECODER, Networks, denormalise, normalise
 from training.models.successor import ema_update
 from training.models.value import goal_reward
-from training.models.world import WorldModel, denormalise, normalise
 
 
 def stage_bounds(config: Config) -> dict[str, tuple[int, int]]:
@@ -48,7 +48,7 @@ def sample_rows(key: jax.Array, n: int, batch_size: int) -> jax.Array:
     return split_rows(jax.random.randint(key, (batch_size,), 0, n))
 
 
-def vae_objective(model: WorldModel, params, inputs, key, step):
+def vae_objective(model: Networks, params, inputs, key, step):
     (frames,) = inputs
     k_rows, k_z = jax.random.split(key)
     rows = sample_rows(k_rows, frames.shape[0], model.config.train.batch_size)
@@ -57,7 +57,7 @@ def vae_objective(model: WorldModel, params, inputs, key, step):
     return vae_loss(recon, x, mu, logvar, model.config.vae.kl_tolerance, model.config.vae.beta)
 
 
-def vae_aux_objective(model: WorldModel, params, windows: joint.Windows, key, step):
+def vae_aux_objective(model: Networks, params, windows: joint.Windows, key, step):
     """staged with joint.aux_losses: V and the value head on batches of windows, V's loss
     plus the auxiliary losses with the joint stage's weights."""
     k_rows, k_z, k_aux = jax.random.split(key, 3)
@@ -68,7 +68,7 @@ def vae_aux_objective(model: WorldModel, params, windows: joint.Windows, key, st
     return total, {**metrics, **{f"term_{k}": v for k, v in aux.items()}}
 
 
-def mdn_objective(model: WorldModel, params, inputs, key, step):
+def mdn_objective(model: Networks, params, inputs, key, step):
     mu, logvar, actions, rewards, dones, mask = inputs
     k_rows, k_z = jax.random.split(key)
     rows = sample_rows(k_rows, actions.shape[0], model.config.train.batch_size)
@@ -81,7 +81,7 @@ def mdn_objective(model: WorldModel, params, inputs, key, step):
     )
 
 
-def controller_objective(model: WorldModel, params, trans: Transitions, key, step):
+def controller_objective(model: Networks, params, trans: Transitions, key, step):
     rows = sample_rows(key, trans.actions.shape[0], model.config.train.batch_size)
     z, h = jnp.split(trans.states[rows], [model.latent_dim], axis=-1)
     mean, log_std = model.controller.apply({"params": params["controller"]}, z, h)
@@ -89,7 +89,7 @@ def controller_objective(model: WorldModel, params, trans: Transitions, key, ste
     return weighted_bc_loss(mean, log_std, trans.actions[rows], trans.weights[rows], ones)
 
 
-def bellman_target(model: WorldModel, params, trans: Transitions, rows, key):
+def bellman_target(model: Networks, params, trans: Transitions, rows, key):
     """Normalised psi = phi(s) + gamma (1 - done) psi', psi' drawn from the EMA model at s'."""
     sf = model.config.successor
     noise = jax.random.normal(key, (rows.shape[0], model.psi_dim))
@@ -101,7 +101,7 @@ def bellman_target(model: WorldModel, params, trans: Transitions, rows, key):
     return jax.lax.stop_gradient(normalise(target, params["psi_norm"]))
 
 
-def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
+def psi_objective(model: Networks, params, trans: Transitions, key, step):
     """Diffusion loss on distributional Bellman targets. The first `mc_warmup_steps` fit
     the data's own discounted sums instead: bootstrapping from an untrained model would
     take hundreds of rounds of gamma-contraction to forget its start."""
@@ -125,7 +125,7 @@ def psi_objective(model: WorldModel, params, trans: Transitions, key, step):
     return loss, {"target_abs": jnp.mean(jnp.abs(x0))}
 
 
-def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
+def readout_objective(model: Networks, params, trans: Transitions, key, step):
     """Action regression on (s, outcome) pairs. The Monte-Carlo outcome is the future the
     action actually led to; the Bellman one draws that future from the psi-model at s',
     which tells the action apart only through the one step between s and s'."""
@@ -139,7 +139,7 @@ def readout_objective(model: WorldModel, params, trans: Transitions, key, step):
     return jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1)), {}
 
 
-def value_objective(model: WorldModel, params, trans: Transitions, key, step):
+def value_objective(model: Networks, params, trans: Transitions, key, step):
     """phi(s) . w(g) regressed on the goal reward r_g(s), for goals spread uniformly over
     the box the data's goal dimensions span, at the data's states and at the same states
     moved anywhere in that box: the reward is known everywhere, so its fit need not stop
@@ -155,7 +155,7 @@ def value_objective(model: WorldModel, params, trans: Transitions, key, step):
     obs = obs.at[: batch // 2, dims].set(moved)
     goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
     phi = model.phi(params, obs, model.encode(params, obs))
-    weights = model.goal_decoder.apply({"params": params["value"]}, goals)  # [B, P]
+    weights = model.goal_decoder.apply({"params": params[GOAL_DECODER]}, goals)  # [B, P]
     predicted = phi @ weights.T  # [states, goals]
     reward = goal_reward(obs[:, dims][:, None], goals[None], cfg.value.goal_sigma)
     return jnp.mean(jnp.square(predicted - reward)), {"reward_mean": jnp.mean(reward)}
@@ -181,7 +181,7 @@ def stage_params(stage: str, config: Config, params: dict) -> dict:
     return {k: params[k] for k in groups}
 
 
-def stage_update(stage: str, model: WorldModel, tx) -> Callable:
+def stage_update(stage: str, model: Networks, tx) -> Callable:
     """The jitted update of one stage: (params, opt_state, inputs, key, step) -> (params,
     opt_state, metrics)."""
     if stage == "joint":

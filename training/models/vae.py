@@ -91,7 +91,7 @@ class ConvVAE(nn.Module):
 
 
 class LatentValueHead(nn.Module):
-    """The task-oriented head of the seed's VAE: a linear value of z, fitted to the
+    """The task-oriented head of the original formulation's VAE: a linear value of z, fitted to the
     discounted return, so that z has to keep what the task's value depends on."""
 
     @nn.compact

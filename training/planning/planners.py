@@ -12,9 +12,10 @@ Online adaptation has two rules (`planning.adaptation`):
   which never leaves p's support. Prior samples are weighted by exp(V / λ) (self-normalised)
   and Δφ takes K Adam steps on their weighted denoising loss: no backpropagation through
   the sampler.
-- `gradient` (the seed's): K Adam steps on mean V(psi ~ p_{φ+Δφ}) - λ KL through the DDIM
-  sampler, with KL either the path KL between the two samplers (`kl_estimator: path`, on a
-  stochastic sampler) or the seed's proxy 0.5 Σ Δφ² + 0.1 mean((V - V_prior)²) (`seed`).
+- `gradient` (the original formulation's): K Adam steps on mean V(psi ~ p_{φ+Δφ}) - λ KL
+  through the DDIM sampler, with KL either the path KL between the two samplers
+  (`kl_estimator: path`, on a stochastic sampler) or the original formulation's proxy
+  0.5 Σ Δφ² + 0.1 mean((V - V_prior)²) (`kl_estimator: proxy`).
 Δφ covers the layers `planning.adapt_params` names (all, the FiLM layers and the output, or
 the output alone). The support guard falls back to Δφ = 0, that is to the prior's own
 samples, when the chosen adapted outcome lies farther from the prior's samples than they
@@ -33,7 +34,7 @@ them compiles nothing.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import jax
@@ -43,8 +44,8 @@ import optax
 from training.config import PLANNERS, PlanningConfig
 from training.models.diffusion import sample_with_path_kl
 from training.models.mdn_rnn import MDNRNN, LSTMState
+from training.models.networks import Networks, denormalise
 from training.models.value import linear_value
-from training.models.world import WorldModel, denormalise
 
 # Which psi-network layers Δφ adapts, by name prefix (None: every layer).
 ADAPTED_LAYERS = {"all": None, "film": ("film_", "out"), "head": ("out",)}
@@ -71,19 +72,7 @@ class PlanShape:
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
-        return cls(
-            config.planner,
-            config.sample_steps,
-            config.n_samples,
-            config.n_adaptation_samples,
-            config.adaptation,
-            config.kl_estimator,
-            config.adapt_params,
-            config.support_guard,
-            config.max_adaptation_steps,
-            config.choice,
-            config.n_fit_samples,
-        )
+        return cls(**{f.name: getattr(config, f.name) for f in fields(cls)})
 
     def __str__(self) -> str:
         sizes = f"sample_steps={self.sample_steps}, n_samples={self.n_samples}"
@@ -110,12 +99,13 @@ class Knobs(NamedTuple):
 
     @classmethod
     def of(cls, config: PlanningConfig) -> Knobs:
+        """The knobs of a planning config, as the program's float32 inputs."""
         return cls(*(jnp.float32(x) for x in knob_values(config)))
 
 
-def knob_values(config: PlanningConfig) -> tuple[float, float, float, float]:
-    """The knobs of a planning config as plain numbers, in Knobs' order."""
-    return (config.delta_phi_lr, config.kl_coef, config.guidance_scale, config.adaptation_steps)
+def knob_values(config: PlanningConfig) -> Knobs:
+    """The knobs of a planning config as plain numbers (a host-side record)."""
+    return Knobs(**{name: getattr(config, name) for name in Knobs._fields})
 
 
 class Plan(NamedTuple):
@@ -168,14 +158,26 @@ def broadcast_state(state: jax.Array, n: int) -> jax.Array:
     return jnp.broadcast_to(state, (n, state.shape[-1]))
 
 
-def read_out(model: WorldModel, params, state, psi) -> jax.Array:
+def read_out(model: Networks, params, state, psi) -> jax.Array:
     return model.readout.apply({"params": params["readout"]}, state, psi)
 
 
 def plan_without_adaptation(action, value, mean) -> Plan:
     """The plan of a planner that adapts nothing: no objective trace, no KL, no Δφ."""
     zero, no = jnp.float32(0.0), jnp.bool_(False)
-    return Plan(action, value, mean[None], 0, zero, mean, mean, zero, no, no, None)
+    return Plan(
+        action=action,
+        value=value,
+        objective=mean[None],
+        kept_step=0,
+        kl=zero,
+        value_before=mean,
+        value_after=mean,
+        ess=zero,
+        fallback=no,
+        chose_prior=no,
+        delta=None,
+    )
 
 
 def squared_distances(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -212,7 +214,7 @@ def choice_scores(choice: str, values, candidates, prior, is_prior, kl_coef) -> 
     return values / kl_coef + log_density(candidates, prior, is_prior)
 
 
-def best_sample_plan(model: WorldModel, shape: PlanShape, params, state, values, psi,
+def best_sample_plan(model: Networks, shape: PlanShape, params, state, values, psi,
                      knobs) -> Plan:  # fmt: skip
     """Reads out the sample the planner's choice rule scores highest."""
     is_self = jnp.eye(psi.shape[0], dtype=bool)
@@ -221,7 +223,7 @@ def best_sample_plan(model: WorldModel, shape: PlanShape, params, state, values,
     return plan_without_adaptation(action, values[best], jnp.mean(values))
 
 
-def plan_controller(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
+def plan_controller(model: Networks, shape: PlanShape, params, state, weights, key, knobs, delta):
     z, h = jnp.split(state, [model.latent_dim])
     action, _ = model.controller.apply({"params": params["controller"]}, z, h)
     return plan_without_adaptation(action, jnp.float32(0.0), jnp.float32(0.0))
@@ -289,7 +291,7 @@ def ascend(objective_fn, delta: dict, knobs: Knobs, max_steps: int) -> Steps:
     last, _, best, trace = jax.lax.fori_loop(0, n, step, (delta, tx.init(delta), start, trace))
     final, kl = objective_fn(last)
     kept, _, kl, index = keep_better(best, (last, final, kl, n))
-    return Steps(kept, trace.at[n].set(final), index, kl)
+    return Steps(delta=kept, objective=trace.at[n].set(final), kept_step=index, kl=kl)
 
 
 class Adaptation(NamedTuple):
@@ -368,9 +370,9 @@ def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
 
 
 def gradient_steps(model, shape, params, state, value, key, knobs, delta):
-    """The seed's rule: Adam steps on mean V - λ KL through the sampler, with the path KL
-    of stochastic samplers or the seed's proxy. Returns (Steps, prior samples, their
-    values, N): unweighted, every prior sample counts."""
+    """The original formulation's rule: Adam steps on mean V - λ KL through the sampler,
+    with the path KL of stochastic samplers or its proxy. Returns (Steps, prior samples,
+    their values, N): unweighted, every prior sample counts."""
     base = params["psi_ema"]
     n = shape.n_adaptation_samples
     k_noise, k_path = jax.random.split(key)
@@ -414,7 +416,7 @@ def outside_support(prior: jax.Array, prior_best: jax.Array, candidate: jax.Arra
     return distance > jnp.maximum(jnp.quantile(spacing, GUARD_QUANTILE), spacing[prior_best])
 
 
-def adapt(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta):
+def adapt(model: Networks, shape: PlanShape, params, state, weights, key, knobs, delta):
     """Δφ adaptation from the warm start `delta`, then `n_samples` outcomes of the adapted
     model; the choice rule picks one unless the support guard sends the choice back to
     the prior's samples (and Δφ back to 0). Under the reweighted rule the prior's samples
@@ -445,17 +447,34 @@ def adapt(model: WorldModel, shape: PlanShape, params, state, weights, key, knob
     eligible = jnp.where(fallback, from_prior, eligible | ~from_prior)
     chosen = jnp.argmax(jnp.where(eligible, scores, -jnp.inf))
     kept = jax.tree.map(lambda d: jnp.where(fallback, jnp.zeros_like(d), d), steps.delta)
-    return Adaptation(steps._replace(delta=kept), ess, jnp.mean(prior_values),
-                      jnp.mean(values), candidates[chosen], candidate_values[chosen], fallback,
-                      chosen < n_prior)  # fmt: skip
+    return Adaptation(
+        steps=steps._replace(delta=kept),
+        ess=ess,
+        value_before=jnp.mean(prior_values),
+        value_after=jnp.mean(values),
+        psi=candidates[chosen],
+        value=candidate_values[chosen],
+        fallback=fallback,
+        chose_prior=chosen < n_prior,
+    )
 
 
 def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
     a = adapt(model, shape, params, state, weights, key, knobs, delta)
     action = read_out(model, params, state, a.psi)
-    return Plan(action, a.value, a.steps.objective, a.steps.kept_step, a.steps.kl,
-                a.value_before, a.value_after, a.ess, a.fallback, a.chose_prior,
-                a.steps.delta)  # fmt: skip
+    return Plan(
+        action=action,
+        value=a.value,
+        objective=a.steps.objective,
+        kept_step=a.steps.kept_step,
+        kl=a.steps.kl,
+        value_before=a.value_before,
+        value_after=a.value_after,
+        ess=a.ess,
+        fallback=a.fallback,
+        chose_prior=a.chose_prior,
+        delta=a.steps.delta,
+    )
 
 
 # The planners by name (the names PLANNERS, re-exported here, lists), the registry the
@@ -468,7 +487,7 @@ PLANNER_FNS = {
 }
 
 
-def plan(model: WorldModel, shape: PlanShape, params, state, weights, key, knobs, delta=None):
+def plan(model: Networks, shape: PlanShape, params, state, weights, key, knobs, delta=None):
     """One decision for one planning state. `delta` warm-starts Δφ (zero when None)."""
     if shape.planner not in PLANNER_FNS:
         raise ValueError(f"unknown planner {shape.planner!r}; known: {', '.join(PLANNERS)}")
@@ -485,7 +504,7 @@ class Decision(NamedTuple):
     lstm: LSTMState  # M's state after consuming (z_t, a_t)
 
 
-def decide(model: WorldModel, shape: PlanShape, params, lstm, obs, weights, key, knobs, delta):
+def decide(model: Networks, shape: PlanShape, params, lstm, obs, weights, key, knobs, delta):
     """A whole decision: V encode -> plan on [z, h] -> M step with (z, a)."""
     z = model.encode(params, obs)
     state = jnp.concatenate([z, lstm[1]], axis=-1)
@@ -494,7 +513,7 @@ def decide(model: WorldModel, shape: PlanShape, params, lstm, obs, weights, key,
     return Decision(p, lstm)
 
 
-def compile_decide(model: WorldModel, shape: PlanShape, batched: bool = False) -> Callable:
+def compile_decide(model: Networks, shape: PlanShape, batched: bool = False) -> Callable:
     """jit(decide) for one planner configuration; `batched` vmaps it over sessions (every
     input but the parameters has a leading batch axis). The caller holds the program: a
     new one compiles again on its first call."""
@@ -512,7 +531,7 @@ def session_key(seed: jax.Array, step: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.key(seed), step)
 
 
-def compile_adapt(model: WorldModel, shape: PlanShape) -> Callable:
+def compile_adapt(model: Networks, shape: PlanShape) -> Callable:
     """jit of Δφ adaptation alone at the state [V(obs), h] (no action, no M step): what
     /adapt runs."""
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from training.models.networks import GOAL_DECODER, Networks
 from training.models.value import least_squares_weights
-from training.models.world import WorldModel
 
 TASK_KINDS = ("reward_weights", "embedding", "goal", "reward_samples")
 
@@ -35,7 +35,7 @@ def _vector(values, name: str, size: int | None = None) -> np.ndarray:
     return array
 
 
-def task_weights(model: WorldModel, params: dict, task: dict) -> np.ndarray:
+def task_weights(model: Networks, params: dict, task: dict) -> np.ndarray:
     """The cumulant weights [P] of a task given as a dict with a `kind`."""
     kind = task.get("kind")
     if kind in ("reward_weights", "embedding"):
@@ -45,14 +45,14 @@ def task_weights(model: WorldModel, params: dict, task: dict) -> np.ndarray:
         if model.goal_decoder is None:
             raise TaskError("this model was trained without goal tasks")
         goal = _vector(task.get("goal"), "goal", len(model.config.value.goal_dims))
-        w = model.goal_decoder.apply({"params": params["value"]}, jnp.asarray(goal))
+        w = model.goal_decoder.apply({"params": params[GOAL_DECODER]}, jnp.asarray(goal))
         return np.asarray(w)
     if kind == "reward_samples":
         return fit_reward_weights(model, params, task.get("observations"), task.get("rewards"))
     raise TaskError(f"unknown task kind {kind!r}; known: {', '.join(TASK_KINDS)}")
 
 
-def fit_reward_weights(model: WorldModel, params: dict, observations, rewards) -> np.ndarray:
+def fit_reward_weights(model: Networks, params: dict, observations, rewards) -> np.ndarray:
     try:
         obs = np.asarray(observations, dtype=np.float32)
     except (TypeError, ValueError):
@@ -70,11 +70,14 @@ def fit_reward_weights(model: WorldModel, params: dict, observations, rewards) -
     return np.asarray(least_squares_weights(phi, jnp.asarray(rewards)))
 
 
-def default_task(model: WorldModel, params: dict) -> dict:
+def default_task(model: Networks, params: dict, recorded: dict | None = None) -> dict:
     """The task of a session that names none: with goal tasks, a goal at the data's mean
-    position; otherwise the all-zero embedding (every outcome of equal value)."""
+    position; else the task the bundle recorded (the reward weights fitted to its data's
+    rewards); else the all-zero embedding (every outcome of equal value)."""
     goal_dims = model.config.value.goal_dims
     if model.goal_decoder is not None and goal_dims is not None:
         mean = np.asarray(params["normaliser"]["mean"])[list(goal_dims)]
         return {"kind": "goal", "goal": [round(float(x), 4) for x in mean]}
+    if recorded is not None:
+        return recorded
     return {"kind": "embedding", "embedding": [0.0] * model.psi_dim}

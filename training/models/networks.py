@@ -6,7 +6,7 @@ The parameter tree of a bundle:
     vae, mdn, controller         the world model
     psi, psi_ema                 the psi noise model and its EMA (the EMA plans)
     readout                      pi(a | s, psi)
-    value                        the goal decoder (only with goal tasks)
+    value                        the goal decoder (only with goal tasks): GOAL_DECODER
     value_head                   the value of z (only when training with auxiliary losses)
     cumulants                    the fixed random Fourier projection {W, b}
     normaliser                   observation {mean, std}
@@ -29,6 +29,10 @@ from training.models.readout import Readout
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.vae import ConvVAE, LatentValueHead, VectorVAE
 from training.models.value import GoalDecoder
+
+# The goal decoder's key in a bundle's params. Bundles store it under "value" (the name of
+# its training stage); the key stays so that every saved bundle restores unchanged.
+GOAL_DECODER = "value"
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,10 @@ class Spaces:
 
 
 @dataclass(frozen=True)
-class WorldModel:
+class Networks:
+    """Every network of a bundle (V, M, C, the ψ-model, the readout, the goal decoder and
+    the optional latent value head), their initialisation and their normalisations."""
+
     config: Config
     spaces: Spaces
     vae: VectorVAE | ConvVAE
@@ -75,7 +82,7 @@ class WorldModel:
     value_head: LatentValueHead | None = None
 
     @classmethod
-    def build(cls, config: Config, spaces: Spaces) -> WorldModel:
+    def build(cls, config: Config, spaces: Spaces) -> Networks:
         if spaces.obs_kind == "pixels":
             if config.successor.cumulant_input != "latent":
                 raise ValueError("pixel observations need successor.cumulant_input: latent")
@@ -162,7 +169,7 @@ class WorldModel:
         }
         if self.goal_decoder is not None:
             goal = jnp.zeros((1, len(self.config.value.goal_dims)))
-            params["value"] = self.goal_decoder.init(keys[6], goal)["params"]
+            params[GOAL_DECODER] = self.goal_decoder.init(keys[6], goal)["params"]
         if self.value_head is not None:
             params["value_head"] = self.value_head.init(jax.random.fold_in(key, 8), z)["params"]
         return params
