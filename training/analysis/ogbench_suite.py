@@ -1,0 +1,260 @@
+"""OGBench's evaluation of a bundle trained on one of its datasets: the maze's five tasks,
+with OGBench's own reset (`options={"task_id": k}`), success signal (`info["success"]`)
+and episode limit (the environment's), N episodes per task, success with 95% Wilson
+intervals and OGBench's published baselines beside.
+
+Episodes run in lockstep: at each time step one batched decision serves every episode
+still running (`compile_decide(batched=True)`), so that hundreds of episodes fit on two
+cores. Each episode keeps its own LSTM state, task weights, PRNG key and Δφ under the one
+step rule. A batch of one is the one-at-a-time evaluator.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import gymnasium as gym
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilson_interval
+from training.config import PlanningConfig
+from training.data.envs import make_env
+from training.learning.checkpoint import Bundle
+from training.models.mdn_rnn import initial_state
+from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
+from training.planning.step_rule import NOTHING, after_act, starting_delta
+from training.planning.tasks import task_weights
+
+TASKS = (1, 2, 3, 4, 5)  # OGBench's evaluation tasks of every maze
+# Success %, OGBench's paper (ICLR 2025), benchmark table: 8 seeds, the five tasks.
+PUBLISHED = {
+    "pointmaze-medium-navigate-v0": {"GCIQL": 53, "HIQL": 79, "QRL": 82},
+    "pointmaze-large-navigate-v0": {"GCIQL": 34, "HIQL": 58, "QRL": 86},
+    "pointmaze-giant-navigate-v0": {"GCIQL": 0, "HIQL": 46, "QRL": 68},
+    "pointmaze-medium-stitch-v0": {"GCIQL": 21, "HIQL": 74, "QRL": 80},
+    "pointmaze-large-stitch-v0": {"GCIQL": 31, "HIQL": 13, "QRL": 84},
+    "pointmaze-giant-stitch-v0": {"GCIQL": 0, "HIQL": 0, "QRL": 50},
+}
+
+
+@dataclass(frozen=True)
+class SuiteEpisode:
+    task_id: int
+    seed: int
+    success: bool
+    steps: int
+    plan_ms: float  # median wall time of the batched decisions it took part in
+    value_gain: float  # mean over steps of V after - V before adaptation
+
+
+def episode_starts(episodes_per_task: int, seed: int = 0) -> list[tuple[int, int]]:
+    """(task id, reset seed) of every episode: the tasks in turn, seeds from `seed` on."""
+    return [(task, seed + k) for task in TASKS for k in range(episodes_per_task)]
+
+
+def dataset_name(bundle: Bundle) -> str | None:
+    """The OGBench dataset a bundle was trained on, from its dataset's sidecar."""
+    return (bundle.metadata.get("dataset_info") or {}).get("dataset_name")
+
+
+def check_suite_env(bundle: Bundle) -> None:
+    """OGBench's tasks exist only in its own environments."""
+    env = gym.make(bundle.env_id).unwrapped
+    if not hasattr(env, "task_infos"):
+        raise ValueError(
+            f"{bundle.env_id!r} has no OGBench tasks: --suite ogbench needs a bundle trained "
+            "on an OGBench dataset (worldplan collect ogbench/...)"
+        )
+
+
+def run_lockstep(
+    bundle: Bundle,
+    planning: PlanningConfig,
+    starts: list[tuple[int, int]],
+    max_steps: int | None = None,
+    progress: bool = False,
+) -> list[SuiteEpisode]:
+    """The episodes of `starts` in lockstep, one batched decision per time step."""
+    model, params = bundle.model, bundle.params
+    shape, knobs = PlanShape.of(planning), Knobs.of(planning)
+    n = len(starts)
+    decide = compile_decide(model, shape, batched=True)
+    envs = [make_env(bundle.env_id, max_episode_steps=max_steps) for _ in starts]
+    observations, weights = [], []
+    for env, (task, seed) in zip(envs, starts, strict=True):
+        obs, info = env.reset(seed=seed, options={"task_id": task})
+        goal = np.asarray(info["goal"], np.float32)
+        observations.append(np.asarray(obs, np.float32))
+        weights.append(task_weights(model, params, {"kind": "goal", "goal": goal}))
+    weights = jnp.asarray(np.stack(weights))
+    seeds = jnp.asarray([seed for _, seed in starts], jnp.uint32)
+    batch_knobs = Knobs(*(jnp.full(n, k, jnp.float32) for k in knobs))
+    adapts = shape.planner == "online_adaptation"
+    zero = zero_delta(params, shape) if adapts else None
+    carried = [NOTHING] * n  # each episode starts without Δφ
+    lstm = tuple(jnp.broadcast_to(x, (n, *x.shape)) for x in initial_state((), model.mdn.hidden))
+    running = np.ones(n, bool)
+    success, steps = np.zeros(n, bool), np.zeros(n, int)
+    plan_ms = [[] for _ in starts]
+    gains = [[] for _ in starts]
+    step = 0
+    bar = tqdm(total=n, desc=shape.planner, unit="ep", disable=not progress)
+    while running.any():
+        delta = None
+        if adapts:
+            rows = [starting_delta(c, shape, planning.warm_start, reset=False) for c in carried]
+            rows = [zero if d is None else d for d in rows]
+            delta = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+        keys = jax.vmap(session_key)(seeds, jnp.full(n, step, jnp.uint32))
+        started = time.perf_counter()
+        out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,
+                     batch_knobs, delta)  # fmt: skip
+        actions = np.asarray(out.plan.action)  # waits for the result
+        ms = 1000 * (time.perf_counter() - started)
+        lstm = out.lstm
+        gain = np.asarray(out.plan.value_after - out.plan.value_before)
+        for i in np.flatnonzero(running):
+            if adapts:
+                row_delta = jax.tree.map(lambda x, i=i: x[i], out.plan.delta)
+                carried[i] = after_act(carried[i], shape, planning.warm_start, False, row_delta)
+            plan_ms[i].append(ms)
+            gains[i].append(float(gain[i]))
+            obs, _, terminated, truncated, info = envs[i].step(actions[i])
+            observations[i] = np.asarray(obs, np.float32)
+            steps[i] += 1
+            success[i] = success[i] or bool(info.get("success", False))
+            if terminated or truncated:
+                running[i] = False
+                bar.update(1)
+        step += 1
+    bar.close()
+    return [
+        SuiteEpisode(
+            task_id=task,
+            seed=seed,
+            success=bool(success[i]),
+            steps=int(steps[i]),
+            plan_ms=float(np.median(plan_ms[i])),
+            value_gain=float(np.mean(gains[i])),
+        )
+        for i, (task, seed) in enumerate(starts)
+    ]
+
+
+def run_suite(
+    bundle: Bundle,
+    planning: PlanningConfig,
+    episodes_per_task: int = 50,
+    seed: int = 0,
+    batch: int = 50,
+    max_steps: int | None = None,
+    progress: bool = True,
+    label: str | None = None,
+) -> dict:
+    """Every task's episodes, `batch` at a time in lockstep; the per-task and overall
+    success with their intervals."""
+    starts = episode_starts(episodes_per_task, seed)
+    started = time.perf_counter()
+    episodes = []
+    for first in range(0, len(starts), batch):
+        episodes += run_lockstep(bundle, planning, starts[first : first + batch], max_steps,
+                                 progress)  # fmt: skip
+    return {
+        "label": label or planning.planner,
+        "planner": planning.planner,
+        "planning": planning.model_dump(mode="json"),
+        "summary": summarise_suite(episodes),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "episodes": [asdict(e) for e in episodes],
+    }
+
+
+def success_of(episodes: list[SuiteEpisode]) -> dict:
+    wins = sum(e.success for e in episodes)
+    return {
+        "episodes": len(episodes),
+        "success": wins / len(episodes) if episodes else None,
+        "interval": wilson_interval(wins, len(episodes)),
+    }
+
+
+def summarise_suite(episodes: list[SuiteEpisode]) -> dict:
+    return {
+        **success_of(episodes),
+        "tasks": {task: success_of([e for e in episodes if e.task_id == task]) for task in TASKS},
+        "plan_ms_median": float(np.median([e.plan_ms for e in episodes])),
+        "value_gain": float(np.mean([e.value_gain for e in episodes])),
+    }
+
+
+def percent(entry: dict) -> str:
+    """`82 [76, 87]`: a success rate in % and its 95% Wilson interval."""
+    if entry["success"] is None:
+        return "–"
+    low, high = entry["interval"]
+    return f"{100 * entry['success']:.0f} [{100 * low:.0f}, {100 * high:.0f}]"
+
+
+def suite_table(name: str, results: list[dict]) -> str:
+    """One row per planner: overall and per-task success %, the published baselines of the
+    dataset in the same columns, and the cost per batched decision."""
+    header = [f"{name}: planner", "samples", "success % [95% CI]"]
+    header += [f"task {t}" for t in TASKS] + ["ms / batched step"]
+    rows = [
+        [
+            r["label"],
+            sample_counts(r),
+            percent(r["summary"]),
+            *(percent(r["summary"]["tasks"][t]) for t in TASKS),
+            fmt(r["summary"]["plan_ms_median"], ".1f"),
+        ]
+        for r in results
+    ]
+    for method, value in PUBLISHED.get(name, {}).items():
+        rows.append([f"{method} (published)", "–", str(value), *("–" for _ in TASKS), "–"])
+    return markdown_table(header, rows)
+
+
+def write_suite(out_dir: Path, name: str, record: dict, results: list[dict]) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "ogbench.json").write_text(json.dumps({**record, "results": results}, indent=1))
+    (out_dir / "ogbench.md").write_text(suite_table(name, results))
+
+
+def compare_on_suite(
+    bundle: Bundle,
+    planners: list[str],
+    episodes_per_task: int,
+    seed: int,
+    out_dir: Path,
+    batch: int = 50,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Every planner (or variant) on the same OGBench episodes; writes ogbench.json,
+    ogbench.md and ogbench.png into out_dir after each planner."""
+    from training.analysis.evaluate import VARIANTS, variant_planning
+    from training.analysis.plots import plot_suite
+
+    unknown = sorted(set(planners) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_suite_env(bundle)
+    name = dataset_name(bundle) or bundle.env_id
+    record = {"env": bundle.env_id, "dataset": name, "seed": seed, "batch": batch,
+              "episodes_per_task": episodes_per_task}  # fmt: skip
+    results = []
+    for planner in planners:
+        planning = variant_planning(bundle, planner)
+        results.append(run_suite(bundle, planning, episodes_per_task, seed, batch, max_steps,
+                                 progress, label=planner))  # fmt: skip
+        # Written after every planner: a long evaluation that stops keeps what it measured.
+        write_suite(out_dir, name, record, results)
+    plot_suite(results, PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")
+    return results
