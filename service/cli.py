@@ -136,7 +136,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("drive", help="run a gymnasium environment through the service")
     p.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
-    p.add_argument("--env", default="pointmaze-umaze")
+    p.add_argument(
+        "--env",
+        help="a packaged name or any registered gymnasium id (default: the environment the "
+        "served model was trained in, /model's env_id)",
+    )
     p.add_argument("--episodes", type=int, default=1)
     p.add_argument("--start-cell", type=int, nargs=2, metavar=("ROW", "COL"))
     p.add_argument("--goal-cell", type=int, nargs=2, metavar=("ROW", "COL"))

@@ -11,6 +11,8 @@ from pathlib import Path
 from training.config import ConfigError
 from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
 
+TASK_EPISODES = 10  # eval's episodes per planner in an environment without goals, unless told
+
 
 def cmd_collect(args: argparse.Namespace) -> None:
     if args.env.startswith("ogbench/"):
@@ -136,21 +138,37 @@ def cmd_inspect(args: argparse.Namespace) -> None:
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from training.analysis.evaluate import EVAL_ORDER, compare_planners, comparison_table
+    from training.analysis.evaluate import (
+        EVAL_ORDER,
+        compare_planners,
+        compare_planners_on_task,
+        comparison_table,
+        has_goal_episodes,
+    )
     from training.learning.checkpoint import restore_bundle
 
     bundle = restore_bundle(args.run_dir)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
-    if args.suite == "ogbench":
+    if args.suite in ("ogbench", "ogbench-tuning"):
         from training.analysis.ogbench_suite import compare_on_suite
 
         episodes = args.episodes or 50
-        compare_on_suite(
-            bundle, planners, episodes, args.seed, out, args.batch, args.max_steps, not args.quiet
-        )
+        tuning = args.suite == "ogbench-tuning"
+        compare_on_suite(bundle, planners, episodes, args.seed, out, args.batch, args.max_steps,
+                         not args.quiet, tuning)  # fmt: skip
         print((out / "ogbench.md").read_text())
         print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
+        return
+    if not has_goal_episodes(bundle):  # any other environment: its own episodes, one task
+        if args.rare_only:
+            raise ValueError(f"--rare-only: only for maze bundles with goals, not {bundle.env_id}")
+        compare_planners_on_task(
+            bundle, planners, args.episodes or TASK_EPISODES, args.seed, out, args.max_steps,
+            not args.quiet,
+        )  # fmt: skip
+        print((out / "eval.md").read_text())
+        print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
         return
     results = compare_planners(
         bundle, planners, args.goals, args.episodes or 1, args.seed, out, args.max_steps,
@@ -319,7 +337,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_bench_train)
 
-    p = sub.add_parser("eval", help="closed-loop goal-reaching episodes in the simulator")
+    p = sub.add_parser(
+        "eval",
+        help="closed-loop episodes in the simulator: held-out goals of a maze, else the "
+        "environment's own episodes on the bundle's default task",
+    )
     add_episode_options(p, goals=30, out="eval")
     p.add_argument(
         "--planner",
@@ -329,14 +351,18 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "online_adaptation_original (the original formulation's exact rule)",
     )
     p.add_argument(
-        "--episodes", type=int, help="episodes per goal (default 1), or per task (--suite: 50)"
+        "--episodes",
+        type=int,
+        help="episodes per goal (default 1), or per task (--suite: 50); without goals, "
+        f"episodes from the reset seeds SEED, SEED + 1, ... (default {TASK_EPISODES})",
     )
     p.add_argument(
         "--suite",
-        choices=("goals", "ogbench"),
+        choices=("goals", "ogbench", "ogbench-tuning"),
         default="goals",
         help="goals: held-out goals of our mazes; ogbench: OGBench's five tasks of the maze "
-        "the bundle was trained on",
+        "the bundle was trained on; ogbench-tuning: five other tasks as long (drawn with "
+        "--seed), to choose settings on",
     )
     p.add_argument(
         "--batch", type=int, default=50, help="--suite ogbench: episodes run in lockstep"

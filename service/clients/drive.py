@@ -1,7 +1,9 @@
 """Drives a gymnasium environment through the service: one session per episode, one /act
 per step, and a report of success and latency as the robot sees them.
 
-`worldplan drive URL --env pointmaze-umaze --start-cell 1 1 --goal-cell 1 3 --episodes 3`
+`worldplan drive URL --env pointmaze-umaze --start-cell 1 1 --goal-cell 1 3 --episodes 3`;
+without --env, the environment the served model was trained in (/model's env_id): a
+packaged name or any registered gymnasium id.
 """
 
 from __future__ import annotations
@@ -12,12 +14,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.clients.client import Client
-from training.data.envs import get_env_spec, make_env, select_observation
+from training.data.envs import (
+    check_observation_shape,
+    is_goal_maze,
+    make_env,
+    reported_success,
+    select_observation,
+)
 
 
 @dataclass
 class DriveResult:
-    success: bool
+    success: bool | None  # None: the environment reports no success
     steps: int
     episode_return: float
     latency_ms: list[float]
@@ -25,29 +33,42 @@ class DriveResult:
 
 def drive_episode(
     client: Client,
-    env_name: str,
+    env_name: str | None,
     seed: int,
     reset_options: dict | None = None,
     planner: dict | None = None,
     max_steps: int | None = None,
+    model: dict | None = None,
 ) -> DriveResult:
-    spec = get_env_spec(env_name)
-    maze = env_name.startswith("pointmaze")
+    """One episode of `env_name` (None: /model's env_id). `model` is the server's /model
+    answer (asked for when not given); an environment whose observations are not the
+    shape the served model takes is refused before the session starts."""
+    model = model or client.model()
+    env_name = env_name or model["env_id"]
+    maze = is_goal_maze(env_name)
     kwargs = {"continuing_task": False} if maze else {}
     env = make_env(env_name, max_episode_steps=max_steps, **kwargs)
+    try:
+        obs_key = check_observation_shape(env, env_name, model["observation_space"]["shape"])
+    except ValueError:
+        env.close()
+        raise
     obs, _ = env.reset(seed=seed, options=reset_options)
-    # A maze episode's goal (random, or options["goal_cell"]) is the session's task.
+    # A maze episode's goal (random, or options["goal_cell"]) is the session's task; any
+    # other environment's session takes the model's default task.
     task = {"kind": "goal", "goal": [float(x) for x in obs["desired_goal"]]} if maze else None
     session = client.create_session(task=task, planner=planner, seed=seed)
-    latencies, total, success, step = [], 0.0, False, 0
+    latencies, total, success, step = [], 0.0, None, 0
     try:
         while True:
             started = time.perf_counter()
-            answer = client.act(session, select_observation(obs, spec.obs_key), step=step)
+            answer = client.act(session, select_observation(obs, obs_key), step=step)
             latencies.append(1000 * (time.perf_counter() - started))
             obs, reward, terminated, truncated, info = env.step(np.asarray(answer["action"]))
             total += float(reward)
-            success = success or bool(info.get("success", False))
+            reported = reported_success(info)
+            if reported is not None:
+                success = bool(success) or reported
             step += 1
             if terminated or truncated:
                 break
@@ -59,9 +80,10 @@ def drive_episode(
 
 def summarise(results: list[DriveResult]) -> dict:
     latency = np.concatenate([r.latency_ms for r in results])
+    reported = [r.success for r in results if r.success is not None]
     return {
         "episodes": len(results),
-        "success_rate": float(np.mean([r.success for r in results])),
+        "success_rate": float(np.mean(reported)) if reported else None,
         "mean_steps": float(np.mean([r.steps for r in results])),
         "mean_return": float(np.mean([r.episode_return for r in results])),
         "act_ms_p50": float(np.percentile(latency, 50)),
@@ -71,7 +93,7 @@ def summarise(results: list[DriveResult]) -> dict:
 
 def run_drive(
     url: str,
-    env_name: str,
+    env_name: str | None,
     episodes: int,
     seed: int = 0,
     start_cell: tuple[int, int] | None = None,
@@ -80,18 +102,26 @@ def run_drive(
     max_steps: int | None = None,
     api_key: str | None = None,
 ) -> list[DriveResult]:
-    """`episodes` episodes through the service at `url`, from seeds seed, seed + 1, ..."""
+    """`episodes` episodes through the service at `url`, from seeds seed, seed + 1, ...,
+    of `env_name` (None: the environment the served model was trained in)."""
     cells = {"reset_cell": start_cell, "goal_cell": goal_cell}
     options = {k: np.array(v) for k, v in cells.items() if v} or None
     overrides = {"planner": planner} if planner else None
     with Client(url, api_key=api_key) as client:
+        model = client.model()
+        env_name = env_name or model["env_id"]
+        if options and not is_goal_maze(env_name):
+            raise ValueError(f"--start-cell and --goal-cell: only for a PointMaze, not {env_name}")
         return [
-            drive_episode(client, env_name, seed + i, options, overrides, max_steps)
+            drive_episode(client, env_name, seed + i, options, overrides, max_steps, model)
             for i in range(episodes)
         ]
 
 
 def episode_line(index: int, result: DriveResult) -> str:
-    outcome = "reached" if result.success else "missed"
     p50 = np.median(result.latency_ms)
+    if result.success is None:
+        outcome = f"return {result.episode_return:.2f}"
+    else:
+        outcome = "reached" if result.success else "missed"
     return f"episode {index}: {outcome} in {result.steps} steps, act p50 {p50:.1f} ms"

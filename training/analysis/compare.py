@@ -1,9 +1,11 @@
 """`worldplan compare`: trained runs side by side, on the same episodes and the same data.
 
-For each run: the closed-loop return (and for mazes the success rate) of one planner on
-episodes every run shares, V's reconstruction loss and M's NLL on the same windows of
-the dataset, the world model's training time and steps per second. Writes compare.md,
-compare.json and compare.png (recon and NLL over the training steps, return per run).
+For each run: the closed-loop return (and the success rate, where the environment reports
+one) of one planner on episodes every run shares (a maze's held-out goals, else the reset
+seeds of the bundle's own environment on its default task), V's reconstruction loss and
+M's NLL on the same windows of the dataset, the world model's training time and steps per
+second. Writes compare.md, compare.json and compare.png (recon and NLL over the training
+steps, return per run).
 """
 
 from __future__ import annotations
@@ -12,28 +14,26 @@ import json
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
 from training.analysis.evaluate import (
     EpisodeRunner,
+    check_environment,
+    default_task_weights,
     evaluation_goals,
     fmt,
+    has_goal_episodes,
     markdown_table,
     wilson_interval,
 )
 from training.analysis.plots import plt, save_figure
 from training.config import WORLD_STAGES
 from training.data.datasets import load_sequences
-from training.data.envs import get_env_spec, make_env, select_observation
 from training.learning import joint
 from training.learning.checkpoint import Bundle, restore_bundle
 from training.learning.loop import read_metrics
 from training.learning.stage_inputs import device_data
-from training.models.mdn_rnn import initial_state
-from training.planning.planners import Knobs, PlanShape, compile_decide, zero_delta
-from training.planning.tasks import default_task, task_weights
 
 
 def run_label(bundle: Bundle) -> str:
@@ -71,41 +71,30 @@ def training_time(metrics: list[dict], mode: str) -> dict:
     return {"seconds": seconds, "steps": steps, "steps_per_second": steps / max(seconds, 1e-9)}
 
 
-def vector_episode_returns(bundle: Bundle, planning, episodes: int, seed: int, max_steps):
-    """Closed-loop returns of the planner from `episodes` fixed reset seeds, on the
-    bundle's default task (environments without goals)."""
-    model, params = bundle.model, bundle.params
-    shape, knobs = PlanShape.of(planning), Knobs.of(planning)
-    decide = compile_decide(model, shape)
-    task = default_task(model, params, bundle.metadata.get("default_task"))
-    weights = jnp.asarray(task_weights(model, params, task))
-    obs_key = get_env_spec(bundle.env_id).obs_key
-    env = make_env(bundle.env_id, max_episode_steps=max_steps)
-    delta = zero_delta(params, shape) if shape.planner == "online_adaptation" else None
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        lstm, key = initial_state((), model.mdn.hidden), jax.random.key(seed + episode)
-        total, step, done = 0.0, 0, False
-        while not done:
-            x = jnp.asarray(select_observation(obs, obs_key))
-            out = decide(params, lstm, x, weights, jax.random.fold_in(key, step), knobs, delta)
-            obs, reward, terminated, truncated, _ = env.step(np.asarray(out.plan.action))
-            lstm, total, step = out.lstm, total + float(reward), step + 1
-            done = terminated or truncated
-        returns.append(total)
-    env.close()
-    return returns
+def vector_episode_returns(
+    bundle: Bundle, planning, episodes: int, seed: int, max_steps, progress: bool = False
+):
+    """Closed-loop returns (and successes, where the environment reports them, else None)
+    of the planner from `episodes` fixed reset seeds of the bundle's own environment, on
+    the bundle's default task (environments without goals). A bundle whose environment
+    observes another shape than its model is refused before the first step."""
+    runner = EpisodeRunner(bundle, planning, max_steps)
+    _, weights = default_task_weights(bundle)
+    seeds = tqdm(range(seed, seed + episodes), disable=not progress, desc=planning.planner)
+    results = [runner.run_task(s, weights) for s in seeds]
+    runner.env.close()
+    successes = [r.success for r in results]
+    return [r.episode_return for r in results], None if None in successes else successes
 
 
 def closed_loop(bundle: Bundle, planner: str, episodes: int, seed: int, max_steps, progress):
     planning = bundle.config.planning.model_copy(update={"planner": planner})
-    if bundle.config.value.goal_dims is not None:  # a maze: the held-out goals eval draws
+    if has_goal_episodes(bundle):  # a maze with goal tasks: the held-out goals eval draws
         runner = EpisodeRunner(bundle, planning, max_steps)
         goals = evaluation_goals(bundle, episodes, seed)
         results = [runner.run(g) for g in tqdm(goals, disable=not progress, desc=planner)]
         return [r.episode_return for r in results], [r.success for r in results]
-    return vector_episode_returns(bundle, planning, episodes, seed, max_steps), None
+    return vector_episode_returns(bundle, planning, episodes, seed, max_steps, progress)
 
 
 def compare_runs(
@@ -122,6 +111,8 @@ def compare_runs(
     envs = {b.env_id for b in bundles}
     if len(envs) > 1:
         raise ValueError(f"runs of different environments cannot share episodes: {sorted(envs)}")
+    for bundle in bundles:  # each run's observations, before any episode
+        check_environment(bundle)
     data = data or bundles[0].metadata["dataset"]
     rows = []
     for run_dir, bundle in zip(run_dirs, bundles, strict=True):
@@ -163,7 +154,7 @@ def curves_of(metrics: list[dict]) -> dict:
 
 
 def success_cell(row: dict) -> str:
-    """The success rate with its 95% Wilson interval, for mazes."""
+    """The success rate with its 95% Wilson interval, where the environment reports one."""
     if row["success_rate"] is None:
         return "–"
     n = len(row["returns"])

@@ -1,9 +1,11 @@
 """Closed-loop evaluation in the simulator, in process, and the ablation of online adaptation.
 
 An episode runs the whole decision the service runs (V encode -> plan -> read out -> M
-step) at every step of a real PointMaze episode, from a given start cell to a given goal.
-Goals are drawn with a fixed seed, half of them in the cells the skewed dataset rarely
-visits, so every planner faces the same held-out goals.
+step) at every step of a real episode. In a PointMaze bundle with goal tasks, an episode
+goes from a given start cell to a given goal; goals are drawn with a fixed seed, half of
+them in the cells the skewed dataset rarely visits, so every planner faces the same
+held-out goals. In any other environment, every planner runs the same fixed reset seeds on
+the bundle's default task (the reward weights fitted to its data's rewards).
 """
 
 from __future__ import annotations
@@ -16,10 +18,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 from tqdm.auto import tqdm
 
 from training.config import PlanningConfig
-from training.data.envs import bfs_path, free_cells, make_env
+from training.data.envs import (
+    bfs_path,
+    check_observation_shape,
+    free_cells,
+    is_goal_maze,
+    make_env,
+    reported_success,
+    select_observation,
+)
 from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
@@ -71,6 +82,17 @@ def ablation_update(knob: str, value) -> dict:
         adaptation, _, estimator = str(value).partition("/")
         return {"adaptation": adaptation, **({"kl_estimator": estimator} if estimator else {})}
     return {knob: value}
+
+
+def mean_interval(values, confidence: float = 0.95) -> tuple[float, float] | None:
+    """The Student t interval of the mean of `values` (None with fewer than two)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean = float(np.mean(values))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * float(np.std(values, ddof=1))
+    half /= float(np.sqrt(n))
+    return (mean - half, mean + half)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -134,14 +156,45 @@ class EpisodeResult:
     objective: list[float]  # mean over steps of the objective trace, relative to its start
 
 
+@dataclass
+class Decisions:
+    """What an episode's decisions measured, whatever its task."""
+
+    success: bool | None  # None: the environment reports no success
+    episode_return: float
+    steps: int
+    plan_ms: list[float]
+    value_gain: float
+    kl: float
+    ess: float
+    fallback_rate: float
+    prior_choice_rate: float
+    objective: list[float]
+
+
+@dataclass
+class TaskEpisodeResult(Decisions):
+    """An episode from a reset seed on the bundle's default task (environments without
+    goals)."""
+
+    seed: int
+
+
 class EpisodeRunner:
-    """Compiles the decision once per planner configuration and runs episodes with it."""
+    """Compiles the decision once per planner configuration and runs episodes with it:
+    goal-reaching episodes of a maze (`run`), or episodes of any environment on the
+    bundle's default task (`run_task`)."""
 
     def __init__(self, bundle: Bundle, planning: PlanningConfig, max_steps: int | None = None):
         self.bundle, self.planning = bundle, planning
         self.shape, self.knobs = PlanShape.of(planning), Knobs.of(planning)
+        kwargs = {"continuing_task": False} if is_goal_maze(bundle.env_id) else {}
+        self.env = make_env(bundle.env_id, max_episode_steps=max_steps, **kwargs)
+        # A bundle of another environment is refused here, before any decision or step.
+        self.obs_key = check_observation_shape(
+            self.env, bundle.env_id, bundle.model.spaces.obs_shape
+        )
         self.decide = compile_decide(bundle.model, self.shape)
-        self.env = make_env(bundle.env_id, max_episode_steps=max_steps, continuing_task=False)
 
     def run(self, spec: GoalSpec) -> EpisodeResult:
         model, params = self.bundle.model, self.bundle.params
@@ -149,22 +202,39 @@ class EpisodeRunner:
         obs, _ = self.env.reset(seed=spec.seed, options=options)
         goal = np.asarray(obs["desired_goal"], np.float32)
         weights = jnp.asarray(task_weights(model, params, {"kind": "goal", "goal": goal}))
+        decisions = self.decisions(obs, weights, spec.seed)
+        return EpisodeResult(
+            start_cell=spec.start_cell,
+            goal_cell=spec.goal_cell,
+            goal=goal.tolist(),
+            rare=spec.rare,
+            **{**asdict(decisions), "success": bool(decisions.success)},
+        )
+
+    def run_task(self, seed: int, weights: jax.Array) -> TaskEpisodeResult:
+        """An episode from reset seed `seed` on the task of cumulant weights `weights`."""
+        obs, _ = self.env.reset(seed=seed)
+        return TaskEpisodeResult(**asdict(self.decisions(obs, weights, seed)), seed=seed)
+
+    def decisions(self, obs, weights: jax.Array, seed: int) -> Decisions:
+        """Decides and steps from the reset observation `obs` to the episode's end."""
+        params = self.bundle.params
         adapts = self.shape.planner == "online_adaptation"
         zero = zero_delta(params, self.shape) if adapts else None
         carried, warm = NOTHING, self.planning.warm_start  # each episode starts without Δφ
         n_steps = self.planning.adaptation_steps if adapts else 0
-        lstm = initial_state((), model.mdn.hidden)
-        key = jax.random.key(spec.seed)
+        lstm = initial_state((), self.bundle.model.mdn.hidden)
+        key = jax.random.key(seed)
         plan_ms, gains, kls, traces = [], [], [], []
         ess, fallbacks, chose_prior = [], [], []
-        total, success, step = 0.0, False, 0
+        total, success, step = 0.0, None, 0
         while True:
             delta = starting_delta(carried, self.shape, warm, reset=False)
             delta = zero if delta is None else delta
             started = time.perf_counter()
             out = self.decide(
-                params, lstm, jnp.asarray(obs["observation"], jnp.float32), weights,
-                jax.random.fold_in(key, step), self.knobs, delta,
+                params, lstm, jnp.asarray(select_observation(obs, self.obs_key), jnp.float32),
+                weights, jax.random.fold_in(key, step), self.knobs, delta,
             )  # fmt: skip
             action = np.asarray(out.plan.action)  # waits for the result
             plan_ms.append(1000 * (time.perf_counter() - started))
@@ -182,14 +252,12 @@ class EpisodeRunner:
             obs, reward, terminated, truncated, info = self.env.step(action)
             total += float(reward)
             step += 1
-            success = success or bool(info.get("success", False))
+            reported = reported_success(info)
+            if reported is not None:
+                success = bool(success) or reported
             if terminated or truncated:
                 break
-        return EpisodeResult(
-            start_cell=spec.start_cell,
-            goal_cell=spec.goal_cell,
-            goal=goal.tolist(),
-            rare=spec.rare,
+        return Decisions(
             success=success,
             episode_return=total,
             steps=step,
@@ -388,6 +456,159 @@ def compare_planners(
         (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
     (out_dir / "eval.md").write_text(comparison_table(bundle.env_id, results))
     return results
+
+
+# ----- environments without goals: fixed reset seeds, the bundle's default task -----
+
+INTERVALS = {
+    "return": "95% Student t interval of the mean return",
+    "success": "95% Wilson score interval, where the environment reports success",
+}
+
+
+def has_goal_episodes(bundle: Bundle) -> bool:
+    """Whether eval draws goal-reaching episodes (a PointMaze bundle with goal tasks), or
+    runs the environment's own episodes on the bundle's default task."""
+    return bundle.model.goal_decoder is not None and is_goal_maze(bundle.env_id)
+
+
+def default_task_weights(bundle: Bundle) -> tuple[dict, jax.Array]:
+    """The bundle's default task (the recorded reward weights, when it has them) and its
+    cumulant weights."""
+    model, params = bundle.model, bundle.params
+    task = default_task(model, params, bundle.metadata.get("default_task"))
+    return task, jnp.asarray(task_weights(model, params, task))
+
+
+def check_environment(bundle: Bundle) -> None:
+    """Refuses, before anything runs, a bundle whose environment's observations are not
+    the shape its model was trained on."""
+    env = make_env(bundle.env_id)
+    try:
+        check_observation_shape(env, bundle.env_id, bundle.model.spaces.obs_shape)
+    finally:
+        env.close()
+
+
+def summarise_task_episodes(episodes: list[TaskEpisodeResult]) -> dict:
+    returns = [e.episode_return for e in episodes]
+    reported = [e.success for e in episodes if e.success is not None]
+    plan_ms = np.concatenate([e.plan_ms for e in episodes])
+    return {
+        "episodes": len(episodes),
+        "mean_return": float(np.mean(returns)),
+        "std_return": float(np.std(returns, ddof=1)) if len(returns) > 1 else 0.0,
+        "return_interval": mean_interval(returns),
+        "success_rate": float(np.mean(reported)) if reported else None,
+        "interval": wilson_interval(sum(reported), len(reported)),
+        "mean_steps": float(np.mean([e.steps for e in episodes])),
+        "plan_ms_median": float(np.median(plan_ms)),
+        "plan_ms_p90": float(np.percentile(plan_ms, 90)),
+        "value_gain": float(np.mean([e.value_gain for e in episodes])),
+        "kl": float(np.mean([e.kl for e in episodes])),
+        "ess": float(np.mean([e.ess for e in episodes])),
+        "fallback_rate": float(np.mean([e.fallback_rate for e in episodes])),
+        "prior_choice_rate": float(np.mean([e.prior_choice_rate for e in episodes])),
+        "objective": np.mean([e.objective for e in episodes], axis=0).tolist(),
+    }
+
+
+def evaluate_task(
+    bundle: Bundle,
+    planning: PlanningConfig,
+    seeds: list[int],
+    weights: jax.Array,
+    max_steps: int | None = None,
+    progress: bool = True,
+    label: str | None = None,
+) -> dict:
+    label = label or planning.planner
+    runner = EpisodeRunner(bundle, planning, max_steps)
+    episodes = [
+        runner.run_task(seed, weights)
+        for seed in tqdm(seeds, desc=label, unit="ep", disable=not progress)
+    ]
+    runner.env.close()
+    return {
+        "label": label,
+        "planner": planning.planner,
+        "planning": planning.model_dump(mode="json"),
+        "summary": summarise_task_episodes(episodes),
+        "episodes": [asdict(e) for e in episodes],
+    }
+
+
+def compare_planners_on_task(
+    bundle: Bundle,
+    planners: list[str],
+    episodes: int,
+    seed: int,
+    out_dir: Path,
+    max_steps: int | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Every planner (or variant) for `episodes` episodes from the reset seeds seed,
+    seed + 1, ..., on the bundle's default task; writes eval.json and eval.md into out_dir."""
+    unknown = sorted(set(planners) - set(VARIANTS))
+    if unknown:
+        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    if episodes < 1:
+        raise ValueError(f"--episodes must be at least 1, got {episodes}")
+    check_environment(bundle)
+    task, weights = default_task_weights(bundle)
+    seeds = [seed + i for i in range(episodes)]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = {
+        "env": bundle.env_id,
+        "gym_id": bundle.metadata.get("gym_id"),
+        "seed": seed,
+        "reset_seeds": seeds,
+        "task": task,
+        "intervals": INTERVALS,
+    }
+    results = []
+    for name in planners:
+        planning = variant_planning(bundle, name)
+        results.append(evaluate_task(bundle, planning, seeds, weights, max_steps, progress, name))
+        # Written after every planner: a long evaluation that stops keeps what it measured.
+        (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
+    (out_dir / "eval.md").write_text(task_report(bundle.env_id, results, seeds))
+    return results
+
+
+def with_mean_interval(summary: dict) -> str:
+    """`-12.31 [-15.02, -9.60]`: a mean return and its 95% t interval."""
+    interval = summary["return_interval"]
+    if interval is None:
+        return fmt(summary["mean_return"])
+    return f"{summary['mean_return']:.2f} [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def task_table(env_id: str, results: list[dict]) -> str:
+    header = [f"{env_id} planner", "samples", "return [95% CI]", "success [95% CI]"]
+    header += ["steps", "plan ms (p50)"]
+    rows = [
+        [
+            f"`{r['label']}`",
+            sample_counts(r),
+            with_mean_interval(r["summary"]),
+            with_interval(r["summary"]),
+            fmt(r["summary"]["mean_steps"], ".0f"),
+            fmt(r["summary"]["plan_ms_median"], ".1f"),
+        ]
+        for r in results
+    ]
+    return markdown_table(header, rows)
+
+
+def task_report(env_id: str, results: list[dict], seeds: list[int]) -> str:
+    """The table and what it measured."""
+    return (
+        f"{task_table(env_id, results)}\n"
+        f"{len(seeds)} episodes per planner from the reset seeds {seeds[0]} to {seeds[-1]}, on "
+        "the bundle's default task. Return: the mean and its 95% Student t interval; success "
+        "(where the environment reports it): the rate and its 95% Wilson interval.\n"
+    )
 
 
 def ablate(

@@ -3,6 +3,10 @@ with OGBench's own reset (`options={"task_id": k}`), success signal (`info["succ
 and episode limit (the environment's), N episodes per task, success with 95% Wilson
 intervals and OGBench's published baselines beside.
 
+Settings are chosen on the tuning tasks instead (`tuning_tasks`): for each of OGBench's
+tasks, another start and goal cell as many BFS steps apart, so that tuning never sees the
+five tasks reported.
+
 Episodes run in lockstep: at each time step one batched decision serves every episode
 still running (`compile_decide(batched=True)`), so that hundreds of episodes fit on two
 cores. Each episode keeps its own LSTM state, task weights, PRNG key and Δφ under the one
@@ -24,7 +28,8 @@ from tqdm import tqdm
 
 from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilson_interval
 from training.config import PlanningConfig
-from training.data.envs import make_env
+from training.data.envs import bfs_path, make_env
+from training.data.ogbench_recipe import cells_at_distance
 from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
@@ -45,17 +50,58 @@ PUBLISHED = {
 
 @dataclass(frozen=True)
 class SuiteEpisode:
-    task_id: int
+    task: int
     seed: int
     success: bool
     steps: int
+    final_distance: float  # from the last position to the goal
     plan_ms: float  # median wall time of the batched decisions it took part in
     value_gain: float  # mean over steps of V after - V before adaptation
 
 
-def episode_starts(episodes_per_task: int, seed: int = 0) -> list[tuple[int, int]]:
-    """(task id, reset seed) of every episode: the tasks in turn, seeds from `seed` on."""
-    return [(task, seed + k) for task in TASKS for k in range(episodes_per_task)]
+@dataclass(frozen=True)
+class Start:
+    """An episode: its task's number (1-5), the reset options that set it, the reset seed."""
+
+    task: int
+    options: dict
+    seed: int
+
+
+def official_tasks() -> dict[int, dict]:
+    """OGBench's five tasks, as its environments' reset options."""
+    return {task: {"task_id": task} for task in TASKS}
+
+
+def tuning_tasks(env_id: str, seed: int = 0) -> dict[int, dict]:
+    """For each of OGBench's tasks, a start and a goal cell as many BFS steps apart but
+    not the same pair, drawn with `seed`: the tasks settings are chosen on."""
+    env = gym.make(env_id).unwrapped
+    maze_map = np.asarray(env.maze_map)
+    free = [(int(i), int(j)) for i, j in np.argwhere(maze_map == 0)]
+    rng = np.random.default_rng(seed)
+    tasks = {}
+    for task, info in zip(TASKS, env.task_infos, strict=True):
+        official = (tuple(info["init_ij"]), tuple(info["goal_ij"]))
+        steps = len(bfs_path(maze_map.tolist(), *official)) - 1
+        while True:
+            start = free[rng.integers(len(free))]
+            goals = [g for g in cells_at_distance(maze_map, start, steps) if (start, g) != official]
+            if goals:
+                goal = goals[rng.integers(len(goals))]
+                break
+        tasks[task] = {"task_info": {"init_ij": start, "goal_ij": goal}}
+    env.close()
+    return tasks
+
+
+def episode_starts(tasks: dict[int, dict], episodes_per_task: int, seed: int = 0) -> list[Start]:
+    """Every episode: the tasks in turn, reset seeds from `seed` on."""
+    return [
+        Start(task, options, seed + k)
+        for task, options in tasks.items()
+        for k in range(episodes_per_task)
+    ]
 
 
 def dataset_name(bundle: Bundle) -> str | None:
@@ -65,7 +111,7 @@ def dataset_name(bundle: Bundle) -> str | None:
 
 def check_suite_env(bundle: Bundle) -> None:
     """OGBench's tasks exist only in its own environments."""
-    env = gym.make(bundle.env_id).unwrapped
+    env = make_env(bundle.env_id).unwrapped
     if not hasattr(env, "task_infos"):
         raise ValueError(
             f"{bundle.env_id!r} has no OGBench tasks: --suite ogbench needs a bundle trained "
@@ -73,10 +119,23 @@ def check_suite_env(bundle: Bundle) -> None:
         )
 
 
+def reset_episode(env: gym.Env, start: Start) -> tuple[np.ndarray, dict]:
+    """OGBench's reset, made repeatable: it draws the start and goal noise from NumPy's
+    global generator and its settling steps from the action space, so both are seeded
+    from the episode's seed (and the global generator's state is put back)."""
+    state = np.random.get_state()
+    np.random.seed(start.seed)
+    env.action_space.seed(start.seed)
+    try:
+        return env.reset(seed=start.seed, options=start.options)
+    finally:
+        np.random.set_state(state)
+
+
 def run_lockstep(
     bundle: Bundle,
     planning: PlanningConfig,
-    starts: list[tuple[int, int]],
+    starts: list[Start],
     max_steps: int | None = None,
     progress: bool = False,
 ) -> list[SuiteEpisode]:
@@ -86,14 +145,15 @@ def run_lockstep(
     n = len(starts)
     decide = compile_decide(model, shape, batched=True)
     envs = [make_env(bundle.env_id, max_episode_steps=max_steps) for _ in starts]
-    observations, weights = [], []
-    for env, (task, seed) in zip(envs, starts, strict=True):
-        obs, info = env.reset(seed=seed, options={"task_id": task})
+    observations, goals, weights = [], [], []
+    for env, start in zip(envs, starts, strict=True):
+        obs, info = reset_episode(env, start)
         goal = np.asarray(info["goal"], np.float32)
         observations.append(np.asarray(obs, np.float32))
+        goals.append(goal)
         weights.append(task_weights(model, params, {"kind": "goal", "goal": goal}))
     weights = jnp.asarray(np.stack(weights))
-    seeds = jnp.asarray([seed for _, seed in starts], jnp.uint32)
+    seeds = jnp.asarray([start.seed for start in starts], jnp.uint32)
     batch_knobs = Knobs(*(jnp.full(n, k, jnp.float32) for k in knobs))
     adapts = shape.planner == "online_adaptation"
     zero = zero_delta(params, shape) if adapts else None
@@ -136,30 +196,29 @@ def run_lockstep(
     bar.close()
     return [
         SuiteEpisode(
-            task_id=task,
-            seed=seed,
+            task=start.task,
+            seed=start.seed,
             success=bool(success[i]),
             steps=int(steps[i]),
+            final_distance=float(np.linalg.norm(observations[i][:2] - goals[i])),
             plan_ms=float(np.median(plan_ms[i])),
             value_gain=float(np.mean(gains[i])),
         )
-        for i, (task, seed) in enumerate(starts)
+        for i, start in enumerate(starts)
     ]
 
 
 def run_suite(
     bundle: Bundle,
     planning: PlanningConfig,
-    episodes_per_task: int = 50,
-    seed: int = 0,
+    starts: list[Start],
     batch: int = 50,
     max_steps: int | None = None,
     progress: bool = True,
     label: str | None = None,
 ) -> dict:
-    """Every task's episodes, `batch` at a time in lockstep; the per-task and overall
+    """The episodes of `starts`, `batch` at a time in lockstep; the per-task and overall
     success with their intervals."""
-    starts = episode_starts(episodes_per_task, seed)
     started = time.perf_counter()
     episodes = []
     for first in range(0, len(starts), batch):
@@ -187,7 +246,7 @@ def success_of(episodes: list[SuiteEpisode]) -> dict:
 def summarise_suite(episodes: list[SuiteEpisode]) -> dict:
     return {
         **success_of(episodes),
-        "tasks": {task: success_of([e for e in episodes if e.task_id == task]) for task in TASKS},
+        "tasks": {task: success_of([e for e in episodes if e.task == task]) for task in TASKS},
         "plan_ms_median": float(np.median([e.plan_ms for e in episodes])),
         "value_gain": float(np.mean([e.value_gain for e in episodes])),
     }
@@ -236,9 +295,11 @@ def compare_on_suite(
     batch: int = 50,
     max_steps: int | None = None,
     progress: bool = True,
+    tuning: bool = False,
 ) -> list[dict]:
-    """Every planner (or variant) on the same OGBench episodes; writes ogbench.json,
-    ogbench.md and ogbench.png into out_dir after each planner."""
+    """Every planner (or variant) on the same episodes of OGBench's five tasks (or of the
+    tuning tasks, drawn with `seed`); writes ogbench.json, ogbench.md and ogbench.png into
+    out_dir after each planner."""
     from training.analysis.evaluate import VARIANTS, variant_planning
     from training.analysis.plots import plot_suite
 
@@ -247,14 +308,19 @@ def compare_on_suite(
         raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
     check_suite_env(bundle)
     name = dataset_name(bundle) or bundle.env_id
-    record = {"env": bundle.env_id, "dataset": name, "seed": seed, "batch": batch,
+    tasks = tuning_tasks(bundle.env_id, seed) if tuning else official_tasks()
+    starts = episode_starts(tasks, episodes_per_task, seed)
+    record = {"env": bundle.env_id, "dataset": name, "tasks": "tuning" if tuning else "ogbench",
+              "task_options": tasks, "seed": seed, "batch": batch,
               "episodes_per_task": episodes_per_task}  # fmt: skip
+    if tuning:
+        name += " (tuning tasks)"
     results = []
     for planner in planners:
         planning = variant_planning(bundle, planner)
-        results.append(run_suite(bundle, planning, episodes_per_task, seed, batch, max_steps,
-                                 progress, label=planner))  # fmt: skip
+        results.append(run_suite(bundle, planning, starts, batch, max_steps, progress,
+                                 label=planner))  # fmt: skip
         # Written after every planner: a long evaluation that stops keeps what it measured.
         write_suite(out_dir, name, record, results)
-    plot_suite(results, PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")
+    plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")
     return results

@@ -85,6 +85,47 @@ def select_observation(obs: Any, obs_key: str | None) -> Any:
     return obs if obs_key is None else obs[obs_key]
 
 
+def is_goal_maze(name: str) -> bool:
+    """A packaged PointMaze: its observations carry the goal, its reset takes cells, and it
+    can end when the goal is reached (`continuing_task=False`)."""
+    return name in ENVIRONMENTS and ENVIRONMENTS[name].gym_id.startswith("PointMaze_")
+
+
+def observation_key(name: str, space: gym.Space) -> str | None:
+    """The key of the observation array in the environment's observations, as datasets
+    load them: the packaged environment's key, else "observation" in a dict space."""
+    key = get_env_spec(name).obs_key
+    if key is None and isinstance(space, gym.spaces.Dict) and "observation" in space.spaces:
+        return "observation"
+    return key
+
+
+def check_observation_shape(env: gym.Env, name: str, expected: Sequence[int]) -> str | None:
+    """Refuses an environment whose observations are not the shape a model was trained on,
+    before its first step; returns the key of the observation array (None: the whole)."""
+    key = observation_key(name, env.observation_space)
+    space = env.observation_space if key is None else env.observation_space[key]
+    shape = None if space.shape is None else tuple(space.shape)
+    if shape != tuple(expected):
+        seen = "no single array" if shape is None else f"shape {list(shape)}"
+        gym_id = gym_id_of(name)
+        named = repr(name) if gym_id == name else f"{name!r} ({gym_id})"
+        raise ValueError(
+            f"environment {named} observes {seen}, but the model was trained on observations "
+            f"of shape {list(expected)}: run the environment the model was trained in"
+        )
+    return key
+
+
+def reported_success(info: dict) -> bool | None:
+    """The success an environment reports in a step's info (`success` or `is_success`),
+    or None when it reports none."""
+    for key in ("success", "is_success"):
+        if key in info:
+            return bool(np.any(info[key]))
+    return None
+
+
 class ResizeFrames(gym.ObservationWrapper, gym.utils.RecordConstructorArgs):
     """Downsamples RGB frames to size x size uint8 with area averaging.
 

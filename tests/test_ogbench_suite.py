@@ -1,0 +1,128 @@
+"""OGBench's evaluation: its tasks' reset and success signal, the tuning tasks, and the
+lockstep evaluator against one episode at a time, on a tiny bundle trained on a tiny
+OGBench dataset made by its recipe."""
+
+import json
+
+import gymnasium as gym
+import numpy as np
+import pytest
+
+from service.cli import main as cli_main
+from tests.conftest import TINY
+from training.analysis.ogbench_suite import (
+    PUBLISHED,
+    TASKS,
+    Start,
+    episode_starts,
+    official_tasks,
+    run_lockstep,
+    tuning_tasks,
+)
+from training.config import dataset_config, parse_config
+from training.data.envs import bfs_path
+from training.data.ogbench_recipe import collect_ogbench_dataset
+from training.learning.checkpoint import restore_bundle
+from training.learning.loop import train
+
+ENV = "pointmaze-medium-v0"
+DATASET = "pointmaze-medium-navigate-v0"
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    data = collect_ogbench_dataset(
+        DATASET, tmp_path_factory.mktemp("og") / "medium", episodes=2, progress=False
+    )
+    assert dataset_config(data).env == ENV  # the dataset's own environment
+    raw = {**TINY, "env": ENV, "value": {"goal_dims": [0, 1], "hidden": 32, "goal_sigma": 2.0}}
+    return train(
+        parse_config(raw), data, tmp_path_factory.mktemp("runs") / "og", progress=False
+    ).run_dir
+
+
+@pytest.fixture(scope="module")
+def bundle(run_dir):
+    return restore_bundle(run_dir)
+
+
+def planning(bundle, planner):
+    return bundle.config.planning.model_copy(update={"planner": planner})
+
+
+def test_official_tasks_reset_where_ogbench_says():
+    env = gym.make(ENV)
+    infos = env.unwrapped.task_infos
+    starts = episode_starts(official_tasks(), 2, seed=3)
+    assert [(s.task, s.seed) for s in starts] == [(t, 3 + k) for t in TASKS for k in range(2)]
+    for start in starts[::2]:
+        obs, info = env.reset(seed=start.seed, options=start.options)
+        task = infos[start.task - 1]
+        # OGBench adds noise to both (and a few random steps): within half a 4-unit cell
+        assert np.linalg.norm(info["goal"] - np.asarray(task["goal_xy"])) < 2.0
+        assert np.linalg.norm(obs - np.asarray(task["init_xy"])) < 2.0
+    assert env.spec.max_episode_steps == 1000  # OGBench's episode limit
+    env.close()
+
+
+def test_tuning_tasks_are_as_long_as_ogbench_s_but_never_them():
+    maze = gym.make(ENV).unwrapped
+    official = [(tuple(t["init_ij"]), tuple(t["goal_ij"])) for t in maze.task_infos]
+    tasks = tuning_tasks(ENV, seed=1)
+    assert tasks == tuning_tasks(ENV, seed=1) != tuning_tasks(ENV, seed=2)
+    for task, (init, goal) in zip(TASKS, official, strict=True):
+        info = tasks[task]["task_info"]
+        assert (info["init_ij"], info["goal_ij"]) != (init, goal)
+        mine = len(bfs_path(maze.maze_map.tolist(), info["init_ij"], info["goal_ij"]))
+        assert mine == len(bfs_path(maze.maze_map.tolist(), init, goal))
+
+
+@pytest.mark.slow
+def test_an_episode_that_reaches_its_goal_succeeds_and_ends(bundle):
+    """OGBench's success signal: starting on the goal ends the episode at once, a success;
+    a far goal within three steps is not reached."""
+    at_goal = Start(1, {"task_info": {"init_ij": (6, 6), "goal_ij": (6, 6)}}, seed=0)
+    far = Start(1, {"task_id": 1}, seed=0)
+    done, missed = run_lockstep(bundle, planning(bundle, "random_shooting"), [at_goal, far], 3)
+    assert (done.success, done.steps) == (True, 1)
+    assert (missed.success, missed.steps) == (False, 3) and missed.final_distance > 10.0
+
+
+@pytest.mark.parametrize("planner", ["random_shooting", "online_adaptation"])
+@pytest.mark.slow
+def test_lockstep_equals_one_episode_at_a_time(bundle, planner):
+    starts = episode_starts(official_tasks(), 1, seed=5)[:3]
+    config = planning(bundle, planner)
+    together = run_lockstep(bundle, config, starts, max_steps=12)
+    alone = [run_lockstep(bundle, config, [s], max_steps=12)[0] for s in starts]
+    for a, b in zip(together, alone, strict=True):
+        assert (a.task, a.seed, a.success, a.steps) == (b.task, b.seed, b.success, b.steps)
+        assert a.final_distance == pytest.approx(b.final_distance, abs=1e-3)
+        assert a.value_gain == pytest.approx(b.value_gain, rel=1e-3, abs=1e-4)
+    # Different episodes went different ways: the rows were not mixed up.
+    assert len({round(e.final_distance, 3) for e in together}) == 3
+
+
+@pytest.mark.slow
+def test_eval_suite_writes_the_table_with_the_published_baselines(run_dir, tmp_path, capsys):
+    out = tmp_path / "suite"
+    argv = ["eval", str(run_dir), "--suite", "ogbench", "--planner", "random_shooting"]
+    argv += ["--episodes", "1", "--max-steps", "4", "--batch", "5", "--out", str(out), "--quiet"]
+    assert cli_main(argv) == 0
+    record = json.loads((out / "ogbench.json").read_text())
+    assert (record["env"], record["dataset"], record["tasks"]) == (ENV, DATASET, "ogbench")
+    (result,) = record["results"]
+    assert [e["task"] for e in result["episodes"]] == list(TASKS)
+    assert result["summary"]["episodes"] == 5 and set(result["summary"]["tasks"]) == {
+        str(t) for t in TASKS
+    }
+    table = (out / "ogbench.md").read_text()
+    assert all(f"{method} (published)" in table for method in PUBLISHED[DATASET])
+    assert (out / "ogbench.png").stat().st_size > 0
+    assert "random_shooting" in capsys.readouterr().out
+
+
+def test_the_suite_refuses_a_bundle_of_another_environment(trained, capsys):
+    argv = ["eval", str(trained.run_dir), "--suite", "ogbench", "--episodes", "1"]
+    assert cli_main(argv) == 2
+    assert "has no OGBench tasks" in capsys.readouterr().err
