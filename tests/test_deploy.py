@@ -314,6 +314,7 @@ def render_nginx_conf(prefix: Path, port: int, upstreams: list[int]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_nginx_keeps_each_session_on_one_replica_and_fails_over(tmp_path, redis_url):
     nginx = need_nginx()
     ports = [free_port(), free_port()]

@@ -102,6 +102,7 @@ def leaves_equal(a, b) -> bool:
     return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jnp.all(x == y)), a, b)))
 
 
+@pytest.mark.slow
 def test_a_frozen_module_is_unchanged_by_its_alternating_phase(umaze_setup):
     raw = joint_config("alternating", {"world_epochs": 1, "controller_epochs": 1, "epoch_steps": 2})
     model, params, inputs = umaze_setup(raw)
@@ -128,6 +129,7 @@ def test_a_frozen_module_is_unchanged_by_its_alternating_phase(umaze_setup):
     assert float(metrics["lam_vae"]) == 0.0
 
 
+@pytest.mark.slow
 def test_truncated_bptt_stops_gradients_at_chunk_boundaries():
     mdn = MDNRNN(latent_dim=3, hidden=8, n_mixtures=2)
     zs = jax.random.normal(jax.random.key(0), (2, 8, 3))
@@ -340,6 +342,7 @@ def test_staged_auxiliary_losses_train_with_v_and_shape_it(pendulum_data, tmp_pa
     assert any(jax.tree.leaves(differ))
 
 
+@pytest.mark.slow
 def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     out = tmp_path / "compare"
     run = str(trained.run_dir)

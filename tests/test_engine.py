@@ -37,6 +37,7 @@ def decisions(engine, n):
 
 
 @pytest.mark.parametrize("planner", PLANNERS)
+@pytest.mark.slow
 def test_batched_padded_run_equals_one_by_one(engine, planner):
     shape = PlanShape(planner, 4, 8, 8)
     batch = decisions(engine, 3)

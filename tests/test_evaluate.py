@@ -25,6 +25,7 @@ def bundle(trained):
     return restore_bundle(trained.run_dir)
 
 
+@pytest.mark.slow
 def test_goals_are_fixed_half_rare_and_start_away_from_the_goal(bundle):
     rare = rare_cells_of(bundle)
     assert rare == [(3, 1), (3, 2)]  # the far tip of the U, from the skewed dataset
@@ -42,6 +43,7 @@ def test_goals_are_fixed_half_rare_and_start_away_from_the_goal(bundle):
     assert len({g.seed for g in repeated}) == 6
 
 
+@pytest.mark.slow
 def test_an_episode_runs_the_whole_decision_loop(bundle):
     planning = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
     runner = EpisodeRunner(bundle, planning, max_steps=12)
@@ -127,6 +129,7 @@ def test_ablation_measures_the_defaults_once_for_every_knob(bundle, tmp_path):
     assert rows[1]["summary"] is not rows[0]["summary"]
 
 
+@pytest.mark.slow
 def test_episodes_carry_delta_over_between_steps_only_with_warm_start(bundle):
     spec = evaluation_goals(bundle, 1, seed=0)[0]
     base = bundle.config.planning.model_copy(

@@ -76,6 +76,7 @@ def with_live_session(case, session_id: str):
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
+@pytest.mark.slow
 def test_no_5xx_and_every_answer_matches_the_document(api_schema, live_session, mode):
     operations = [result.ok() for result in api_schema.get_all_operations()]
     assert len(operations) == 9

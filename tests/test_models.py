@@ -37,6 +37,7 @@ def fit(loss_fn, params, steps=60, lr=3e-3):
     return float(first), float(grad_fn(params)[0])
 
 
+@pytest.mark.slow
 def test_vector_vae_shapes_and_loss_decreases():
     vae = VectorVAE(obs_dim=4, latent_dim=3, hidden=(16,))
     x = jax.random.normal(KEY, (16, 4))
@@ -75,6 +76,7 @@ def test_conv_vae_shapes_and_loss_decreases():
     assert after < 0.5 * before
 
 
+@pytest.mark.slow
 def test_mdn_rnn_shapes_sampling_and_loss_decreases():
     mdn = MDNRNN(latent_dim=3, hidden=16, n_mixtures=4)
     batch, steps = 4, 6
@@ -102,6 +104,7 @@ def test_mdn_rnn_shapes_sampling_and_loss_decreases():
     assert after < before - 0.5
 
 
+@pytest.mark.slow
 def test_controller_bounds_and_weighted_cloning_decreases():
     low, high = (-1.0, 0.0), (1.0, 2.0)
     for hidden in (0, 8):
@@ -139,6 +142,7 @@ def test_discounted_returns_stop_at_episode_end():
     assert float(w[0, 0]) > float(w[0, 1])
 
 
+@pytest.mark.slow
 def test_world_model_init_and_normaliser():
     config = parse_config(
         {"env": "pendulum", "vae": {"latent_dim": 4, "hidden": [8]}, "mdn": {"hidden": 8}}
@@ -213,6 +217,7 @@ def test_the_monte_carlo_readout_learns_the_action_its_future_reveals():
     assert bellman_after > 0.5 * bellman_before
 
 
+@pytest.mark.slow
 def test_history_dropout_hides_the_lstm_state_from_the_psi_loss():
     def psi_loss(dropout: float, h_value: float) -> float:
         model, params = tiny_successor_model({"batch_size": 64, "history_dropout": dropout})

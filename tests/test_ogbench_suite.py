@@ -70,9 +70,11 @@ def test_tuning_tasks_are_as_long_as_ogbench_s_but_never_them():
     official = [(tuple(t["init_ij"]), tuple(t["goal_ij"])) for t in maze.task_infos]
     tasks = tuning_tasks(ENV, seed=1)
     assert tasks == tuning_tasks(ENV, seed=1) != tuning_tasks(ENV, seed=2)
+    pairs = {(t["task_info"]["init_ij"], t["task_info"]["goal_ij"]) for t in tasks.values()}
+    assert len(pairs) == len(TASKS)
     for task, (init, goal) in zip(TASKS, official, strict=True):
         info = tasks[task]["task_info"]
-        assert (info["init_ij"], info["goal_ij"]) != (init, goal)
+        assert (info["init_ij"], info["goal_ij"]) not in {(init, goal), (goal, init)}
         mine = len(bfs_path(maze.maze_map.tolist(), info["init_ij"], info["goal_ij"]))
         assert mine == len(bfs_path(maze.maze_map.tolist(), init, goal))
 
@@ -120,6 +122,13 @@ def test_eval_suite_writes_the_table_with_the_published_baselines(run_dir, tmp_p
     assert all(f"{method} (published)" in table for method in PUBLISHED[DATASET])
     assert (out / "ogbench.png").stat().st_size > 0
     assert "random_shooting" in capsys.readouterr().out
+    # The same through a subgoal graph over 6 states of the data, on the tuning tasks.
+    argv[3] = "ogbench-tuning"
+    assert cli_main([*argv, "--subgoals", "6", "--edge-steps", "40"]) == 0
+    record = json.loads((out / "ogbench.json").read_text())
+    assert (record["tasks"], record["subgoal_nodes"]) == ("tuning", 6)
+    assert record["results"][0]["label"] == "random_shooting + subgoals"
+    assert "published" not in (out / "ogbench.md").read_text()
 
 
 def test_the_suite_refuses_a_bundle_of_another_environment(trained, capsys):

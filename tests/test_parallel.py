@@ -85,6 +85,7 @@ def one_device(umaze_data, tmp_path_factory):
     return train(with_steps(parse_config(WORLD_ONLY), STEPS), umaze_data, run_dir, progress=False)
 
 
+@pytest.mark.slow
 def test_two_devices_train_as_one_does(one_device, umaze_data, tmp_path):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     argv = [

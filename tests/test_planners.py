@@ -37,6 +37,7 @@ def test_the_registry_has_a_function_for_every_name_the_config_takes():
     assert get_args(PlanningConfig.model_fields["planner"].annotation) == PLANNERS
 
 
+@pytest.mark.slow
 def test_ddim_sampler_reproduces_a_conditional_2d_distribution():
     """Condition 0: one Gaussian at (2, -1); condition 1: two modes at (+-2, 0)."""
     net = PsiNoiseModel(psi_dim=2, hidden=64, depth=2)
@@ -148,6 +149,7 @@ def test_the_step_count_is_an_input_up_to_the_published_maximum(bundle):
     np.testing.assert_array_equal(traces[50], traces[12])  # clipped to the maximum
 
 
+@pytest.mark.slow
 def test_large_kl_coefficient_keeps_delta_near_zero_and_plans_like_random_shooting(bundle):
     model, params = bundle.model, bundle.params
     state, weights, key = planning_state(bundle, 3), goal_weights(bundle), jax.random.key(5)
@@ -274,6 +276,7 @@ def test_reweighting_weights_are_exp_value_over_lambda_normalised():
     assert float(tilt_weights(values, jnp.float32(1e-3))[1]) == pytest.approx(1.0, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_adaptation_reports_the_effective_sample_size(bundle):
     model, params = bundle.model, bundle.params
     shape = PlanShape("online_adaptation", 4, 8, 16)
@@ -294,6 +297,7 @@ def perturbed(tree, scale, seed=0):
     return jax.tree.unflatten(treedef, [x + n for x, n in zip(leaves, noise, strict=True)])
 
 
+@pytest.mark.slow
 def test_path_kl_is_zero_without_change_and_grows_with_a_perturbation(bundle):
     model, params = bundle.model, bundle.params
     base = params["psi_ema"]
@@ -387,6 +391,7 @@ def test_the_fit_keeps_the_heaviest_samples_with_their_weights_renormalised():
     np.testing.assert_allclose(np.asarray(w_kept), np.array([0.4, 0.3, 0.12]) / 0.82, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_guard_falls_back_when_delta_is_off_support(two_mode_model):
     model, params = two_mode_model
     state, weights = jnp.zeros(model.state_dim), jnp.array([0.0, 3.0])

@@ -200,6 +200,7 @@ def batch_sizes_seen(server) -> tuple[float, float]:
     return value("worldplan_batch_size_sum"), value("worldplan_batch_size_count")
 
 
+@pytest.mark.slow
 def test_concurrent_sessions_are_isolated(server, trained, redis_url):
     """64 sessions stepped concurrently (and so batched together) for 20 steps: each one's
     LSTM state, as the store holds it, equals a sequential replay of its own steps."""

@@ -54,6 +54,7 @@ def assert_clean(log) -> None:
     assert "1e+39" not in text and "1e39" not in text
 
 
+@pytest.mark.slow
 def test_logs_hold_no_observation_and_no_key(served):
     url, log, _ = served
     with httpx.Client(base_url=url, headers={"X-API-Key": KEY}, timeout=60) as c:
@@ -77,6 +78,7 @@ def test_logs_hold_no_observation_and_no_key(served):
     assert_clean(log)
 
 
+@pytest.mark.slow
 def test_sigterm_drains_and_loses_no_step(served, redis_url):
     """Eight sessions step as fast as they can; SIGTERM arrives. /readyz turns 503 at once,
     new requests get 503 with Retry-After, and every step that was answered is stored."""

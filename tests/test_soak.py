@@ -23,6 +23,7 @@ def server(trained):
         yield url
 
 
+@pytest.mark.slow
 def test_a_short_soak_sees_no_error_no_5xx_and_leaks_no_session(server):
     report = asyncio.run(
         run_soak(server, 5.0, KEY, good=3, bad=2, abandon=2, settle_s=20, max_body=MAX_BODY)

@@ -156,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         episodes = args.episodes or 50
         tuning = args.suite == "ogbench-tuning"
         compare_on_suite(bundle, planners, episodes, args.seed, out, args.batch, args.max_steps,
-                         not args.quiet, tuning)  # fmt: skip
+                         not args.quiet, tuning, args.subgoals, args.edge_steps)  # fmt: skip
         print((out / "ogbench.md").read_text())
         print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
         return
@@ -366,6 +366,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--batch", type=int, default=50, help="--suite ogbench: episodes run in lockstep"
+    )
+    p.add_argument(
+        "--subgoals",
+        type=int,
+        default=0,
+        metavar="K",
+        help="--suite ogbench: aim through a subgoal graph over K states of the data (0: off)",
+    )
+    p.add_argument(
+        "--edge-steps",
+        type=float,
+        default=50.0,
+        help="--subgoals: the most steps an edge of the graph may stand for",
     )
     p.add_argument(
         "--rare-only", action="store_true", help="run only the goals drawn in rare cells"

@@ -34,6 +34,13 @@ from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
 from training.planning.step_rule import NOTHING, after_act, starting_delta
+from training.planning.subgoals import (
+    SubgoalGraph,
+    build_graph,
+    compile_reach,
+    next_target,
+    route_to,
+)
 from training.planning.tasks import task_weights
 
 TASKS = (1, 2, 3, 4, 5)  # OGBench's evaluation tasks of every maze
@@ -74,22 +81,22 @@ def official_tasks() -> dict[int, dict]:
 
 
 def tuning_tasks(env_id: str, seed: int = 0) -> dict[int, dict]:
-    """For each of OGBench's tasks, a start and a goal cell as many BFS steps apart but
-    not the same pair, drawn with `seed`: the tasks settings are chosen on."""
-    env = gym.make(env_id).unwrapped
+    """For each of OGBench's tasks, a start and a goal cell as many BFS steps apart, drawn
+    with `seed`: five pairs unlike each other and unlike OGBench's (either way round), to
+    choose settings on."""
+    env = make_env(env_id).unwrapped
     maze_map = np.asarray(env.maze_map)
     free = [(int(i), int(j)) for i, j in np.argwhere(maze_map == 0)]
     rng = np.random.default_rng(seed)
+    official = [(tuple(t["init_ij"]), tuple(t["goal_ij"])) for t in env.task_infos]
+    taken = {*official, *((b, a) for a, b in official)}
     tasks = {}
     for task, info in zip(TASKS, env.task_infos, strict=True):
-        official = (tuple(info["init_ij"]), tuple(info["goal_ij"]))
-        steps = len(bfs_path(maze_map.tolist(), *official)) - 1
-        while True:
-            start = free[rng.integers(len(free))]
-            goals = [g for g in cells_at_distance(maze_map, start, steps) if (start, g) != official]
-            if goals:
-                goal = goals[rng.integers(len(goals))]
-                break
+        steps = len(bfs_path(maze_map.tolist(), info["init_ij"], info["goal_ij"])) - 1
+        pairs = [(a, b) for a in free for b in cells_at_distance(maze_map, a, steps)]
+        pairs = [pair for pair in pairs if pair not in taken]
+        start, goal = pairs[rng.integers(len(pairs))]
+        taken |= {(start, goal), (goal, start)}
         tasks[task] = {"task_info": {"init_ij": start, "goal_ij": goal}}
     env.close()
     return tasks
@@ -132,14 +139,41 @@ def reset_episode(env: gym.Env, start: Start) -> tuple[np.ndarray, dict]:
         np.random.set_state(state)
 
 
+@dataclass(frozen=True)
+class Subgoals:
+    """Subgoal search over a graph of the data's states (training/planning/subgoals.py)."""
+
+    graph: SubgoalGraph
+    reach: object  # compile_reach's program
+    every: int  # decisions between two searches
+
+
+def subgoals_for(
+    bundle: Bundle, n_nodes: int, max_edge_steps: float, every: int = 5, n_samples: int = 64
+) -> Subgoals:
+    """The subgoal graph over `n_nodes` states of the bundle's own dataset."""
+    from training.data.datasets import load_sequences, open_dataset
+    from training.learning.stage_inputs import real_frames
+
+    seqs = load_sequences(open_dataset(bundle.metadata["dataset"]), bundle.config.data.seq_len)
+    observations = real_frames(seqs).astype(np.float32)
+    sample_steps = bundle.config.planning.sample_steps
+    graph = build_graph(bundle.model, bundle.params, observations, n_nodes, max_edge_steps,
+                        n_samples, sample_steps)  # fmt: skip
+    return Subgoals(graph, compile_reach(bundle.model, n_samples, sample_steps), every)
+
+
 def run_lockstep(
     bundle: Bundle,
     planning: PlanningConfig,
     starts: list[Start],
     max_steps: int | None = None,
     progress: bool = False,
+    subgoals: Subgoals | None = None,
 ) -> list[SuiteEpisode]:
-    """The episodes of `starts` in lockstep, one batched decision per time step."""
+    """The episodes of `starts` in lockstep, one batched decision per time step; with
+    `subgoals`, each episode aims at the subgoal its search picks, searched every
+    `subgoals.every` steps."""
     model, params = bundle.model, bundle.params
     shape, knobs = PlanShape.of(planning), Knobs.of(planning)
     n = len(starts)
@@ -152,7 +186,13 @@ def run_lockstep(
         observations.append(np.asarray(obs, np.float32))
         goals.append(goal)
         weights.append(task_weights(model, params, {"kind": "goal", "goal": goal}))
-    weights = jnp.asarray(np.stack(weights))
+    goal_weights = np.stack(weights)
+    weights = jnp.asarray(goal_weights)
+    routes = []
+    if subgoals is not None:
+        key = jax.random.key(0)
+        routes = [route_to(subgoals.graph, subgoals.reach, params, model, g, key) for g in goals]
+        node_weights = subgoals.graph.weights
     seeds = jnp.asarray([start.seed for start in starts], jnp.uint32)
     batch_knobs = Knobs(*(jnp.full(n, k, jnp.float32) for k in knobs))
     adapts = shape.planner == "online_adaptation"
@@ -171,6 +211,18 @@ def run_lockstep(
             rows = [starting_delta(c, shape, planning.warm_start, reset=False) for c in carried]
             rows = [zero if d is None else d for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
+        if subgoals is not None and step % subgoals.every == 0:
+            aims = np.concatenate([node_weights, goal_weights])  # [K + n, P]
+            values = np.asarray(subgoals.reach(params, np.stack(observations), lstm[1], aims,
+                                               jax.random.key(step)))  # fmt: skip
+            k = len(node_weights)
+            targets = [
+                next_target(subgoals.graph, routes[i], values[i, :k], values[i, k + i])
+                for i in range(n)
+            ]
+            weights = jnp.asarray(np.stack([
+                goal_weights[i] if t is None else node_weights[t] for i, t in enumerate(targets)
+            ]))  # fmt: skip
         keys = jax.vmap(session_key)(seeds, jnp.full(n, step, jnp.uint32))
         started = time.perf_counter()
         out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,
@@ -216,6 +268,7 @@ def run_suite(
     max_steps: int | None = None,
     progress: bool = True,
     label: str | None = None,
+    subgoals: Subgoals | None = None,
 ) -> dict:
     """The episodes of `starts`, `batch` at a time in lockstep; the per-task and overall
     success with their intervals."""
@@ -223,7 +276,7 @@ def run_suite(
     episodes = []
     for first in range(0, len(starts), batch):
         episodes += run_lockstep(bundle, planning, starts[first : first + batch], max_steps,
-                                 progress)  # fmt: skip
+                                 progress, subgoals)  # fmt: skip
     return {
         "label": label or planning.planner,
         "planner": planning.planner,
@@ -296,10 +349,13 @@ def compare_on_suite(
     max_steps: int | None = None,
     progress: bool = True,
     tuning: bool = False,
+    subgoal_nodes: int = 0,
+    edge_steps: float = 50.0,
 ) -> list[dict]:
     """Every planner (or variant) on the same episodes of OGBench's five tasks (or of the
     tuning tasks, drawn with `seed`); writes ogbench.json, ogbench.md and ogbench.png into
-    out_dir after each planner."""
+    out_dir after each planner. With `subgoal_nodes`, every planner aims through the
+    subgoal graph over that many states of the data (edges up to `edge_steps` steps)."""
     from training.analysis.evaluate import VARIANTS, variant_planning
     from training.analysis.plots import plot_suite
 
@@ -312,14 +368,17 @@ def compare_on_suite(
     starts = episode_starts(tasks, episodes_per_task, seed)
     record = {"env": bundle.env_id, "dataset": name, "tasks": "tuning" if tuning else "ogbench",
               "task_options": tasks, "seed": seed, "batch": batch,
-              "episodes_per_task": episodes_per_task}  # fmt: skip
+              "episodes_per_task": episodes_per_task, "subgoal_nodes": subgoal_nodes,
+              "edge_steps": edge_steps}  # fmt: skip
+    subgoals = subgoals_for(bundle, subgoal_nodes, edge_steps) if subgoal_nodes else None
     if tuning:
         name += " (tuning tasks)"
     results = []
     for planner in planners:
         planning = variant_planning(bundle, planner)
-        results.append(run_suite(bundle, planning, starts, batch, max_steps, progress,
-                                 label=planner))  # fmt: skip
+        label = f"{planner} + subgoals" if subgoals else planner
+        results.append(run_suite(bundle, planning, starts, batch, max_steps, progress, label,
+                                 subgoals))  # fmt: skip
         # Written after every planner: a long evaluation that stops keeps what it measured.
         write_suite(out_dir, name, record, results)
     plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")

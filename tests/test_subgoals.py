@@ -1,0 +1,87 @@
+"""The subgoal search: step counts from values, the graph's shortest paths and the choice of
+the next subgoal, on graphs whose answers are known."""
+
+import numpy as np
+
+from training.planning.subgoals import (
+    Route,
+    SubgoalGraph,
+    next_target,
+    spread_indices,
+    steps_from_values,
+    steps_to_goal,
+)
+
+GAMMA = 0.99
+INF = np.inf
+
+
+def test_spread_points_cover_the_data():
+    grid = np.stack(np.meshgrid(np.arange(20.0), np.arange(20.0)), -1).reshape(-1, 2)
+    chosen = grid[spread_indices(grid, 16, seed=3)]
+    assert len({tuple(p) for p in chosen}) == 16
+    # every point of the grid lies within 5 of one of them (16 random ones leave gaps of 6-9)
+    gaps = np.min(np.linalg.norm(grid[:, None] - chosen[None], axis=-1), axis=1)
+    assert gaps.max() <= 5.0
+    assert np.array_equal(spread_indices(grid, 16, seed=3), spread_indices(grid, 16, seed=3))
+
+
+def test_steps_are_read_back_from_discounted_values():
+    self_values = np.array([10.0, 10.0, 10.0, 10.0])
+    values = self_values * GAMMA ** np.array([0.0, 5.0, 40.0, 5000.0])
+    steps = steps_from_values(values, self_values, GAMMA)
+    assert np.allclose(steps[:3], [0.0, 5.0, 40.0], atol=1e-6)
+    assert steps[3] == INF  # below the floor: out of reach, not 5000 steps
+    assert steps_from_values(np.array([12.0]), np.array([10.0]), GAMMA)[0] == 0.0
+
+
+def chain(n: int, hop: float) -> np.ndarray:
+    """Nodes 0 - 1 - ... - n-1, `hop` steps apart, both ways."""
+    steps = np.full((n, n), INF)
+    np.fill_diagonal(steps, 0.0)
+    for i in range(n - 1):
+        steps[i, i + 1] = steps[i + 1, i] = hop
+    return steps
+
+
+def test_shortest_paths_to_the_goal_follow_the_chain():
+    steps = chain(4, 10.0)
+    direct = np.array([INF, INF, INF, 3.0])  # only the last node sees the goal
+    remaining, next_hop = steps_to_goal(steps, direct)
+    assert np.allclose(remaining, [33.0, 23.0, 13.0, 3.0])
+    assert list(next_hop) == [1, 2, 3, 4]  # 4: the goal itself
+    # A shortcut is taken; a node cut off has no path.
+    steps[0, 3] = 12.0
+    steps[2, :] = steps[:, 2] = INF
+    steps[2, 2] = 0.0
+    remaining, next_hop = steps_to_goal(steps, direct)
+    assert np.allclose(remaining[[0, 1, 3]], [15.0, 25.0, 3.0]) and remaining[2] == INF
+    assert (next_hop[0], next_hop[2]) == (3, -1)
+
+
+def test_the_next_subgoal_is_the_first_node_not_yet_reached():
+    n, hop = 5, 20.0
+    self_values = np.full(n, 10.0)
+    graph = SubgoalGraph(
+        observations=np.zeros((n, 2)),
+        weights=np.zeros((n, 3)),
+        self_values=self_values,
+        steps=chain(n, hop),
+        gamma=GAMMA,
+        max_edge_steps=30.0,
+    )
+    remaining, next_hop = steps_to_goal(graph.steps, np.array([INF, INF, INF, INF, 5.0]))
+    route = Route(np.zeros(3), 10.0, remaining, next_hop)
+    far_goal = 10.0 * GAMMA**200
+
+    def from_steps(node_steps):
+        return next_target(graph, route, self_values * GAMMA ** np.asarray(node_steps), far_goal)
+
+    # On node 0 (reached), aiming at node 1, 20 steps on.
+    assert from_steps([0.0, 20.0, 40.0, 60.0, 80.0]) == 1
+    # Halfway between 1 and 2: node 1 is behind, node 2 is 10 steps on, 3 out of reach.
+    assert from_steps([30.0, 10.0, 10.0, 35.0, 55.0]) == 2
+    # Nodes within reach are weighed with what remains from them: 3 beats 2.
+    assert from_steps([50.0, 30.0, 12.0, 25.0, 45.0]) == 3
+    # The goal itself within an edge's reach: aim at it.
+    assert next_target(graph, route, self_values * GAMMA**100, 10.0 * GAMMA**10) is None
