@@ -3,7 +3,8 @@ per step, and a report of success and latency as the robot sees them.
 
 `worldplan drive URL --env pointmaze-umaze --start-cell 1 1 --goal-cell 1 3 --episodes 3`;
 without --env, the environment the served model was trained in (/model's env_id): a
-packaged name or any registered gymnasium id.
+packaged name or any registered gymnasium id. `--task-id K` runs OGBench's task K of an
+OGBench maze.
 """
 
 from __future__ import annotations
@@ -53,10 +54,12 @@ def drive_episode(
     except ValueError:
         env.close()
         raise
-    obs, _ = env.reset(seed=seed, options=reset_options)
-    # A maze episode's goal (random, or options["goal_cell"]) is the session's task; any
-    # other environment's session takes the model's default task.
-    task = {"kind": "goal", "goal": [float(x) for x in obs["desired_goal"]]} if maze else None
+    obs, info = env.reset(seed=seed, options=reset_options)
+    # A maze episode's goal (random, or options["goal_cell"]) is the session's task, and
+    # so is the goal an OGBench maze names at reset; any other environment's session takes
+    # the model's default task.
+    goal = obs["desired_goal"] if maze else info.get("goal")
+    task = None if goal is None else {"kind": "goal", "goal": [float(x) for x in goal]}
     session = client.create_session(task=task, planner=planner, seed=seed)
     latencies, total, success, step = [], 0.0, None, 0
     try:
@@ -101,11 +104,15 @@ def run_drive(
     planner: str | None = None,
     max_steps: int | None = None,
     api_key: str | None = None,
+    task_id: int | None = None,
 ) -> list[DriveResult]:
     """`episodes` episodes through the service at `url`, from seeds seed, seed + 1, ...,
-    of `env_name` (None: the environment the served model was trained in)."""
+    of `env_name` (None: the environment the served model was trained in); `task_id`:
+    OGBench's task of that number."""
     cells = {"reset_cell": start_cell, "goal_cell": goal_cell}
     options = {k: np.array(v) for k, v in cells.items() if v} or None
+    if task_id is not None:
+        options = {**(options or {}), "task_id": task_id}
     overrides = {"planner": planner} if planner else None
     with Client(url, api_key=api_key) as client:
         model = client.model()
