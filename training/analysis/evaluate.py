@@ -271,6 +271,21 @@ class EpisodeRunner:
         )
 
 
+def decision_means(episodes: list) -> dict:
+    """What the decisions of episodes cost and report of their adaptation, on average."""
+    plan_ms = np.concatenate([e.plan_ms for e in episodes])
+    return {
+        "plan_ms_median": float(np.median(plan_ms)),
+        "plan_ms_p90": float(np.percentile(plan_ms, 90)),
+        "value_gain": float(np.mean([e.value_gain for e in episodes])),
+        "kl": float(np.mean([e.kl for e in episodes])),
+        "ess": float(np.mean([e.ess for e in episodes])),
+        "fallback_rate": float(np.mean([e.fallback_rate for e in episodes])),
+        "prior_choice_rate": float(np.mean([e.prior_choice_rate for e in episodes])),
+        "objective": np.mean([e.objective for e in episodes], axis=0).tolist(),
+    }
+
+
 def summarise_episodes(episodes: list[EpisodeResult]) -> dict:
     def rate(items):
         return float(np.mean([e.success for e in items])) if items else None
@@ -282,7 +297,6 @@ def summarise_episodes(episodes: list[EpisodeResult]) -> dict:
     common = [e for e in episodes if not e.rare]
 
     reached = [e.steps for e in episodes if e.success]
-    plan_ms = np.concatenate([e.plan_ms for e in episodes])
     return {
         "episodes": len(episodes),
         "episodes_rare": len(rare),
@@ -294,14 +308,7 @@ def summarise_episodes(episodes: list[EpisodeResult]) -> dict:
         "interval_common": interval(common),
         "mean_return": float(np.mean([e.episode_return for e in episodes])),
         "mean_steps_to_goal": float(np.mean(reached)) if reached else None,
-        "plan_ms_median": float(np.median(plan_ms)),
-        "plan_ms_p90": float(np.percentile(plan_ms, 90)),
-        "value_gain": float(np.mean([e.value_gain for e in episodes])),
-        "kl": float(np.mean([e.kl for e in episodes])),
-        "ess": float(np.mean([e.ess for e in episodes])),
-        "fallback_rate": float(np.mean([e.fallback_rate for e in episodes])),
-        "prior_choice_rate": float(np.mean([e.prior_choice_rate for e in episodes])),
-        "objective": np.mean([e.objective for e in episodes], axis=0).tolist(),
+        **decision_means(episodes),
     }
 
 
@@ -493,7 +500,6 @@ def check_environment(bundle: Bundle) -> None:
 def summarise_task_episodes(episodes: list[TaskEpisodeResult]) -> dict:
     returns = [e.episode_return for e in episodes]
     reported = [e.success for e in episodes if e.success is not None]
-    plan_ms = np.concatenate([e.plan_ms for e in episodes])
     return {
         "episodes": len(episodes),
         "mean_return": float(np.mean(returns)),
@@ -502,14 +508,7 @@ def summarise_task_episodes(episodes: list[TaskEpisodeResult]) -> dict:
         "success_rate": float(np.mean(reported)) if reported else None,
         "interval": wilson_interval(sum(reported), len(reported)),
         "mean_steps": float(np.mean([e.steps for e in episodes])),
-        "plan_ms_median": float(np.median(plan_ms)),
-        "plan_ms_p90": float(np.percentile(plan_ms, 90)),
-        "value_gain": float(np.mean([e.value_gain for e in episodes])),
-        "kl": float(np.mean([e.kl for e in episodes])),
-        "ess": float(np.mean([e.ess for e in episodes])),
-        "fallback_rate": float(np.mean([e.fallback_rate for e in episodes])),
-        "prior_choice_rate": float(np.mean([e.prior_choice_rate for e in episodes])),
-        "objective": np.mean([e.objective for e in episodes], axis=0).tolist(),
+        **decision_means(episodes),
     }
 
 
