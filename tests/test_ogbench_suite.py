@@ -135,3 +135,17 @@ def test_the_suite_refuses_a_bundle_of_another_environment(trained, capsys):
     argv = ["eval", str(trained.run_dir), "--suite", "ogbench", "--episodes", "1"]
     assert cli_main(argv) == 2
     assert "has no OGBench tasks" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_drive_runs_an_ogbench_task_through_the_service(run_dir):
+    """`worldplan drive --task-id K`: OGBench's task K, its goal the session's task."""
+    from service.clients.drive import run_drive
+    from service.clients.local import running_server
+    from service.settings import Settings
+
+    settings = Settings(model_dir=run_dir, batch_sizes=(1,), max_batch=1, sample_counts=(8,),
+                        warm_up=False)  # fmt: skip
+    with running_server(settings) as (url, _):
+        (result,) = run_drive(url, None, 1, planner="random_shooting", max_steps=3, task_id=3)
+    assert (result.steps, result.success) == (3, False) and len(result.latency_ms) == 3

@@ -111,14 +111,14 @@ def run_drive(
     OGBench's task of that number."""
     cells = {"reset_cell": start_cell, "goal_cell": goal_cell}
     options = {k: np.array(v) for k, v in cells.items() if v} or None
-    if task_id is not None:
-        options = {**(options or {}), "task_id": task_id}
     overrides = {"planner": planner} if planner else None
     with Client(url, api_key=api_key) as client:
         model = client.model()
         env_name = env_name or model["env_id"]
         if options and not is_goal_maze(env_name):
             raise ValueError(f"--start-cell and --goal-cell: only for a PointMaze, not {env_name}")
+        if task_id is not None:
+            options = {**(options or {}), "task_id": task_id}
         return [
             drive_episode(client, env_name, seed + i, options, overrides, max_steps, model)
             for i in range(episodes)
