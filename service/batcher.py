@@ -7,7 +7,9 @@ cutting, a queue waits for decisions still being prepared (`arriving`: requests 
 checked but not yet queued), at most `max_wait_ms` after its oldest; with none arriving it
 does not wait, so a lone session pays no batching delay. Engine calls run one at a time on
 a worker thread, off the event loop; `call` runs any other engine work (an adaptation, a
-task's weights) on that worker under the same lock. Ordering within a session is the
+task's weights) on that worker under the same lock, and counts in `pending` while it
+waits. The lock is held until the worker's call has ended, even when the request that
+made it was cancelled (a thread cannot be stopped). Ordering within a session is the
 caller's business (the routes hold a lock per session).
 """
 
@@ -59,13 +61,14 @@ class Batcher:
         self._flushers: dict[PlanShape, asyncio.Task] = {}
         self._changed = asyncio.Event()  # a decision was queued or stopped arriving
         self._arriving = 0
+        self._calls_waiting = 0  # `call`s not yet on the worker
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._compute = asyncio.Lock()  # one engine call at a time: one device
 
     @property
     def pending(self) -> int:
-        """Decisions queued and not yet handed to the engine."""
-        return sum(len(queue) for queue in self._queues.values())
+        """Work waiting for the engine: decisions queued and calls not yet begun."""
+        return sum(len(queue) for queue in self._queues.values()) + self._calls_waiting
 
     @contextmanager
     def arriving(self):
@@ -87,9 +90,21 @@ class Batcher:
         return future
 
     async def call(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) on the engine's worker, between batches: one engine call at a time."""
-        async with self._compute:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        """fn(*args) on the engine's worker, between batches: one engine call at a time.
+        A caller cancelled meanwhile (its deadline passed) returns at once, but the engine
+        lock is released only when the thread has ended: a thread cannot be stopped."""
+        self._calls_waiting += 1
+        try:
+            await self._compute.acquire()
+        finally:
+            self._calls_waiting -= 1
+        try:
+            work = asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        except BaseException:
+            self._compute.release()
+            raise
+        work.add_done_callback(lambda _: self._compute.release())
+        return await asyncio.shield(work)
 
     async def adapt(self, shape: PlanShape, step: StepInput) -> tuple[dict, dict]:
         """Δφ adaptation alone (engine.adapt), on the worker."""

@@ -38,7 +38,8 @@ ERRORS = {
     "422": "schema, task or planner limits, or a result that is not finite",
     "429": "session or queue limit (Retry-After)",
     "500": "internal error (logged by the server)",
-    "503": "not ready, shutting down, or the session store unreachable (Retry-After)",
+    "503": "not ready, shutting down, the session store unreachable (Retry-After), or "
+    "(/healthz) the model failed to load",
     "504": "deadline exceeded",
 }
 # The errors each operation can answer.
@@ -54,7 +55,7 @@ OPERATION_ERRORS = {
     ("/model", "get"): COMMON,
     ("/metrics", "get"): COMMON,
     ("/readyz", "get"): ("503",),
-    ("/healthz", "get"): (),
+    ("/healthz", "get"): ("503",),
 }
 OBS = [-1.0, 1.0, 0.0, 0.0]
 SID = "kTq4vQb0TnS3yWmF1cXh2A"

@@ -50,7 +50,11 @@ async def docs() -> HTMLResponse:
 
 
 @router.get("/healthz")
-async def healthz() -> dict:
+async def healthz(request: Request) -> dict:
+    """Alive, unless the model failed to load: then 503, so that an orchestrator's
+    liveness probe restarts the process instead of keeping a replica that never serves."""
+    if failure := getattr(request.app.state, "failure", None):
+        raise ApiError(503, "model_load_failed", f"the model failed to load: {failure}")
     return {"status": "alive"}
 
 

@@ -71,8 +71,18 @@ async def save_session(rt: Runtime, session: Session) -> None:
         await rt.store.put(session)
 
 
+def check_queue(rt: Runtime) -> None:
+    """429 when MAX_QUEUE pieces of work wait for the engine already: decisions, adaptations
+    and tasks' weights alike."""
+    if rt.batcher.pending >= rt.settings.max_queue:
+        raise ApiError(
+            429, "queue_full", "too much work waiting for the engine", headers={"Retry-After": "1"}
+        )
+
+
 async def resolve_task(rt: Runtime, task: dict | None) -> tuple[dict, np.ndarray]:
     """The task (the default for None) and its weights, computed on the engine's worker."""
+    check_queue(rt)
     try:
         return await rt.batcher.task_weights(task)
     except InvalidTask as err:
@@ -187,10 +197,7 @@ def prepare_act(rt: Runtime, session: Session, body: ActRequest) -> tuple[Planni
         planning.config,
         starting_delta(carried(session), planning.shape, warm_start, body.reset),
     )
-    if rt.batcher.pending >= rt.settings.max_queue:
-        raise ApiError(
-            429, "queue_full", "too many decisions waiting", headers={"Retry-After": "1"}
-        )
+    check_queue(rt)
     return planning, step
 
 
@@ -240,6 +247,7 @@ async def prepare_adapt(rt: Runtime, session: Session, body: AdaptRequest) -> Ch
         limit = rt.settings.max_delta_bytes
         message = f"a Δφ takes {rt.delta_bytes} bytes, over the {limit} a session may keep"
         raise ApiError(422, "delta_too_large", message)
+    check_queue(rt)
     steps = body.steps or rt.settings.default_adapt_steps
     overrides = PlannerOverrides(planner="online_adaptation", adaptation_steps=steps)
     planning = planning_for(rt, session, overrides)

@@ -145,3 +145,39 @@ def test_a_lone_decision_waits_only_for_decisions_still_arriving(engine):
     assert [s.size for s in stats] == [1, 1]
     assert stats[0].queue_wait_s[0] < 0.1
     assert stats[1].queue_wait_s[0] >= 0.19  # max_wait_ms
+
+
+def test_the_engine_lock_is_held_until_a_timed_out_call_has_ended(engine):
+    """A request whose deadline passed is cancelled, but its thread runs on: the next
+    engine work must wait for the thread, not for the request."""
+    import asyncio
+    import threading
+    import time
+
+    events = []
+    release = threading.Event()
+
+    def slow():
+        events.append("slow began")
+        release.wait(5)
+        events.append("slow ended")
+
+    def quick():
+        events.append("quick ran")
+
+    async def work(batcher):
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(batcher.call(slow), 0.05)
+        locked_after_timeout = batcher._compute.locked()
+        following = asyncio.create_task(batcher.call(quick))
+        await asyncio.sleep(0.1)
+        waiting = batcher.pending  # the second call waits, and counts against MAX_QUEUE
+        threading.Timer(0.1, release.set).start()
+        await following
+        return locked_after_timeout, waiting
+
+    started = time.perf_counter()
+    (locked_after_timeout, waiting), _ = run_batcher(engine, work)
+    assert time.perf_counter() - started < 5
+    assert locked_after_timeout and waiting == 1
+    assert events == ["slow began", "slow ended", "quick ran"]

@@ -37,13 +37,17 @@ def test_queue_and_session_limits(trained):
                 queued = asyncio.create_task(act(1))
                 await asyncio.sleep(0.02)  # and the second decision waits in the queue
                 refused = await act(2)
-                return await busy, await queued, refused, ids
+                # An adaptation and a task's weights wait for the same engine: refused too.
+                adapt = {"session_id": ids[2], "observation": OBS, "steps": 5}
+                others = [await c.post("/adapt", json=adapt), await c.post("/sessions", json={})]
+                return await busy, await queued, [refused, *others], ids
 
-        busy, queued, refused, ids = asyncio.run(three_at_once())
+        busy, queued, refusals, ids = asyncio.run(three_at_once())
         assert busy.status_code == 200 and queued.status_code == 200
         assert busy.json()["timing"]["plan_ms"] > 40  # it was still computing
-        assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-        assert refused.json()["error"]["code"] == "queue_full"
+        for refused in refusals:  # /act, /adapt, and a new session's task
+            assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+            assert refused.json()["error"]["code"] == "queue_full"
 
         with httpx.Client(base_url=url, timeout=30) as c:
             assert c.get(f"/sessions/{ids[2]}").json()["step"] == -1  # the refusal changed nothing

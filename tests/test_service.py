@@ -521,3 +521,36 @@ def test_adapt_and_a_batch_of_act_never_run_two_engine_calls_at_once(served, mon
     assert in_flight.calls["adapt"] == 4 and in_flight.calls["run"] >= 1
     assert in_flight.calls["task_weights"] == 8  # each new session's default task
     assert in_flight.most == 1
+
+
+def test_a_model_that_fails_to_load_fails_liveness(tmp_path):
+    """/healthz answers 503 once the load failed, so that Kubernetes restarts the pod;
+    /readyz says why too."""
+    import uvicorn
+
+    from service.clients.local import free_port
+
+    settings = Settings(model_dir=tmp_path / "no-bundle-here", session_store="memory")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="critical"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                health = httpx.get(f"{url}/healthz")
+                if health.status_code != 200 or time.monotonic() > deadline:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
+        assert health.status_code == 503
+        error = health.json()["error"]
+        assert error["code"] == "model_load_failed" and "no-bundle-here" in error["message"]
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.status_code == 503 and "failed to load" in ready.json()["error"]["message"]
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
