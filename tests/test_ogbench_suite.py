@@ -126,9 +126,16 @@ def test_eval_suite_writes_the_table_with_the_published_baselines(run_dir, tmp_p
     argv[3] = "ogbench-tuning"
     assert cli_main([*argv, "--subgoals", "6", "--edge-steps", "40"]) == 0
     record = json.loads((out / "ogbench.json").read_text())
-    assert (record["tasks"], record["subgoal_nodes"]) == ("tuning", 6)
-    assert record["results"][0]["label"] == "random_shooting + subgoals"
+    assert (record["tasks"], record["subgoals"]["nodes"]) == ("tuning", 6)
+    assert record["results"][0]["label"] == "random_shooting + subgoals (value)"
     assert "published" not in (out / "ogbench.md").read_text()
+    # And through a graph whose edges the data's trajectories give.
+    assert (
+        cli_main([*argv, "--subgoals", "6", "--edge-steps", "40", "--subgoal-edges", "data"]) == 0
+    )
+    record = json.loads((out / "ogbench.json").read_text())
+    assert record["subgoals"]["edges"] == "data"
+    assert record["results"][0]["label"] == "random_shooting + subgoals (data)"
 
 
 def test_the_suite_refuses_a_bundle_of_another_environment(trained, capsys):

@@ -4,8 +4,12 @@ the next subgoal, on graphs whose answers are known."""
 import numpy as np
 
 from training.planning.subgoals import (
+    DataGraph,
     Route,
     SubgoalGraph,
+    data_graph,
+    data_route,
+    data_target,
     next_target,
     spread_indices,
     steps_from_values,
@@ -85,3 +89,56 @@ def test_the_next_subgoal_is_the_first_node_not_yet_reached():
     assert from_steps([50.0, 30.0, 12.0, 25.0, 45.0]) == 3
     # The goal itself within an edge's reach: aim at it.
     assert next_target(graph, route, self_values * GAMMA**100, 10.0 * GAMMA**10) is None
+
+
+def u_turn(speed: float = 0.5) -> np.ndarray:
+    """A trajectory up the left arm of a U (x = 0), across the top (y = 10) and down the
+    right arm (x = 4): a wall stands between the arms, which the data never crosses."""
+
+    def leg(a, b):
+        n = int(round(np.linalg.norm(np.subtract(b, a)) / speed))
+        return np.linspace(a, b, n, endpoint=False)
+
+    return np.concatenate([leg((0, 0), (0, 10)), leg((0, 10), (4, 10)), leg((4, 10), (4, 0))])
+
+
+def u_graph(max_edge_steps: int = 40) -> DataGraph:
+    path = u_turn()
+    trajectory = np.concatenate([path, path[::-1]])  # there and back: two episodes
+    episode = np.repeat([0, 1], len(path))
+    nodes = np.array([0, 10, 20, 28, 38, 47])  # (0,0) (0,5) (0,10) (4,10) (4,5) (4,0.5)
+    return data_graph(trajectory, episode, nodes, trajectory[nodes], np.zeros((6, 3)),
+                      radius=0.3, max_edge_steps=max_edge_steps)  # fmt: skip
+
+
+def test_data_edges_are_the_steps_the_data_took_never_through_the_wall():
+    graph = u_graph()
+    assert graph.positions[0].tolist() == [0.0, 0.0] and graph.positions[5].tolist() == [4.0, 0.5]
+    assert graph.steps[0, 1] == 10 and graph.steps[1, 0] == 10  # both ways: two episodes
+    assert graph.steps[2, 3] == 8  # across the top, 4 units at 0.5 a step
+    assert graph.steps[0, 4] == 38
+    # The two bottoms are 4.03 units apart through the wall and 47 steps apart by the data:
+    # no edge within 40 steps, and 47 when edges may be that long.
+    assert graph.steps[0, 5] == INF and graph.steps[5, 0] == INF
+    assert u_graph(max_edge_steps=50).steps[0, 5] == 47
+
+
+def test_the_data_route_goes_round_the_wall_and_aims_ahead_along_it():
+    graph = u_graph(max_edge_steps=12)
+    goal = np.array([4.0, 0.5])  # the right arm's bottom, the data passes it
+    remaining, next_hop = data_route(graph, goal)
+    assert np.allclose(remaining, [47, 37, 27, 19, 9, 0], atol=1e-5)
+    assert list(next_hop[:4]) == [1, 2, 3, 4] and next_hop[4] in (5, 6)  # 6: the goal
+    # At the left bottom, the goal 4 units away through the wall is not aimed at: the
+    # farthest node at most 15 steps along the path is.
+    start = np.array([0.1, 0.2])
+    assert data_target(graph, remaining, next_hop, start, lookahead=15.0) == 1
+    assert data_target(graph, remaining, next_hop, start, lookahead=25.0) == 2
+    # The first node on is aimed at even when it lies beyond the lookahead.
+    assert data_target(graph, remaining, next_hop, start, lookahead=5.0) == 1
+    # Within the lookahead of the goal along the path, the goal itself.
+    assert data_target(graph, remaining, next_hop, np.array([4.0, 5.2]), 15.0) is None
+    # A goal the data never passed has no path: the goal itself, and hope.
+    remaining, next_hop = data_route(graph, np.array([2.0, 5.0]))
+    assert not np.isfinite(remaining).any()
+    assert data_target(graph, remaining, next_hop, start, 15.0) is None

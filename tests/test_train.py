@@ -217,6 +217,22 @@ def test_cli_reports_config_errors(tmp_path, capsys):
         load_config(tmp_path / "list.yaml")
 
 
+def test_only_the_projects_own_failures_print_one_line(tmp_path, capsys, monkeypatch):
+    # The project's refusal: one line, exit status 2.
+    argv = ["collect", "pointmaze-umaze", "--out", str(tmp_path / "d")]
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.strip() == (
+        "worldplan: error: collect needs --episodes N (only ogbench/ datasets have a default)"
+    )
+    # A ValueError of anything else is a bug: it is not swallowed into one line.
+    def broken(*args, **kwargs):
+        raise ValueError("a library's own complaint")
+
+    monkeypatch.setattr("training.data.datasets.collect", broken)
+    with pytest.raises(ValueError, match="a library's own complaint"):
+        cli_main([*argv, "--episodes", "1"])
+
+
 def test_one_parser_holds_the_commands_each_package_adds():
     def added(add_commands) -> set[str]:
         sub = argparse.ArgumentParser().add_subparsers()

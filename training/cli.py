@@ -10,6 +10,7 @@ from pathlib import Path
 
 from training.config import ConfigError
 from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
+from training.errors import UsageError
 
 TASK_EPISODES = 10  # eval's episodes per planner in an environment without goals, unless told
 
@@ -21,7 +22,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
     from training.data.datasets import collect
 
     if args.episodes is None:
-        raise ValueError("collect needs --episodes N (only ogbench/ datasets have a default)")
+        raise UsageError("collect needs --episodes N (only ogbench/ datasets have a default)")
     started = time.perf_counter()
     path = collect(
         args.env,
@@ -54,7 +55,7 @@ def cmd_collect_ogbench(args: argparse.Namespace) -> None:
         "--max-episode-steps": args.max_episode_steps is not None,
     }
     if given := [flag for flag, set_ in fixed.items() if set_]:
-        raise ValueError(
+        raise UsageError(
             f"{', '.join(given)}: not for {args.env}, whose settings OGBench's recipe fixes"
         )
     started = time.perf_counter()
@@ -151,18 +152,22 @@ def cmd_eval(args: argparse.Namespace) -> None:
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite in ("ogbench", "ogbench-tuning"):
-        from training.analysis.ogbench_suite import compare_on_suite
+        from training.analysis.ogbench_suite import SubgoalSettings, compare_on_suite
 
         episodes = args.episodes or 50
         tuning = args.suite == "ogbench-tuning"
+        subgoals = None
+        if args.subgoals:
+            subgoals = SubgoalSettings(args.subgoals, args.edge_steps, args.subgoal_edges,
+                                       args.lookahead)  # fmt: skip
         compare_on_suite(bundle, planners, episodes, args.seed, out, args.batch, args.max_steps,
-                         not args.quiet, tuning, args.subgoals, args.edge_steps)  # fmt: skip
+                         not args.quiet, tuning, subgoals)  # fmt: skip
         print((out / "ogbench.md").read_text())
         print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
         return
     if not has_goal_episodes(bundle):  # any other environment: its own episodes, one task
         if args.rare_only:
-            raise ValueError(f"--rare-only: only for maze bundles with goals, not {bundle.env_id}")
+            raise UsageError(f"--rare-only: only for maze bundles with goals, not {bundle.env_id}")
         compare_planners_on_task(
             bundle, planners, args.episodes or TASK_EPISODES, args.seed, out, args.max_steps,
             not args.quiet,
@@ -188,7 +193,7 @@ def cmd_ablate(args: argparse.Namespace) -> None:
     knobs = args.knobs.split(",") if args.knobs else list(ABLATION_GRID)
     unknown = sorted(set(knobs) - set(ABLATION_GRID))
     if unknown:
-        raise ValueError(f"unknown knob(s) {unknown}; known: {', '.join(ABLATION_GRID)}")
+        raise UsageError(f"unknown knob(s) {unknown}; known: {', '.join(ABLATION_GRID)}")
     grid = {k: ABLATION_GRID[k] for k in knobs}
     out = Path(args.out or Path(args.run_dir) / "ablation")
     rows = ablate(bundle, args.goals, args.seed, out, grid, args.max_steps, not args.quiet)
@@ -249,7 +254,7 @@ def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> Non
 
 
 # The failures a training command expects: printed as one line, exit status 2.
-ERRORS = (ConfigError, OSError, ValueError)
+ERRORS = (UsageError, FileNotFoundError)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
@@ -379,6 +384,19 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=50.0,
         help="--subgoals: the most steps an edge of the graph may stand for",
+    )
+    p.add_argument(
+        "--subgoal-edges",
+        choices=("value", "data"),
+        default="value",
+        help="--subgoals: edges from the ψ-model's values, or from the data's trajectories "
+        "(which never cross a wall)",
+    )
+    p.add_argument(
+        "--lookahead",
+        type=float,
+        default=25.0,
+        help="--subgoal-edges data: aim at the node this many steps on along the path",
     )
     p.add_argument(
         "--rare-only", action="store_true", help="run only the goals drawn in rare cells"

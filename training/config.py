@@ -16,6 +16,8 @@ from pydantic import (
     model_validator,
 )
 
+from training.errors import UsageError
+
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
 # The world-model stages each mode trains before the successor-feature stages.
@@ -167,7 +169,7 @@ class PlanningConfig(Strict):
     @model_validator(mode="after")
     def _steps_within_maximum(self) -> PlanningConfig:
         if self.adaptation_steps > self.max_adaptation_steps:
-            raise ValueError(
+            raise UsageError(
                 f"adaptation_steps {self.adaptation_steps} exceeds max_adaptation_steps "
                 f"{self.max_adaptation_steps}"
             )
@@ -211,9 +213,9 @@ class JointConfig(Strict):
     @model_validator(mode="after")
     def _consistent(self) -> JointConfig:
         if self.world_epochs + self.controller_epochs + self.joint_epochs == 0:
-            raise ValueError("the alternating epochs are all 0")
+            raise UsageError("the alternating epochs are all 0")
         if self.meta_learning and self.schedule:
-            raise ValueError("meta_learning learns the weights: set schedule: false with it")
+            raise UsageError("meta_learning learns the weights: set schedule: false with it")
         return self
 
 
@@ -270,24 +272,24 @@ class Config(Strict):
             get_env_spec(self.env)  # a packaged environment or a registered gymnasium id
         except ValueError:
             known = ", ".join(sorted(ENVIRONMENTS))
-            raise ValueError(
+            raise UsageError(
                 f"unknown env {self.env!r}; known: {known}, or a registered gymnasium id"
             ) from None
         if self.train.value_steps and self.value.goal_dims is None:
-            raise ValueError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
+            raise UsageError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
         tbptt = self.train.tbptt
         if tbptt is not None and self.data.seq_len % tbptt:
-            raise ValueError(f"train.tbptt {tbptt} must divide data.seq_len {self.data.seq_len}")
+            raise UsageError(f"train.tbptt {tbptt} must divide data.seq_len {self.data.seq_len}")
         if self.train.mode == "staged" and (tbptt is not None or self.joint.meta_learning):
-            raise ValueError(
+            raise UsageError(
                 "train.tbptt and joint.meta_learning need mode end_to_end (tbptt: or alternating)"
             )
         if self.train.mode == "alternating" and self.joint.meta_learning:
-            raise ValueError("joint.meta_learning needs mode end_to_end, not alternating")
+            raise UsageError("joint.meta_learning needs mode end_to_end, not alternating")
         return self
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError):
     """A config file that cannot be used, with a message naming the file and the bad fields."""
 
 

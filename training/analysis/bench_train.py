@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from training.analysis.evaluate import markdown_table
 from training.config import Config, parse_config
+from training.errors import UsageError
 from training.learning.joint import PHASES, phase_start
 from training.learning.loop import initial_opt_states, new_run
 from training.learning.parallel import check_batches, make_mesh, replicated
@@ -99,7 +100,7 @@ def bench_train(
     """Every variant, or those named in `modes`."""
     unknown = sorted(set(modes or []) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown modes {unknown}; known: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown modes {unknown}; known: {', '.join(VARIANTS)}")
     mesh = make_mesh(devices)
     check_batches(config, mesh.size)
     chosen = {k: v for k, v in VARIANTS.items() if modes is None or k in modes}

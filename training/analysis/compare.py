@@ -30,6 +30,7 @@ from training.analysis.evaluate import (
 from training.analysis.plots import plt, save_figure
 from training.config import WORLD_STAGES
 from training.data.datasets import load_sequences
+from training.errors import UsageError
 from training.learning import joint
 from training.learning.checkpoint import Bundle, restore_bundle
 from training.learning.loop import read_metrics
@@ -110,7 +111,7 @@ def compare_runs(
     bundles = [restore_bundle(d) for d in run_dirs]
     envs = {b.env_id for b in bundles}
     if len(envs) > 1:
-        raise ValueError(f"runs of different environments cannot share episodes: {sorted(envs)}")
+        raise UsageError(f"runs of different environments cannot share episodes: {sorted(envs)}")
     for bundle in bundles:  # each run's observations, before any episode
         check_environment(bundle)
     data = data or bundles[0].metadata["dataset"]

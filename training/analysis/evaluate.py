@@ -31,6 +31,7 @@ from training.data.envs import (
     reported_success,
     select_observation,
 )
+from training.errors import UsageError
 from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import PLANNERS, Knobs, PlanShape, compile_decide, zero_delta
@@ -122,7 +123,7 @@ def evaluation_goals(bundle: Bundle, n_goals: int, seed: int = 0) -> list[GoalSp
     """n_goals (start, goal) pairs: half the goals in rare cells (when the dataset has
     any), starts in common cells at least two cells away from the goal."""
     if not bundle.env_id.startswith("pointmaze"):
-        raise ValueError(f"goal evaluation needs a pointmaze bundle, not {bundle.env_id!r}")
+        raise UsageError(f"goal evaluation needs a pointmaze bundle, not {bundle.env_id!r}")
     maze_map = make_env(bundle.env_id).unwrapped.maze.maze_map
     rare = rare_cells_of(bundle)
     common = [cell for cell in free_cells(maze_map) if cell not in rare]
@@ -448,10 +449,10 @@ def compare_planners(
     here on this machine."""
     unknown = sorted(set(planners) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
     drawn = [g for g in evaluation_goals(bundle, n_goals, seed) if g.rare or not rare_only]
     if not drawn:
-        raise ValueError(f"none of the {n_goals} goals lies in a rare cell")
+        raise UsageError(f"none of the {n_goals} goals lies in a rare cell")
     goals = repeat_goals(drawn, episodes_per_goal)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"env": bundle.env_id, "seed": seed, "goals": [asdict(g) for g in goals]}
@@ -550,9 +551,9 @@ def compare_planners_on_task(
     seed + 1, ..., on the bundle's default task; writes eval.json and eval.md into out_dir."""
     unknown = sorted(set(planners) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
     if episodes < 1:
-        raise ValueError(f"--episodes must be at least 1, got {episodes}")
+        raise UsageError(f"--episodes must be at least 1, got {episodes}")
     check_environment(bundle)
     task, weights = default_task_weights(bundle)
     seeds = [seed + i for i in range(episodes)]

@@ -30,14 +30,19 @@ from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilso
 from training.config import PlanningConfig
 from training.data.envs import bfs_path, make_env
 from training.data.ogbench_recipe import cells_at_distance
+from training.errors import UsageError
 from training.learning.checkpoint import Bundle
 from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
 from training.planning.step_rule import NOTHING, after_act, starting_delta
 from training.planning.subgoals import (
+    DataGraph,
     SubgoalGraph,
+    build_data_graph,
     build_graph,
     compile_reach,
+    data_route,
+    data_target,
     next_target,
     route_to,
 )
@@ -53,6 +58,9 @@ PUBLISHED = {
     "pointmaze-large-stitch-v0": {"GCIQL": 31, "HIQL": 13, "QRL": 84},
     "pointmaze-giant-stitch-v0": {"GCIQL": 0, "HIQL": 0, "QRL": 50},
 }
+# A position within this of a node counts as at it: a quarter of the point mazes' 4-unit
+# cell, so that it never counts across a wall, which is a whole cell thick.
+NODE_RADIUS = 0.3
 
 
 @dataclass(frozen=True)
@@ -120,7 +128,7 @@ def check_suite_env(bundle: Bundle) -> None:
     """OGBench's tasks exist only in its own environments."""
     env = make_env(bundle.env_id).unwrapped
     if not hasattr(env, "task_infos"):
-        raise ValueError(
+        raise UsageError(
             f"{bundle.env_id!r} has no OGBench tasks: --suite ogbench needs a bundle trained "
             "on an OGBench dataset (worldplan collect ogbench/...)"
         )
@@ -139,28 +147,83 @@ def reset_episode(env: gym.Env, start: Start) -> tuple[np.ndarray, dict]:
         np.random.set_state(state)
 
 
-@dataclass(frozen=True)
-class Subgoals:
-    """Subgoal search over a graph of the data's states (training/planning/subgoals.py)."""
+class ValueSubgoals:
+    """Subgoal search over a graph whose edges the ψ-model's own values give
+    (training/planning/subgoals.py), searched every `every` decisions."""
 
-    graph: SubgoalGraph
-    reach: object  # compile_reach's program
-    every: int  # decisions between two searches
+    def __init__(self, graph: SubgoalGraph, reach, every: int):
+        self.graph, self.reach, self.every = graph, reach, every
+        self.routes: list = []
+
+    def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
+        key = jax.random.key(0)
+        self.routes = [route_to(self.graph, self.reach, bundle.params, bundle.model, g, key)
+                       for g in goals]  # fmt: skip
+
+    def targets(self, params, observations, lstm_h, goal_weights, step) -> list | None:
+        """Each episode's node to aim at (None: its goal); None for all: keep the aims."""
+        if step % self.every:
+            return None
+        aims = np.concatenate([self.graph.weights, goal_weights])  # [K + n, P]
+        values = np.asarray(self.reach(params, observations, lstm_h, aims, jax.random.key(step)))
+        k = len(self.graph.weights)
+        return [next_target(self.graph, route, values[i, :k], values[i, k + i])
+                for i, route in enumerate(self.routes)]  # fmt: skip
+
+
+class DataSubgoals:
+    """Subgoal search over a graph whose edges the data's own trajectories give
+    (subgoals.DataGraph): at every decision, the node `lookahead` steps on along the
+    shortest path from the node nearest to the agent."""
+
+    def __init__(self, graph: DataGraph, lookahead: float):
+        self.graph, self.lookahead = graph, lookahead
+        self.routes: list = []
+
+    def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
+        self.routes = [data_route(self.graph, g) for g in goals]
+
+    def targets(self, params, observations, lstm_h, goal_weights, step) -> list:
+        dims = list(range(self.graph.positions.shape[1]))
+        return [data_target(self.graph, *route, np.asarray(obs)[dims], self.lookahead)
+                for obs, route in zip(observations, self.routes, strict=True)]  # fmt: skip
+
+
+def dataset_episodes(bundle: Bundle) -> list[np.ndarray]:
+    """The observations of every episode of the bundle's own dataset."""
+    from training.data.datasets import episode_observations, open_dataset
+
+    dataset = open_dataset(bundle.metadata["dataset"])
+    return [episode_observations(ep.observations) for ep in dataset.iterate_episodes()]
+
+
+@dataclass(frozen=True)
+class SubgoalSettings:
+    nodes: int  # states of the data the graph spans
+    edge_steps: float  # the most steps an edge may stand for
+    edges: str = "value"  # who gives the edges: the ψ-model's values, or the data's trajectories
+    lookahead: float = 25.0  # "data": steps along the path to aim ahead
+
+    def __post_init__(self):
+        if self.edges not in ("value", "data"):
+            raise UsageError(f"subgoal edges must be 'value' or 'data', got {self.edges!r}")
+        if self.nodes < 2 or self.edge_steps <= 0 or self.lookahead <= 0:
+            raise UsageError(f"subgoals need 2+ nodes and positive steps, got {self}")
 
 
 def subgoals_for(
-    bundle: Bundle, n_nodes: int, max_edge_steps: float, every: int = 5, n_samples: int = 64
-) -> Subgoals:
-    """The subgoal graph over `n_nodes` states of the bundle's own dataset."""
-    from training.data.datasets import load_sequences, open_dataset
-    from training.learning.stage_inputs import real_frames
-
-    seqs = load_sequences(open_dataset(bundle.metadata["dataset"]), bundle.config.data.seq_len)
-    observations = real_frames(seqs).astype(np.float32)
+    bundle: Bundle, settings: SubgoalSettings, every: int = 5, n_samples: int = 64
+) -> ValueSubgoals | DataSubgoals:
+    """The subgoal search over states of the bundle's own dataset."""
+    episodes = dataset_episodes(bundle)
+    if settings.edges == "data":
+        graph = build_data_graph(bundle.model, bundle.params, episodes, settings.nodes,
+                                 int(settings.edge_steps), NODE_RADIUS)  # fmt: skip
+        return DataSubgoals(graph, settings.lookahead)
     sample_steps = bundle.config.planning.sample_steps
-    graph = build_graph(bundle.model, bundle.params, observations, n_nodes, max_edge_steps,
-                        n_samples, sample_steps)  # fmt: skip
-    return Subgoals(graph, compile_reach(bundle.model, n_samples, sample_steps), every)
+    graph = build_graph(bundle.model, bundle.params, np.concatenate(episodes), settings.nodes,
+                        settings.edge_steps, n_samples, sample_steps)  # fmt: skip
+    return ValueSubgoals(graph, compile_reach(bundle.model, n_samples, sample_steps), every)
 
 
 def run_lockstep(
@@ -169,7 +232,7 @@ def run_lockstep(
     starts: list[Start],
     max_steps: int | None = None,
     progress: bool = False,
-    subgoals: Subgoals | None = None,
+    subgoals: ValueSubgoals | DataSubgoals | None = None,
 ) -> list[SuiteEpisode]:
     """The episodes of `starts` in lockstep, one batched decision per time step; with
     `subgoals`, each episode aims at the subgoal its search picks, searched every
@@ -188,10 +251,8 @@ def run_lockstep(
         weights.append(task_weights(model, params, {"kind": "goal", "goal": goal}))
     goal_weights = np.stack(weights)
     weights = jnp.asarray(goal_weights)
-    routes = []
     if subgoals is not None:
-        key = jax.random.key(0)
-        routes = [route_to(subgoals.graph, subgoals.reach, params, model, g, key) for g in goals]
+        subgoals.start(bundle, goals)
         node_weights = subgoals.graph.weights
     seeds = jnp.asarray([start.seed for start in starts], jnp.uint32)
     batch_knobs = Knobs(*(jnp.full(n, k, jnp.float32) for k in knobs))
@@ -211,15 +272,11 @@ def run_lockstep(
             rows = [starting_delta(c, shape, planning.warm_start, reset=False) for c in carried]
             rows = [zero if d is None else d for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-        if subgoals is not None and step % subgoals.every == 0:
-            aims = np.concatenate([node_weights, goal_weights])  # [K + n, P]
-            values = np.asarray(subgoals.reach(params, np.stack(observations), lstm[1], aims,
-                                               jax.random.key(step)))  # fmt: skip
-            k = len(node_weights)
-            targets = [
-                next_target(subgoals.graph, routes[i], values[i, :k], values[i, k + i])
-                for i in range(n)
-            ]
+        targets = None
+        if subgoals is not None:
+            targets = subgoals.targets(params, np.stack(observations), lstm[1], goal_weights,
+                                       step)  # fmt: skip
+        if targets is not None:
             weights = jnp.asarray(np.stack([
                 goal_weights[i] if t is None else node_weights[t] for i, t in enumerate(targets)
             ]))  # fmt: skip
@@ -268,7 +325,7 @@ def run_suite(
     max_steps: int | None = None,
     progress: bool = True,
     label: str | None = None,
-    subgoals: Subgoals | None = None,
+    subgoals: ValueSubgoals | DataSubgoals | None = None,
 ) -> dict:
     """The episodes of `starts`, `batch` at a time in lockstep; the per-task and overall
     success with their intervals."""
@@ -349,36 +406,35 @@ def compare_on_suite(
     max_steps: int | None = None,
     progress: bool = True,
     tuning: bool = False,
-    subgoal_nodes: int = 0,
-    edge_steps: float = 50.0,
+    subgoals: SubgoalSettings | None = None,
 ) -> list[dict]:
     """Every planner (or variant) on the same episodes of OGBench's five tasks (or of the
     tuning tasks, drawn with `seed`); writes ogbench.json, ogbench.md and ogbench.png into
-    out_dir after each planner. With `subgoal_nodes`, every planner aims through the
-    subgoal graph over that many states of the data (edges up to `edge_steps` steps)."""
+    out_dir after each planner. With `subgoals`, every planner aims through that subgoal
+    graph over states of the data."""
     from training.analysis.evaluate import VARIANTS, variant_planning
     from training.analysis.plots import plot_suite
 
     unknown = sorted(set(planners) - set(VARIANTS))
     if unknown:
-        raise ValueError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
     check_suite_env(bundle)
     name = dataset_name(bundle) or bundle.env_id
     tasks = tuning_tasks(bundle.env_id, seed) if tuning else official_tasks()
     starts = episode_starts(tasks, episodes_per_task, seed)
     record = {"env": bundle.env_id, "dataset": name, "tasks": "tuning" if tuning else "ogbench",
               "task_options": tasks, "seed": seed, "batch": batch,
-              "episodes_per_task": episodes_per_task, "subgoal_nodes": subgoal_nodes,
-              "edge_steps": edge_steps}  # fmt: skip
-    subgoals = subgoals_for(bundle, subgoal_nodes, edge_steps) if subgoal_nodes else None
+              "episodes_per_task": episodes_per_task,
+              "subgoals": asdict(subgoals) if subgoals else None}  # fmt: skip
+    search = subgoals_for(bundle, subgoals) if subgoals else None
     if tuning:
         name += " (tuning tasks)"
     results = []
     for planner in planners:
         planning = variant_planning(bundle, planner)
-        label = f"{planner} + subgoals" if subgoals else planner
+        label = f"{planner} + subgoals ({subgoals.edges})" if subgoals else planner
         results.append(run_suite(bundle, planning, starts, batch, max_steps, progress, label,
-                                 subgoals))  # fmt: skip
+                                 search))  # fmt: skip
         # Written after every planner: a long evaluation that stops keeps what it measured.
         write_suite(out_dir, name, record, results)
     plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")

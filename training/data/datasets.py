@@ -27,6 +27,7 @@ from training.data.envs import (
     packaged_name,
     rare_cells,
 )
+from training.errors import UsageError
 
 NAMESPACE = "worldplan"
 SIDECAR = "worldplan.json"
@@ -58,7 +59,7 @@ def collect(
     """
     spec = get_env_spec(env_name)
     if episodes < 1:
-        raise ValueError(f"episodes must be at least 1, got {episodes}")
+        raise UsageError(f"episodes must be at least 1, got {episodes}")
     out_dir = Path(out_dir).expanduser().resolve()
     _ensure_free(out_dir)
     steps = max_episode_steps or spec.default_episode_steps
@@ -251,7 +252,7 @@ def load_sequences(
     takes "observation" when the observations are a dict.
     """
     if seq_len < 1:
-        raise ValueError(f"seq_len must be at least 1, got {seq_len}")
+        raise UsageError(f"seq_len must be at least 1, got {seq_len}")
     if isinstance(path_or_id, minari.MinariDataset):
         dataset = path_or_id
     else:
@@ -269,7 +270,7 @@ def load_sequences(
     ]
     windows = [w for w in windows if len(w)]
     if not windows:
-        raise ValueError(f"dataset {path_or_id!r} holds no steps")
+        raise UsageError(f"dataset {path_or_id!r} holds no steps")
     return Sequences(
         *(np.concatenate([getattr(w, f) for w in windows]) for f in Sequences.__dataclass_fields__)
     )
@@ -280,12 +281,12 @@ def episode_observations(observations: Any, obs_key: str | None = "auto") -> np.
     if isinstance(observations, dict):
         key = "observation" if obs_key == "auto" else obs_key
         if key is None or key not in observations:
-            raise ValueError(
+            raise UsageError(
                 f"dict observations with keys {sorted(observations)} need an obs_key naming one"
             )
         observations = observations[key]
     elif obs_key not in ("auto", None):
-        raise ValueError(f"obs_key {obs_key!r} given but the observations are not a dict")
+        raise UsageError(f"obs_key {obs_key!r} given but the observations are not a dict")
     observations = np.asarray(observations)
     if observations.dtype == np.uint8:
         return observations

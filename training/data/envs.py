@@ -14,6 +14,8 @@ import gymnasium as gym
 import numpy as np
 from PIL import Image
 
+from training.errors import UsageError
+
 # gymnasium_robotics prints a notice about its Adroit environments on import; worldplan
 # uses none of them, so drop the notice before importing it.
 farama_notifications.notifications.pop("gymnasium_robotics", None)
@@ -58,7 +60,7 @@ def get_env_spec(name: str) -> EnvSpec:
         registered = gym.spec(name)
     except gym.error.Error:
         known = ", ".join(sorted(ENVIRONMENTS))
-        raise ValueError(
+        raise UsageError(
             f"unknown environment {name!r}: not a registered gymnasium id; known "
             f"environments: {known}"
         ) from None
@@ -110,7 +112,7 @@ def check_observation_shape(env: gym.Env, name: str, expected: Sequence[int]) ->
         seen = "no single array" if shape is None else f"shape {list(shape)}"
         gym_id = gym_id_of(name)
         named = repr(name) if gym_id == name else f"{name!r} ({gym_id})"
-        raise ValueError(
+        raise UsageError(
             f"environment {named} observes {seen}, but the model was trained on observations "
             f"of shape {list(expected)}: run the environment the model was trained in"
         )
@@ -196,14 +198,14 @@ def make_behaviour_policy(
     }
     if any(changed.values()):
         options = ", ".join(option for option, value in changed.items() if value)
-        raise ValueError(f"{options}: only for the pointmaze environments, not {name!r}")
+        raise UsageError(f"{options}: only for the pointmaze environments, not {name!r}")
     if spec.name == "pendulum":
         return UniformRandomPolicy(env.action_space, rng)
     if spec.name == "carracing":
         return BrownianDrivingPolicy(env.action_space, rng)
     if isinstance(env.action_space, gym.spaces.Box):  # any other environment: uniform actions
         return UniformRandomPolicy(env.action_space, rng)
-    raise ValueError(f"no behaviour policy for environment {name!r} (continuous actions only)")
+    raise UsageError(f"no behaviour policy for environment {name!r} (continuous actions only)")
 
 
 # ----- maze geometry (pure functions over a maze map: 1 = wall, anything else free) -----
@@ -220,7 +222,7 @@ def bfs_path(maze_map: Sequence[Sequence[Any]], start: Cell, goal: Cell) -> list
     free = set(free_cells(maze_map))
     for cell in (start, goal):
         if cell not in free:
-            raise ValueError(f"cell {cell} is not a free cell of the maze")
+            raise UsageError(f"cell {cell} is not a free cell of the maze")
     parents: dict[Cell, Cell | None] = {start: None}
     queue = deque([start])
     while queue:
@@ -233,7 +235,7 @@ def bfs_path(maze_map: Sequence[Sequence[Any]], start: Cell, goal: Cell) -> list
                 parents[nxt] = cell
                 queue.append(nxt)
     if goal not in parents:
-        raise ValueError(f"no path from {start} to {goal}")
+        raise UsageError(f"no path from {start} to {goal}")
     path = [goal]
     while (parent := parents[path[-1]]) is not None:
         path.append(parent)
@@ -250,12 +252,12 @@ def rare_cells(maze_map: Sequence[Sequence[Any]], skew: float) -> list[Cell]:
     behaviour still has somewhere to go.
     """
     if not 0.0 <= skew < 1.0:
-        raise ValueError(f"skew must lie in [0, 1), got {skew}")
+        raise UsageError(f"skew must lie in [0, 1), got {skew}")
     if skew == 0.0:
         return []
     cells = free_cells(maze_map)
     if len(cells) < 3:
-        raise ValueError("the maze has too few free cells to set any aside as rare")
+        raise UsageError("the maze has too few free cells to set any aside as rare")
     count = min(max(1, int(skew * len(cells) + 0.5)), len(cells) - 2)
     distance = {cell: len(bfs_path(maze_map, cells[0], cell)) - 1 for cell in cells}
     return sorted(cells, key=lambda rc: (-distance[rc], rc))[:count]
@@ -304,7 +306,7 @@ class MazeWaypointPolicy:
         rare = set(self.rare)
         self.candidates = [cell for cell in free_cells(maze.maze_map) if cell not in rare]
         if not 0.0 <= rare_goal_prob <= 1.0:
-            raise ValueError(f"rare_goal_prob must lie in [0, 1], got {rare_goal_prob}")
+            raise UsageError(f"rare_goal_prob must lie in [0, 1], got {rare_goal_prob}")
         self.rare_goal_prob = rare_goal_prob
         self._pending_goal: Cell | None = None
         self._path: list[Cell] = []

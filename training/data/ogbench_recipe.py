@@ -39,6 +39,7 @@ from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
 from training.data.datasets import SIDECAR, _data_dir, _minari_root
+from training.errors import UsageError
 
 SOURCE = "OGBench data_gen_scripts/generate_locomaze.py, flags from data_gen_scripts/commands.sh"
 PREFIX = "ogbench/"  # how `worldplan collect` names these datasets
@@ -96,7 +97,7 @@ def get_recipe(dataset_name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         known = ", ".join(PREFIX + n for n in RECIPES)
-        raise ValueError(f"unknown OGBench dataset {dataset_name!r}; known: {known}") from None
+        raise UsageError(f"unknown OGBench dataset {dataset_name!r}; known: {known}") from None
 
 
 # ----- the recipe -----
@@ -204,7 +205,7 @@ def _rollout(recipe: Recipe, env: gym.Env, seed: int | None) -> Rollout:
         adj_cells = cells_at_distance(maze_map, init_ij, STITCH_STEPS)
         goal_ij = adj_cells[np.random.randint(len(adj_cells))] if adj_cells else init_ij
     else:
-        raise ValueError(f"unsupported dataset type {recipe.dataset_type!r}")
+        raise UsageError(f"unsupported dataset type {recipe.dataset_type!r}")
     first_goal_ij = goal_ij
 
     ob, _ = env.reset(seed=seed, options=dict(task_info=dict(init_ij=init_ij, goal_ij=goal_ij)))
@@ -273,7 +274,7 @@ def collect_ogbench(
     recipe = get_recipe(dataset_name)
     train_episodes = recipe.num_episodes if episodes is None else episodes
     if train_episodes < 1:
-        raise ValueError(f"episodes must be at least 1, got {train_episodes}")
+        raise UsageError(f"episodes must be at least 1, got {train_episodes}")
     val_episodes = recipe.val_episodes(train_episodes)
     out_dir = Path(out_dir).expanduser().resolve()
     _ensure_empty(out_dir)
@@ -345,7 +346,7 @@ def npz_episodes(npz_path: str | Path) -> list[dict[str, np.ndarray]]:
         data = {k: file[k] for k in file.files}
     ends = np.flatnonzero(data["terminals"]) + 1
     if len(data["terminals"]) and (not len(ends) or ends[-1] != len(data["terminals"])):
-        raise ValueError(f"{npz_path}: the last episode has no terminal row")
+        raise UsageError(f"{npz_path}: the last episode has no terminal row")
     starts = np.concatenate([[0], ends[:-1]])
     return [{k: v[s:e] for k, v in data.items()} for s, e in zip(starts, ends, strict=True)]
 
@@ -376,7 +377,7 @@ def to_minari(
     dataset_id = dataset_id or f"{PREFIX}{name}"
     episodes = npz_episodes(npz_path)
     if not episodes:
-        raise ValueError(f"{npz_path} holds no episodes")
+        raise UsageError(f"{npz_path} holds no episodes")
     buffers = [
         EpisodeBuffer(
             id=index,
@@ -389,7 +390,7 @@ def to_minari(
         for index, ep in enumerate(episodes)
     ]
     if any(len(b.rewards) < 1 for b in buffers):
-        raise ValueError(f"{npz_path} has an episode of a single row (no transition)")
+        raise UsageError(f"{npz_path} has an episode of a single row (no transition)")
     obs_dim = episodes[0]["observations"].shape[1:]
     out_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".minari.", dir=out_dir))

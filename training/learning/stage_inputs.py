@@ -13,6 +13,7 @@ import numpy as np
 
 from training.config import Config
 from training.data.datasets import Sequences
+from training.errors import UsageError
 from training.learning import joint
 from training.learning.losses import discounted_returns, return_weights
 from training.models.networks import Networks, Spaces, normalise
@@ -54,12 +55,12 @@ def spaces_of(dataset, seqs: Sequences) -> Spaces:
     obs_shape = tuple(seqs.observations.shape[2:])
     if len(obs_shape) == 3:
         if obs_shape != (64, 64, 3):
-            raise ValueError(f"pixel observations must be 64x64x3, the dataset has {obs_shape}")
+            raise UsageError(f"pixel observations must be 64x64x3, the dataset has {obs_shape}")
         kind = "pixels"
     elif len(obs_shape) == 1:
         kind = "vector"
     else:
-        raise ValueError(f"unsupported observation shape {obs_shape}")
+        raise UsageError(f"unsupported observation shape {obs_shape}")
     space = dataset.action_space
     return Spaces(
         obs_shape=obs_shape,

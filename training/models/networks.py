@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from training.config import Config
+from training.errors import UsageError
 from training.models.controller import Controller
 from training.models.diffusion import Schedule, cosine_schedule, ddim_sample
 from training.models.mdn_rnn import MDNRNN
@@ -85,9 +86,9 @@ class Networks:
     def build(cls, config: Config, spaces: Spaces) -> Networks:
         if spaces.obs_kind == "pixels":
             if config.successor.cumulant_input != "latent":
-                raise ValueError("pixel observations need successor.cumulant_input: latent")
+                raise UsageError("pixel observations need successor.cumulant_input: latent")
             if config.value.goal_dims is not None:
-                raise ValueError("goal tasks need vector observations, not pixels")
+                raise UsageError("goal tasks need vector observations, not pixels")
             vae = ConvVAE(latent_dim=config.vae.latent_dim)
         else:
             (obs_dim,) = spaces.obs_shape

@@ -175,3 +175,124 @@ def next_target(
             return None
         target = int(route.next_hop[target])
     return target
+
+
+# ----- edges from the data: what a trajectory of the data did, never through a wall -----
+
+
+@dataclass(frozen=True)
+class DataGraph:
+    """Nodes spread over the data's positions; an edge i -> j wherever a trajectory of the
+    data passed within `radius` of node i and then of node j at most `max_edge_steps`
+    later, its cost the fewest steps it took. The data never crossed a wall, so neither
+    does an edge. The ψ-model then only has to reach a node a few steps away."""
+
+    positions: np.ndarray  # [K, D]: the nodes on the goal dimensions
+    observations: np.ndarray  # [K, *obs]
+    weights: np.ndarray  # [K, P]: each node's task weights as a goal
+    steps: np.ndarray  # [K, K]: fewest steps the data took from node i to node j (inf: never)
+    trajectory: np.ndarray  # [T, D]: the data's positions, episodes one after another
+    episode: np.ndarray  # [T]: each position's episode
+    node_at: np.ndarray  # [T]: the node each position is within `radius` of (-1: none)
+    radius: float
+    max_edge_steps: int
+
+
+def nearest_within(points: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
+    """For each point, the index of its nearest centre if within `radius`, else -1."""
+    out = np.full(len(points), -1, np.int64)
+    for start in range(0, len(points), 65536):  # bounded memory: [chunk, K] distances
+        chunk = points[start : start + 65536]
+        dist = np.linalg.norm(chunk[:, None] - centres[None], axis=-1)
+        nearest = np.argmin(dist, axis=1)
+        out[start : start + len(chunk)] = np.where(dist.min(axis=1) <= radius, nearest, -1)
+    return out
+
+
+def passage_steps(
+    node_at: np.ndarray, episode: np.ndarray, sources: np.ndarray, targets: np.ndarray,
+    n_sources: int, n_targets: int, max_steps: int,
+) -> np.ndarray:  # fmt: skip
+    """[n_sources, n_targets]: the fewest steps from a position labelled `sources` = i to
+    a later one of the same episode labelled `targets` = j, at most `max_steps` (inf:
+    never). Labels of -1 take no part."""
+    steps = np.full(n_sources * n_targets, np.inf)
+    for d in range(1, max_steps + 1):  # ascending: the first d written for a pair is its least
+        a, b = sources[:-d], targets[d:]
+        ok = (a >= 0) & (b >= 0) & (episode[:-d] == episode[d:])
+        pairs = np.unique(a[ok] * n_targets + b[ok])
+        fresh = pairs[np.isinf(steps[pairs])]
+        steps[fresh] = d
+    return steps.reshape(n_sources, n_targets)
+
+
+def build_data_graph(
+    model: Networks,
+    params: dict,
+    episodes: list[np.ndarray],
+    n_nodes: int,
+    max_edge_steps: int,
+    radius: float,
+    seed: int = 0,
+) -> DataGraph:
+    """The graph over `n_nodes` states of `episodes` (each [T, *obs], the data's)."""
+    dims = list(model.config.value.goal_dims)
+    observations = np.concatenate(episodes)
+    trajectory = observations[:, dims]
+    episode = np.concatenate([np.full(len(e), i) for i, e in enumerate(episodes)])
+    nodes = spread_indices(trajectory, n_nodes, seed)
+    weights = goal_weights(model, params, trajectory[nodes])
+    return data_graph(trajectory, episode, nodes, observations[nodes], weights, radius,
+                      max_edge_steps)  # fmt: skip
+
+
+def data_graph(
+    trajectory: np.ndarray, episode: np.ndarray, nodes: np.ndarray, observations: np.ndarray,
+    weights: np.ndarray, radius: float, max_edge_steps: int,
+) -> DataGraph:  # fmt: skip
+    """The graph whose nodes are the rows `nodes` of `trajectory` [T, D] (episode ids
+    `episode` [T]), with their observations and task weights."""
+    positions = trajectory[nodes]
+    node_at = nearest_within(trajectory, positions, radius)
+    k = len(nodes)
+    steps = passage_steps(node_at, episode, node_at, node_at, k, k, max_edge_steps)
+    np.fill_diagonal(steps, 0.0)
+    return DataGraph(positions, observations, weights, steps, trajectory, episode, node_at,
+                     radius, max_edge_steps)  # fmt: skip
+
+
+def data_route(graph: DataGraph, goal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every node's steps to `goal` over the data's edges, and its next node (K: the goal;
+    -1: no path). The goal joins the graph where the data passed within `radius` of it."""
+    at_goal = np.where(np.linalg.norm(graph.trajectory - goal, axis=1) <= graph.radius, 0, -1)
+    k = len(graph.positions)
+    direct = passage_steps(graph.node_at, graph.episode, graph.node_at, at_goal, k, 1,
+                           graph.max_edge_steps)[:, 0]  # fmt: skip
+    direct[np.linalg.norm(graph.positions - goal, axis=1) <= graph.radius] = 0.0  # at it
+    return steps_to_goal(graph.steps, direct)
+
+
+def data_target(
+    graph: DataGraph, remaining: np.ndarray, next_hop: np.ndarray, position: np.ndarray,
+    lookahead: float,
+) -> int | None:  # fmt: skip
+    """The node a decision at `position` aims at (None: the goal itself): from the node
+    with a path nearest to it, the farthest node along its path to the goal at most
+    `lookahead` steps on (the first one at least); the goal once it is that near."""
+    # The nearest node with a path: a node the data seldom passed close may have none.
+    distance = np.where(np.isfinite(remaining),
+                        np.linalg.norm(graph.positions - position, axis=1), np.inf)  # fmt: skip
+    if not np.isfinite(distance).any():
+        return None  # no path known: aim at the goal and hope
+    here = int(np.argmin(distance))
+    k = len(graph.positions)
+    target, travelled = here, 0.0
+    while True:
+        hop = int(next_hop[target])
+        if hop == k:
+            return None if travelled + remaining[target] <= lookahead or target == here \
+                else target  # fmt: skip
+        cost = graph.steps[target, hop]
+        if travelled + cost > lookahead and target != here:
+            return target
+        target, travelled = hop, travelled + cost

@@ -12,13 +12,14 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
+from training.errors import UsageError
 from training.models.networks import GOAL_DECODER, Networks
 from training.models.value import least_squares_weights
 
 TASK_KINDS = ("reward_weights", "embedding", "goal", "reward_samples")
 
 
-class TaskError(ValueError):
+class TaskError(UsageError):
     """A task that does not fit the model, with a message saying why."""
 
 
