@@ -51,6 +51,12 @@ class Metrics:
             buckets=(0, 0.1, 0.5, 1, 2, 5, 10, 50), registry=r,
         )  # fmt: skip
         self.decisions = Counter("worldplan_decisions", "decisions made", ["planner"], registry=r)
+        self.stale_writes = Counter(
+            "worldplan_stale_writes",
+            "session writes refused because another replica wrote the session meanwhile",
+            ["route"],
+            registry=r,
+        )
         self.guard_fallbacks = Counter(
             "worldplan_adaptation_fallbacks",
             "adaptations whose outcome the support guard rejected (planned with Δφ = 0)",

@@ -15,6 +15,7 @@ from service.errors import ApiError
 from service.schemas import ActRequest, ActResponse, AdaptRequest, CreateSession
 from service.sessions import SessionLimit
 from service.stepping import (
+    answer_of_stored_step,
     apply_act,
     apply_adapt,
     load_session,
@@ -142,7 +143,10 @@ async def act(
         answered = answer(request, response)  # before the session changes
         rt.metrics.observe_decision(planning.config.planner, outcome.diagnostics)
         apply_act(rt, session, body, planning, step, outcome, response)
-        await save_session(rt, session)
+        if not await save_session(rt, session, "/act"):
+            stored = await answer_of_stored_step(rt, request.state.owner, session.session_id,
+                                                 step.step)  # fmt: skip
+            return answer(request, stored)
     return answered
 
 
@@ -166,5 +170,7 @@ async def adapt(
         answered = answer(request, payload)  # before the session changes
         rt.metrics.observe_adaptation(diagnostics)
         apply_adapt(session, adaptation, delta, body.persist)
-        await save_session(rt, session)
+        if not await save_session(rt, session, "/adapt"):
+            message = "another replica changed this session meanwhile: send /adapt again"
+            raise ApiError(409, "session_changed", message)
     return answered

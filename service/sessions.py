@@ -19,7 +19,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -30,8 +30,9 @@ from service.codec import MSGPACK, CodecError, decode_body, encode_body
 
 # 2 added `owner`: version 1 records are read with no owner. 3 added `delta_program`: older
 # records are read without their Δφ, which no program can be told to have fitted (a warm
-# start only; the next step adapts from Δφ = 0).
-RECORD_VERSION = 3
+# start only; the next step adapts from Δφ = 0). 4 added `revision`: older records are
+# read at revision 0.
+RECORD_VERSION = 4
 
 
 @dataclass(eq=False)
@@ -51,6 +52,9 @@ class Session:
     last_observation: np.ndarray | None = None  # where /adapt adapts when given none
     owner: str | None = None  # a digest of the API key that created it (never the key)
     delta_program: str | None = None  # the planning program that fitted `delta`
+    # Writes so far: a write succeeds only over the revision it read (compare-and-set), so
+    # that a replica's late write never overwrites what another one wrote meanwhile.
+    revision: int = 0
 
 
 _FIELDS = tuple(f.name for f in fields(Session))
@@ -73,6 +77,10 @@ class SessionLimit(Exception):
         self.retry_after_s = retry_after_s
 
 
+class StaleWrite(Exception):
+    """The session was written by someone else since it was read: this write is refused."""
+
+
 class StoreUnavailable(RuntimeError):
     """The store cannot be reached; nothing was read or written (503, retried by clients)."""
 
@@ -84,7 +92,10 @@ class SessionStore(Protocol):
 
     async def get(self, session_id: str) -> Session: ...
 
-    async def put(self, session: Session) -> None: ...
+    async def put(self, session: Session) -> None:
+        """Writes the session over the revision it was read at, and counts the write in
+        `session.revision`; StaleWrite if another write came in between."""
+        ...
 
     async def delete(self, session_id: str) -> None: ...
 
@@ -120,7 +131,9 @@ def session_from_bytes(b: bytes) -> Session:
     if isinstance(record, dict) and record.get("v") == 1:
         record = {**record, "v": 2, "owner": None}
     if isinstance(record, dict) and record.get("v") == 2:
-        record = {**record, "v": RECORD_VERSION, "delta": None, "delta_program": None}
+        record = {**record, "v": 3, "delta": None, "delta_program": None}
+    if isinstance(record, dict) and record.get("v") == 3:
+        record = {**record, "v": RECORD_VERSION, "revision": 0}
     if not isinstance(record, dict) or record.get("v") != RECORD_VERSION:
         raise CodecError("not a session record (or one of another version)")
     if set(record) != {"v", *_FIELDS}:
@@ -157,8 +170,8 @@ class MemorySessionStore:
         self.clock = clock
         self.remember_evicted = remember_evicted
         self.evictions = 0
-        # id -> (record, time of the last create/put); oldest first, which is LRU order.
-        self._entries: OrderedDict[str, tuple[bytes, float]] = OrderedDict()
+        # id -> (record, time of the last create/put, revision); oldest first: LRU order.
+        self._entries: OrderedDict[str, tuple[bytes, float, int]] = OrderedDict()
         self._evicted: OrderedDict[str, None] = OrderedDict()
 
     def _evict(self, session_id: str) -> None:
@@ -182,7 +195,7 @@ class MemorySessionStore:
         now = self.clock()
         n = 0
         while self._entries:
-            session_id, (_, touched) = next(iter(self._entries.items()))
+            session_id, (_, touched, _) = next(iter(self._entries.items()))
             if not self._idle(touched, now):
                 break
             self._evict(session_id)
@@ -198,12 +211,12 @@ class MemorySessionStore:
         self.sweep()
         now = self.clock()
         while len(self._entries) >= self.max_sessions:
-            oldest, (_, touched) = next(iter(self._entries.items()))
+            oldest, (_, touched, _) = next(iter(self._entries.items()))
             wait = self.min_idle_to_evict_s - (now - touched)
             if wait > 0:
                 raise SessionLimit(f"all {self.max_sessions} sessions are in use", wait)
             self._evict(oldest)
-        self._entries[session.session_id] = (record, now)
+        self._entries[session.session_id] = (record, now, session.revision)
         self._evicted.pop(session.session_id, None)
 
     async def get(self, session_id: str) -> Session:
@@ -217,7 +230,6 @@ class MemorySessionStore:
 
     async def put(self, session: Session) -> None:
         session_id = session.session_id
-        record = session_to_bytes(session)
         entry = self._entries.get(session_id)
         if entry is None:
             raise self._missing(session_id)
@@ -226,7 +238,11 @@ class MemorySessionStore:
             # Expired before this write: do not bring it back.
             self._evict(session_id)
             raise SessionExpired(session_id)
-        self._entries[session_id] = (record, now)
+        if entry[2] != session.revision:
+            raise StaleWrite(session_id)
+        record = session_to_bytes(replace(session, revision=session.revision + 1))
+        session.revision += 1
+        self._entries[session_id] = (record, now, session.revision)
         self._entries.move_to_end(session_id)
 
     async def delete(self, session_id: str) -> None:
@@ -254,6 +270,26 @@ def _reachable(method):
     return call
 
 
+# A write of a session, atomic in Redis: only over an existing record (a session that
+# expired or was deleted meanwhile is not brought back) and only over the revision it was
+# read at, which the `seen:` key mirrors as "r:<revision>" (a key of an older version
+# holds "1" and is written over). KEYS: session, seen; ARGV: record, its expiry and the
+# seen key's (ms), the revision read.
+PUT_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local seen = redis.call('GET', KEYS[2])
+if seen and string.sub(seen, 1, 2) == 'r:' and seen ~= 'r:' .. ARGV[4] then return 1 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('SET', KEYS[2], 'r:' .. (tonumber(ARGV[4]) + 1), 'PX', ARGV[3])
+return 2
+"""
+PUT_MISSING, PUT_STALE, PUT_WRITTEN = 0, 1, 2
+
+
+def revision_mark(revision: int) -> bytes:
+    return f"r:{revision}".encode()
+
+
 class RedisSessionStore:
     """Sessions in Redis, so that any replica can continue one. Each session is one key whose
     expiry is the idle TTL (refreshed by ``put``); a second, long-lived ``seen:`` key written at
@@ -275,6 +311,7 @@ class RedisSessionStore:
         self.prefix = prefix
         self.evictions = 0
         self._redis = aioredis.Redis.from_url(url)
+        self._put_script = self._redis.register_script(PUT_SCRIPT)
 
     def _key(self, session_id: str) -> str:
         return f"{self.prefix}session:{session_id}"
@@ -296,7 +333,8 @@ class RedisSessionStore:
         record = session_to_bytes(session)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._key(sid), record, px=self._px(self.idle_ttl_s), nx=True)
-            pipe.set(self._seen(sid), b"1", px=self._px(self.seen_ttl_s))
+            pipe.set(self._seen(sid), revision_mark(session.revision),
+                     px=self._px(self.seen_ttl_s))  # fmt: skip
             created, _ = await pipe.execute()
         if not created:
             raise ValueError(f"session {sid!r} already exists")
@@ -311,14 +349,17 @@ class RedisSessionStore:
     @_reachable
     async def put(self, session: Session) -> None:
         sid = session.session_id
-        record = session_to_bytes(session)
-        # XX: a session that expired or was deleted meanwhile is not brought back.
-        async with self._redis.pipeline(transaction=True) as pipe:
-            pipe.set(self._key(sid), record, px=self._px(self.idle_ttl_s), xx=True)
-            pipe.pexpire(self._seen(sid), self._px(self.seen_ttl_s))
-            written, _ = await pipe.execute()
-        if not written:
+        written = session_to_bytes(replace(session, revision=session.revision + 1))
+        outcome = await self._put_script(
+            keys=[self._key(sid), self._seen(sid)],
+            args=[written, self._px(self.idle_ttl_s), self._px(self.seen_ttl_s),
+                  session.revision],
+        )  # fmt: skip
+        if outcome == PUT_MISSING:
             raise await self._missing(sid)
+        if outcome == PUT_STALE:
+            raise StaleWrite(sid)
+        session.revision += 1
 
     @_reachable
     async def delete(self, session_id: str) -> None:

@@ -28,7 +28,7 @@ from service.errors import ApiError, expired, not_found
 from service.guard import as_float32, non_finite_paths
 from service.runtime import Runtime
 from service.schemas import LIMITS, ActRequest, AdaptRequest, CreateSession, PlannerOverrides
-from service.sessions import Session, SessionExpired, SessionNotFound
+from service.sessions import Session, SessionExpired, SessionNotFound, StaleWrite
 
 SESSION_ID_BYTES = 16  # 128 random bits
 
@@ -62,13 +62,34 @@ async def load_session(rt: Runtime, owner: str | None, session_id: str) -> Sessi
     return session
 
 
-async def save_session(rt: Runtime, session: Session) -> None:
+async def save_session(rt: Runtime, session: Session, route: str) -> bool:
+    """Stores the session; False when the store refused a stale write (another replica
+    wrote the session since it was read here), counted in /metrics."""
     # The last line of defence: the handlers checked every input and result already.
     if paths := non_finite_paths(vars(session)):
         raise ApiError(500, "non_finite_state", f"refused to store non-finite {paths[:5]}")
     session.last_used = time.time()
-    with store_errors(session.session_id):
-        await rt.store.put(session)
+    try:
+        with store_errors(session.session_id):
+            await rt.store.put(session)
+    except StaleWrite:
+        rt.metrics.stale_writes.labels(route).inc()
+        return False
+    return True
+
+
+async def answer_of_stored_step(rt: Runtime, owner: str | None, session_id: str, step: int):
+    """After a stale write of `step`: the answer a retry of it gets, when another replica
+    stored that step meanwhile; else 409, and the caller learns the step to send."""
+    stored = await load_session(rt, owner, session_id)
+    if stored.step == step and stored.last_response:
+        return stored.last_response
+    raise ApiError(
+        409,
+        "step_conflict",
+        "another replica changed this session meanwhile",
+        {"expected_step": stored.step + 1, "last_step": stored.step},
+    )
 
 
 def check_queue(rt: Runtime) -> None:

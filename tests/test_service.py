@@ -554,3 +554,40 @@ def test_a_model_that_fails_to_load_fails_liveness(tmp_path):
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.redis
+def test_two_replicas_racing_one_session_never_change_an_acknowledged_step(trained, redis_url):
+    """A slow replica's late write of a step that another replica stored meanwhile is
+    refused: it answers what was stored (as a retry would be answered) and counts it."""
+    settings = Settings(
+        model_dir=trained.run_dir, session_store="redis", redis_url=redis_url,
+        batch_sizes=(1,), max_batch=1, sample_counts=(4096,),
+    )  # fmt: skip
+    slow_planner = {"planner": "online_adaptation", "adaptation_steps": 200,
+                    "n_adaptation_samples": 4096}  # fmt: skip
+    with running_server(settings) as (a, _), running_server(settings) as (b, _):
+        sid = httpx.post(f"{a}/sessions", json={"seed": 5}).json()["session_id"]
+        first = {"session_id": sid, "observation": [0.5, -0.5, 0.1, 0.0], "step": 0}
+
+        async def race():
+            async with httpx.AsyncClient(timeout=60) as c:
+                slow = asyncio.create_task(
+                    c.post(f"{a}/act", json={**first, "planner": slow_planner})
+                )
+                await asyncio.sleep(0.05)  # replica a is computing
+                quick = await c.post(f"{b}/act", json=first)
+                return quick, await slow
+
+        quick, slow = asyncio.run(race())
+        assert quick.status_code == 200 and slow.status_code == 200
+        # b acknowledged step 0 first; a's late answer is b's, not its own.
+        assert slow.json() == quick.json()
+        stale = re.search(r'worldplan_stale_writes_total\{route="/act"\} (\S+)',
+                          httpx.get(f"{a}/metrics").text)  # fmt: skip
+        assert stale and float(stale[1]) == 1.0
+        # The session goes on from b's step 0, on either replica.
+        nxt = httpx.post(f"{a}/act", json={**first, "step": 1})
+        assert nxt.status_code == 200 and nxt.json()["step"] == 1
+        assert httpx.get(f"{b}/sessions/{sid}").json()["step"] == 1

@@ -22,6 +22,7 @@ from service.sessions import (
     SessionLimit,
     SessionNotFound,
     SessionStore,
+    StaleWrite,
     StoreUnavailable,
     session_from_bytes,
     session_to_bytes,
@@ -488,3 +489,38 @@ def test_foreign_records_are_refused_not_executed():
     del bad["seed"]
     with pytest.raises(CodecError, match="session record has fields"):
         session_from_bytes(msgpack.packb(bad, use_bin_type=True))
+
+
+def test_a_write_over_a_revision_read_before_another_write_is_refused(harness):
+    """Compare-and-set: two readers of one revision; the first write wins, the late one is
+    refused, and what the first wrote stays."""
+
+    async def main():
+        async with harness.store() as store:
+            s = make_session(seed=3)
+            await store.create(s)
+            first, late = await store.get(s.session_id), await store.get(s.session_id)
+            first.step, first.last_response = 0, {"step": 0, "by": "first"}
+            await store.put(first)
+            assert first.revision == 1
+            late.step, late.last_response = 0, {"step": 0, "by": "late"}
+            with pytest.raises(StaleWrite):
+                await store.put(late)
+            assert late.revision == 0
+            stored = await store.get(s.session_id)
+            assert (stored.revision, stored.last_response["by"]) == (1, "first")
+            # Read again, it writes: the refusal was about what it read, not who it is.
+            stored.step = 1
+            await store.put(stored)
+            assert (await store.get(s.session_id)).revision == 2
+
+    asyncio.run(main())
+
+
+def test_a_record_of_the_version_before_revisions_reads_at_revision_0():
+    from service.codec import MSGPACK, decode_body, encode_body
+
+    record = decode_body(session_to_bytes(make_session(seed=4)), MSGPACK)
+    del record["revision"]
+    older = session_from_bytes(encode_body({**record, "v": 3}, MSGPACK))
+    assert older.revision == 0 and older.seed == 4

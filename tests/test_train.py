@@ -224,6 +224,7 @@ def test_only_the_projects_own_failures_print_one_line(tmp_path, capsys, monkeyp
     assert capsys.readouterr().err.strip() == (
         "worldplan: error: collect needs --episodes N (only ogbench/ datasets have a default)"
     )
+
     # A ValueError of anything else is a bug: it is not swallowed into one line.
     def broken(*args, **kwargs):
         raise ValueError("a library's own complaint")
