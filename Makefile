@@ -10,6 +10,9 @@ $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
+	# openpi's own client, which the stream's tests drive: it pins numpy<2, yet the parts
+	# a client uses (msgpack-numpy, the WebSocket policy) run on numpy 2.
+	$(PY) -m pip install --quiet --no-deps "openpi-client==0.1.2"
 	touch $(INSTALLED)
 
 install: $(INSTALLED)

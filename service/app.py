@@ -27,6 +27,7 @@ from service.sessions import (
     StoreUnavailable,
 )
 from service.settings import Settings
+from service.stream import router as stream_router
 
 log = logging.getLogger("worldplan")
 DRAIN_EXEMPT = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -156,6 +157,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(ApiError.from_validation(err.errors()))
 
     app.include_router(router)
+    app.include_router(stream_router)
 
     def openapi() -> dict:  # the schemas the handlers check, attached once
         if app.openapi_schema is None:

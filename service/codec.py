@@ -45,6 +45,9 @@ _B64_KEYS = frozenset({"dtype", "shape", "b64"})
 _NDARRAY_KEYS = frozenset({"__ndarray__", "data", "dtype", "shape"})
 _MSGPACK_NUMPY_KEYS = frozenset({b"nd", b"type", b"kind", b"shape", b"data"})
 _MSGPACK_NUMPY_SCALAR_KEYS = frozenset({b"nd", b"type", b"data"})
+# openpi-client's msgpack-numpy: the ndarray map with bytes keys, and numpy scalars.
+_OPENPI_KEYS = frozenset({b"__ndarray__", b"data", b"dtype", b"shape"})
+_OPENPI_SCALAR_KEYS = frozenset({b"__npgeneric__", b"data", b"dtype"})
 
 
 class CodecError(ValueError):
@@ -183,6 +186,12 @@ def _from_ndarray_map(value: dict, name: str) -> np.ndarray | np.generic | None:
         return _from_buffer(value[b"data"], value[b"type"], value[b"shape"], name)
     if keys == _MSGPACK_NUMPY_SCALAR_KEYS and value[b"nd"] is False:
         return _from_buffer(value[b"data"], value[b"type"], [], name)[()]
+    if keys == _OPENPI_KEYS and value[b"__ndarray__"] is True:
+        return _from_buffer(value[b"data"], value[b"dtype"], value[b"shape"], name)
+    if keys == _OPENPI_SCALAR_KEYS and value[b"__npgeneric__"] is True:
+        if not isinstance(value[b"data"], bool | int | float):
+            raise CodecError(f"{name}: a numpy scalar's data must be a number")
+        return np.asarray(value[b"data"], _parse_dtype(value[b"dtype"], name))[()]
     return None
 
 
@@ -253,6 +262,24 @@ def _msgpack_default(obj: Any) -> Any:
     arr = _as_numpy(obj, "msgpack")
     # Scalars are numbers for the client; only arrays carry dtype and shape.
     return arr.item() if isinstance(arr, np.generic) else _to_ndarray_map(arr)
+
+
+def _openpi_default(obj: Any) -> Any:
+    arr = _as_numpy(obj, "msgpack")
+    if isinstance(arr, np.generic):
+        return arr.item()
+    fields = _to_ndarray_map(arr)
+    return {b"__ndarray__": True, b"data": fields["data"], b"dtype": fields["dtype"],
+            b"shape": fields["shape"]}  # fmt: skip
+
+
+def encode_openpi(obj: Any) -> bytes:
+    """``obj`` as openpi-client's msgpack-numpy reads it: arrays as ndarray maps with bytes
+    keys, which its unpacker turns back into arrays."""
+    try:
+        return msgpack.packb(obj, default=_openpi_default, use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise CodecError(f"cannot encode response as msgpack: {e}") from e
 
 
 def _json_default(obj: Any) -> Any:

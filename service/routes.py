@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Annotated
+from collections.abc import Callable
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
 
 from service.errors import ApiError
+from service.runtime import Runtime
 from service.schemas import ActRequest, ActResponse, AdaptRequest, CreateSession
 from service.sessions import SessionLimit
 from service.stepping import (
@@ -38,6 +40,7 @@ from service.web import (
 )
 
 router = APIRouter()
+T = TypeVar("T")
 
 
 @router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(docs_allowed)])
@@ -117,12 +120,21 @@ async def delete_session(session_id: str, request: Request, rt: Authorised) -> R
 async def act(
     request: Request, rt: Authorised, body: Annotated[ActRequest, read_body(ActRequest)]
 ) -> Response:
+    return await act_step(rt, request.state.owner, body, lambda payload: answer(request, payload))
+
+
+async def act_step(
+    rt: Runtime, owner: str | None, body: ActRequest, encode: Callable[[dict], T]
+) -> T:
+    """One step of a session, as every transport takes it: the answer `encode` makes of
+    the response, made before the session changes (an answer that cannot be sent changes
+    nothing)."""
     started = time.perf_counter()
     async with rt.lock(body.session_id):
         with rt.batcher.arriving():  # a batch about to be cut waits for this decision
-            session = await load_session(rt, request.state.owner, body.session_id)
+            session = await load_session(rt, owner, body.session_id)
             if body.step is not None and body.step == session.step and session.last_response:
-                return answer(request, session.last_response)  # a retry: nothing advances
+                return encode(session.last_response)  # a retry: nothing advances
             planning, step = prepare_act(rt, session, body)
             queued = time.perf_counter()
             decided = rt.batcher.enqueue(planning.shape, step)
@@ -140,13 +152,11 @@ async def act(
             },
             model_version=rt.model_version,
         ).model_dump()
-        answered = answer(request, response)  # before the session changes
+        answered = encode(response)  # before the session changes
         rt.metrics.observe_decision(planning.config.planner, outcome.diagnostics)
         apply_act(rt, session, body, planning, step, outcome, response)
         if not await save_session(rt, session, "/act"):
-            stored = await answer_of_stored_step(rt, request.state.owner, session.session_id,
-                                                 step.step)  # fmt: skip
-            return answer(request, stored)
+            return encode(await answer_of_stored_step(rt, owner, session.session_id, step.step))
     return answered
 
 

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from fastapi import Depends, Request, Response
 from pydantic import BaseModel, ValidationError
+from starlette.requests import HTTPConnection
 
 from service import codec
 from service.errors import ApiError
@@ -42,16 +43,26 @@ async def not_draining(request: Request) -> None:
         raise ApiError(503, "shutting_down", "draining", headers={"Retry-After": "1"})
 
 
-def caller(request: Request) -> str | None:
-    """Who is calling: a digest of the request's API key (None when no key is configured),
-    or 401. Every key is compared, in constant time each, whichever matches."""
+def sent_key(headers) -> str:
+    """The API key a request carries: `X-API-Key`, or `Authorization: Api-Key …` (what
+    openpi-client sends)."""
+    scheme, _, key = headers.get("authorization", "").partition(" ")
+    return headers.get("x-api-key") or (key.strip() if scheme.lower() == "api-key" else "")
+
+
+def caller(request: HTTPConnection) -> str | None:
+    """Who is calling (a request or a WebSocket): a digest of its API key (None when no key
+    is configured), or 401. Every key is compared, in constant time each, whichever
+    matches."""
     keys = request.app.state.settings.keys
     if not keys:
         return None
-    sent = request.headers.get("x-api-key", "").encode()
+    sent = sent_key(request.headers).encode()
     matched = [secrets.compare_digest(sent, key.encode()) for key in keys]
     if not any(matched):
-        raise ApiError(401, "unauthorized", "missing or wrong X-API-Key")
+        raise ApiError(
+            401, "unauthorized", "missing or wrong X-API-Key (or Authorization: Api-Key)"
+        )
     return hashlib.sha256(sent).hexdigest()[:32]
 
 
