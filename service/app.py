@@ -62,7 +62,7 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
         store=make_store(settings),
         metrics=app.state.metrics,
         model_version=engine.model_version,
-        shapes=engine.published_shapes(settings.sample_counts),
+        shapes=engine.published_shapes(settings.sample_counts, settings.action_horizons),
     )
     runtime.delta_bytes = await loop.run_in_executor(None, engine.delta_bytes, runtime.shapes)
     if not runtime.keeps_delta:

@@ -85,6 +85,7 @@ class Planning(NamedTuple):
 @dataclass
 class Outcome:
     action: np.ndarray
+    actions: np.ndarray  # [H, A]: the action chunk, `action` first
     lstm_c: np.ndarray
     lstm_h: np.ndarray
     diagnostics: dict
@@ -201,16 +202,22 @@ class Engine:
         config = PlanningConfig.model_validate(merged)
         return Planning(config, PlanShape.of(config))
 
-    def published_shapes(self, sample_counts: tuple[int, ...]) -> list[PlanShape]:
+    def published_shapes(
+        self, sample_counts: tuple[int, ...], action_horizons: tuple[int, ...] = (1,)
+    ) -> list[PlanShape]:
         """Every plan shape a request may ask for: the defaults of each planner, and online
         adaptation at each published sample count (any step count up to the published
-        maximum runs in one program)."""
+        maximum runs in one program), each at every published action horizon."""
         base = self.planning_defaults
-        shapes = {PlanShape.of(base.model_copy(update={"planner": name})) for name in PLANNERS}
-        for samples in {*sample_counts, base.n_adaptation_samples}:
-            update = {"planner": "online_adaptation", "n_adaptation_samples": samples}
-            shapes.add(PlanShape.of(base.model_copy(update=update)))
-        return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples))
+        updates = [{"planner": name} for name in PLANNERS]
+        updates += [{"planner": "online_adaptation", "n_adaptation_samples": samples}
+                    for samples in {*sample_counts, base.n_adaptation_samples}]  # fmt: skip
+        shapes = {
+            PlanShape.of(base.model_copy(update={**update, "action_horizon": horizon}))
+            for update in updates
+            for horizon in {*action_horizons, base.action_horizon}
+        }
+        return sorted(shapes, key=lambda s: (s.planner, s.n_adaptation_samples, s.action_horizon))
 
     def delta_bytes(self, shapes: list[PlanShape]) -> int:
         """The largest Δφ a session could keep: that of the adaptation shapes."""
@@ -313,6 +320,7 @@ class Engine:
         return [
             Outcome(
                 action=plan.action[i],
+                actions=out.actions[i],
                 lstm_c=out.lstm[0][i],
                 lstm_h=out.lstm[1][i],
                 diagnostics={

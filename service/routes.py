@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from typing import Annotated, TypeVar
 
+import numpy as np
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -144,6 +145,7 @@ async def act_step(
             session_id=session.session_id,
             step=step.step,
             action=[float(a) for a in outcome.action],
+            actions=np.asarray(outcome.actions, np.float64).tolist(),
             planner=planning.config.planner,
             diagnostics=outcome.diagnostics,
             timing={

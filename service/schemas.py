@@ -71,6 +71,9 @@ class PlannerOverrides(Body):
     warm_start: bool | None = Field(
         None, description="each step's Δφ starts from the previous step's (until a reset)"
     )
+    action_horizon: int | None = Field(
+        None, ge=1, description="actions per step (an action chunk), among those published"
+    )
 
 
 class CreateSession(Body):
@@ -105,6 +108,7 @@ class ActResponse(Body):
     session_id: str
     step: int
     action: list[float]
+    actions: list[list[float]]  # [H, A]: the action chunk (planner action_horizon), action first
     planner: str
     diagnostics: dict
     timing: dict

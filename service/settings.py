@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     sample_counts: tuple[int, ...] = Field(
         (32,), description="n_adaptation_samples values compiled for overrides"
     )
+    action_horizons: tuple[int, ...] = Field(
+        (1,), description="action_horizon values compiled for overrides (action chunks)"
+    )
     session_store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_sessions: int = Field(10_000, ge=1)

@@ -116,6 +116,7 @@ def planner_limits(rt: Runtime) -> dict:
         "planners": sorted({s.planner for s in rt.shapes}),
         "adaptation_steps": {"ge": 0, "le": rt.engine.planning_defaults.max_adaptation_steps},
         "n_adaptation_samples": sorted({s.n_adaptation_samples for s in oa}),
+        "action_horizon": sorted({s.action_horizon for s in rt.shapes}),
         **LIMITS,
         "delta_bytes": {"per_session": rt.delta_bytes, "le": rt.settings.max_delta_bytes},
     }
@@ -133,7 +134,7 @@ def planning_for(rt: Runtime, session: Session, overrides: PlannerOverrides | No
         raise ApiError(
             422,
             "unsupported_planner_shape",
-            "n_adaptation_samples outside the published set",
+            "n_adaptation_samples or action_horizon outside the published set",
             {"planner_limits": planner_limits(rt)},
         )
     return planning

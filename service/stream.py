@@ -113,7 +113,7 @@ def act_request(session_id: str, message: bytes) -> ActRequest:
 def reply(response: dict) -> bytes:
     """/act's response as a policy server's reply: `actions` [H, A] and `server_timing`."""
     return codec.encode_openpi({
-        "actions": np.asarray([response["action"]], np.float32),
+        "actions": np.asarray(response["actions"], np.float32),
         "session_id": response["session_id"],
         "step": response["step"],
         "planner": response["planner"],

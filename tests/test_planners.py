@@ -458,3 +458,37 @@ def test_both_choice_rules_plan_with_a_real_bundle(bundle, planner):
     # The same samples (no guard to tell the rules apart): the highest V is at least the V
     # the tilted mode chose.
     assert float(plans["max_value"].value) >= float(plans["tilted_mode"].value) - 1e-5
+
+
+def test_an_action_chunk_plans_again_at_each_state_m_imagines(bundle):
+    """action_horizon 3: the first action is the one-action decision's; each next one is
+    the plan at the z M predicts after the action before, and M's state has consumed all
+    three."""
+    from training.models.mdn_rnn import MDNRNN
+    from training.planning.planners import most_likely_latent
+
+    model, params = bundle.model, bundle.params
+    config = bundle.config.planning.model_copy(update={"planner": "random_shooting"})
+    one = PlanShape.of(config)
+    three = PlanShape.of(config.model_copy(update={"action_horizon": 3}))
+    obs = jnp.asarray([0.5, -0.5, 0.1, 0.0])
+    lstm = initial_state((), model.mdn.hidden)
+    weights, key, k = goal_weights(bundle), jax.random.key(4), Knobs.of(config)
+    single = compile_decide(model, one)(params, lstm, obs, weights, key, k, None)
+    chunk = compile_decide(model, three)(params, lstm, obs, weights, key, k, None)
+    assert chunk.actions.shape == (3, model.spaces.action_dim)
+    np.testing.assert_allclose(chunk.actions[0], single.plan.action, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(chunk.plan.action, single.plan.action, rtol=1e-5, atol=1e-6)
+    # By hand: M's prediction after the first action, the plan there, and so on.
+    step = lambda state, z, a: model.mdn.apply(  # noqa: E731
+        {"params": params["mdn"]}, state, z, a, method=MDNRNN.step
+    )
+    state, out = step(lstm, model.encode(params, obs), single.plan.action)
+    for i in (1, 2):
+        z = most_likely_latent(out)
+        p = plan(model, three, params, jnp.concatenate([z, state[1]]), weights,
+                 jax.random.fold_in(key, i), k)  # fmt: skip
+        np.testing.assert_allclose(chunk.actions[i], p.action, rtol=1e-4, atol=1e-5)
+        state, out = step(state, z, p.action)
+    np.testing.assert_allclose(chunk.lstm[1], state[1], rtol=1e-4, atol=1e-5)
+    assert not np.allclose(chunk.actions[1], chunk.actions[0])  # it did plan again

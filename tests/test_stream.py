@@ -21,7 +21,10 @@ TASK = json.dumps({"kind": "goal", "goal": GOAL})
 
 @pytest.fixture(scope="module")
 def server(trained):
-    settings = Settings(model_dir=trained.run_dir, api_key=KEY, batch_sizes=(1, 4), max_batch=4)
+    settings = Settings(
+        model_dir=trained.run_dir, api_key=KEY, batch_sizes=(1, 4), max_batch=4,
+        action_horizons=(1, 3),
+    )  # fmt: skip
     with running_server(settings) as (url, _):
         yield url
 
@@ -98,3 +101,25 @@ def test_the_stream_refuses_as_openpi_servers_do(server):
     assert error["error"]["code"] == "bad_observation"
     with httpx.Client(base_url=server, headers=headers) as http:
         assert http.get(f"/sessions/{session_id}").json()["step"] == -1
+
+
+def test_action_chunks_over_the_stream_and_http(server):
+    """A session asking for action_horizon 3 gets 3 actions a step, the first one `action`;
+    a horizon that is not published is refused."""
+    chunked = json.dumps({"action_horizon": 3})
+    policy = WebsocketClientPolicy(stream_url(server, seed="2", planner=chunked), api_key=KEY)
+    obs = np.asarray([0.5, -0.5, 0.1, 0.0], np.float32)
+    assert policy.infer({"observation": obs})["actions"].shape == (3, 2)
+    policy._ws.close()
+    with httpx.Client(base_url=server, headers={"X-API-Key": KEY}, timeout=60) as http:
+        limits = http.get("/model").json()["planner_limits"]
+        assert limits["action_horizon"] == [1, 3]
+        sid = http.post("/sessions", json={"seed": 2}).json()["session_id"]
+        body = {"session_id": sid, "observation": obs.tolist()}
+        answer = http.post("/act", json={**body, "planner": {"action_horizon": 3}}).json()
+        assert len(answer["actions"]) == 3 and answer["actions"][0] == answer["action"]
+        plain = http.post("/act", json={**body, "step": 1}).json()
+        assert len(plain["actions"]) == 1
+        refused = http.post("/act", json={**body, "planner": {"action_horizon": 5}})
+        assert refused.status_code == 422
+        assert refused.json()["error"]["code"] == "unsupported_planner_shape"

@@ -145,10 +145,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
         compare_planners_on_task,
         comparison_table,
         has_goal_episodes,
+        with_planning,
     )
     from training.learning.checkpoint import restore_bundle
 
     bundle = restore_bundle(args.run_dir)
+    if args.action_horizon is not None:
+        bundle = with_planning(bundle, action_horizon=args.action_horizon)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite in ("ogbench", "ogbench-tuning"):
@@ -400,6 +403,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--rare-only", action="store_true", help="run only the goals drawn in rare cells"
+    )
+    p.add_argument(
+        "--action-horizon",
+        type=int,
+        metavar="H",
+        help="actions per decision (an action chunk; default: the bundle's, 1)",
     )
     p.set_defaults(func=cmd_eval)
 

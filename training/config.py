@@ -108,8 +108,18 @@ class ValueConfig(Strict):
 PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
 
 
+MAX_ACTION_HORIZON = 16  # the longest action chunk a decision may return
+
+
 class PlanningConfig(Strict):
     planner: Literal[PLANNERS] = "online_adaptation"
+    action_horizon: int = Field(
+        1,
+        ge=1,
+        le=MAX_ACTION_HORIZON,
+        description="actions per decision: the first planned at the observation, each next "
+        "one at the state M imagines after the one before (an action chunk)",
+    )
     sample_steps: int = Field(10, gt=0, le=100, description="DDIM steps at decision time")
     n_samples: int = Field(32, gt=0, le=4096, description="psi samples to choose from")
     guidance_scale: float = Field(1.0, ge=0.0)

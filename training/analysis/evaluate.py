@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import jax
@@ -237,7 +237,7 @@ class EpisodeRunner:
                 params, lstm, jnp.asarray(select_observation(obs, self.obs_key), jnp.float32),
                 weights, jax.random.fold_in(key, step), self.knobs, delta,
             )  # fmt: skip
-            action = np.asarray(out.plan.action)  # waits for the result
+            chunk = np.asarray(out.actions)  # waits for the result
             plan_ms.append(1000 * (time.perf_counter() - started))
             lstm = out.lstm
             carried = after_act(
@@ -250,12 +250,15 @@ class EpisodeRunner:
             chose_prior.append(bool(out.plan.chose_prior))
             trace = np.asarray(out.plan.objective)[: n_steps + 1]
             traces.append(trace - trace[0])
-            obs, reward, terminated, truncated, info = self.env.step(action)
-            total += float(reward)
-            step += 1
-            reported = reported_success(info)
-            if reported is not None:
-                success = bool(success) or reported
+            for action in chunk:  # an action chunk runs whole, unless the episode ends
+                obs, reward, terminated, truncated, info = self.env.step(action)
+                total += float(reward)
+                step += 1
+                reported = reported_success(info)
+                if reported is not None:
+                    success = bool(success) or reported
+                if terminated or truncated:
+                    break
             if terminated or truncated:
                 break
         return Decisions(
@@ -419,6 +422,12 @@ def matched_sample_count(bundle: Bundle, budget_ms: float, largest: int = 4096) 
             break
         best, n = n, 2 * n
     return best
+
+
+def with_planning(bundle: Bundle, **update) -> Bundle:
+    """The bundle with its planning defaults changed (checked as a config file would be)."""
+    planning = PlanningConfig.model_validate({**bundle.config.planning.model_dump(), **update})
+    return replace(bundle, config=bundle.config.model_copy(update={"planning": planning}))
 
 
 def variant_planning(bundle: Bundle, name: str) -> PlanningConfig:

@@ -43,7 +43,7 @@ import optax
 
 from training.config import PLANNERS, PlanningConfig
 from training.models.diffusion import sample_with_path_kl
-from training.models.mdn_rnn import MDNRNN, LSTMState
+from training.models.mdn_rnn import MDNRNN, LSTMState, MDNOutput
 from training.models.networks import Networks, denormalise
 from training.models.value import linear_value
 
@@ -69,6 +69,7 @@ class PlanShape:
     max_adaptation_steps: int = 200
     choice: str = "max_value"
     n_fit_samples: int | None = None
+    action_horizon: int = 1
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -86,6 +87,8 @@ class PlanShape:
             if self.adaptation == "gradient":
                 sizes += f", kl_estimator={self.kl_estimator}"
             sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
+        if self.action_horizon > 1:
+            sizes += f", action_horizon={self.action_horizon}"
         return f"{self.planner}({sizes})"
 
 
@@ -500,17 +503,37 @@ def plan(model: Networks, shape: PlanShape, params, state, weights, key, knobs, 
 
 
 class Decision(NamedTuple):
-    plan: Plan
-    lstm: LSTMState  # M's state after consuming (z_t, a_t)
+    plan: Plan  # the decision at the observation
+    lstm: LSTMState  # M's state after consuming the chunk's (z, a) pairs
+    actions: jax.Array  # [H, A]: plan.action, then one for each state M imagines
+
+
+def most_likely_latent(out: MDNOutput) -> jax.Array:
+    """M's prediction of z_{t+1}: the mean of its most likely mixture component."""
+    component = jnp.argmax(out.logits, axis=-1)
+    return jnp.take_along_axis(out.mu, component[..., None, None], axis=-2)[..., 0, :]
 
 
 def decide(model: Networks, shape: PlanShape, params, lstm, obs, weights, key, knobs, delta):
-    """A whole decision: V encode -> plan on [z, h] -> M step with (z, a)."""
-    z = model.encode(params, obs)
-    state = jnp.concatenate([z, lstm[1]], axis=-1)
-    p = plan(model, shape, params, state, weights, key, knobs, delta)
-    lstm, _ = model.mdn.apply({"params": params["mdn"]}, lstm, z, p.action, method=MDNRNN.step)
-    return Decision(p, lstm)
+    """A whole decision: V encode -> plan on [z, h] -> M step with (z, a); then, for an
+    action chunk, plan again at each z M predicts, action_horizon - 1 times, each warm
+    started from the Δφ of the plan before."""
+
+    def plan_and_step(lstm, z, key, delta):
+        p = plan(model, shape, params, jnp.concatenate([z, lstm[1]], axis=-1), weights, key,
+                 knobs, delta)  # fmt: skip
+        lstm, out = model.mdn.apply({"params": params["mdn"]}, lstm, z, p.action,
+                                    method=MDNRNN.step)  # fmt: skip
+        return p, lstm, out
+
+    first, lstm, out = plan_and_step(lstm, model.encode(params, obs), key, delta)
+    actions, last = [first.action], first
+    for k in range(1, shape.action_horizon):  # unrolled: H is part of the program's shape
+        warm = delta if last.delta is None else last.delta
+        last, lstm, out = plan_and_step(lstm, most_likely_latent(out), jax.random.fold_in(key, k),
+                                        warm)  # fmt: skip
+        actions.append(last.action)
+    return Decision(first, lstm, jnp.stack(actions))
 
 
 def compile_decide(model: Networks, shape: PlanShape, batched: bool = False) -> Callable:
