@@ -79,7 +79,9 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
         return
 
     report = asyncio.run(
-        run_loadtest(args.url, args.sessions, args.duration, args.api_key, args.planner)
+        run_loadtest(
+            args.url, args.sessions, args.duration, args.api_key, args.planner, args.transport
+        )  # fmt: skip
     )
     json_path, png_path = write_report(report, args.out)
     shown = {k: v for k, v in report.items() if k != "latencies_ms"}
@@ -156,6 +158,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--duration", type=float, default=10.0, help="seconds")
     p.add_argument("--planner", help="override every session's planner")
+    p.add_argument(
+        "--transport", choices=("http", "stream"), default="http",
+        help="each session over HTTP /act, or over the policy stream (a WebSocket each)",
+    )  # fmt: skip
     p.add_argument("--out", default="loadtest", help="directory for loadtest.json and .png")
     p.add_argument("--api-key", default=None)
     p.add_argument(
@@ -176,7 +182,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser(
-        "bench", help="in-process and HTTP latency, throughput with and without batching"
+        "bench",
+        help="in-process, HTTP and stream latency, throughput with and without batching",
     )
     p.add_argument("--model-dir", type=Path, default=None, help="default: the bundled model")
     p.add_argument("--sessions", default="1,8,32,128", help="comma list of session counts")

@@ -11,10 +11,14 @@ def test_bench_measures_every_part(trained, tmp_path):
     assert set(report["in_process_p50_ms"]) == {
         "controller", "random_shooting", "guided_diffusion", "online_adaptation",
     }  # fmt: skip
-    assert report["http_one_session_ms"]["p50"] > 0
-    for mode in ("batching", "no_batching"):
+    lines = [
+        f"{p} {t}" for p in ("random_shooting", "online_adaptation") for t in ("http", "stream")
+    ]
+    for line in lines:
+        assert report["one_session_ms"][line]["p50"] > 0
+    assert set(report["throughput"]) == {*lines, "online_adaptation http, no batching"}
+    for rows in report["throughput"].values():
         for n in ("1", "2"):
-            row = report["throughput"][mode][n]
-            assert row["decisions_per_s"] > 0 and row["errors"] == {}
+            assert rows[n]["decisions_per_s"] > 0 and rows[n]["errors"] == {}
     json_path, png_path = write_bench(report, tmp_path)
     assert json_path.exists() and png_path.stat().st_size > 5_000

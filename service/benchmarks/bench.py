@@ -1,8 +1,10 @@
 """`worldplan bench`: the service's figures, measured in one run on one machine.
 
 1. In-process latency per decision (p50) of each planner with the bundle's defaults.
-2. HTTP /act p50 and p99 for one session, and its ratio to the in-process p50.
-3. Throughput at several session counts, with batching on and off (two servers).
+2. For random shooting and online adaptation, over HTTP /act and over the policy stream
+   (WebSocket): p50 and p99 of one session, and their ratio to the in-process p50.
+3. Throughput at several session counts of each of those, with batching; and of the
+   bundle's planner over HTTP without batching (a second server).
 
 Each server is a `worldplan serve` process of its own, as deployed, so that the load
 generator in this process does not share an interpreter with it.
@@ -20,7 +22,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from service.clients.loadtest import run_loadtest
+from service.clients.loadtest import TRANSPORTS, run_loadtest
 from service.clients.local import serving_process
 from service.engine import Engine, StepInput
 from service.settings import Settings
@@ -55,39 +57,54 @@ def server_settings(base: Settings, batching: bool, sessions: list[int]) -> Sett
     return base.model_copy(update={"batch_sizes": sizes, "max_batch": max(sizes)})
 
 
+BENCH_PLANNERS = ("random_shooting", "online_adaptation")
+
+
 def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, repeats: int):
     from service.app import default_model_dir
 
     bundle = restore_bundle(model_dir or default_model_dir())
     engine = Engine(bundle, (1,))
     planner = bundle.config.planning.planner
+    in_process = {p: round(in_process_p50_ms(engine, p, repeats), 3) for p in PLANNERS}
     report = {
         "device": str(jax.devices()[0]),
         "planner": planner,
-        "in_process_p50_ms": {p: round(in_process_p50_ms(engine, p, repeats), 3) for p in PLANNERS},
+        "in_process_p50_ms": in_process,
+        "one_session_ms": {},
         "throughput": {},
     }
     # Only the default shapes: overrides are not benchmarked, and each costs a compilation.
     base = Settings(model_dir=model_dir, sample_counts=())
-    for batching in (True, False):
-        mode = "batching" if batching else "no_batching"
-        with serving_process(server_settings(base, batching, sessions)) as url:
-            if batching:
-                one = asyncio.run(run_loadtest(url, 1, duration_s))["latency_ms"]
-                ratio = one["p50"] / report["in_process_p50_ms"][planner]
-                report["http_one_session_ms"] = {
-                    "p50": one["p50"], "p99": one["p99"], "ratio_to_in_process": round(ratio, 3)
+    with serving_process(server_settings(base, True, sessions)) as url:
+        for name in BENCH_PLANNERS:
+            for transport in TRANSPORTS:
+                label = f"{name} {transport}"
+
+                def load(n: int, name=name, transport=transport) -> dict:
+                    return asyncio.run(run_loadtest(url, n, duration_s, None, name, transport))
+
+                one = load(1)["latency_ms"]
+                report["one_session_ms"][label] = {
+                    "p50": one["p50"], "p99": one["p99"],
+                    "ratio_to_in_process": round(one["p50"] / in_process[name], 3),
                 }  # fmt: skip
-            report["throughput"][mode] = {}
-            for n in sessions:
-                result = asyncio.run(run_loadtest(url, n, duration_s))
-                report["throughput"][mode][str(n)] = {
-                    "decisions_per_s": result["throughput_rps"],
-                    "p50_ms": result["latency_ms"]["p50"],
-                    "p99_ms": result["latency_ms"]["p99"],
-                    "errors": result["errors"],
-                }
+                report["throughput"][label] = {str(n): throughput(load(n)) for n in sessions}
+    with serving_process(server_settings(base, False, sessions)) as url:
+        report["throughput"][f"{planner} http, no batching"] = {
+            str(n): throughput(asyncio.run(run_loadtest(url, n, duration_s)))
+            for n in sessions
+        }  # fmt: skip
     return report
+
+
+def throughput(result: dict) -> dict:
+    return {
+        "decisions_per_s": result["throughput_rps"],
+        "p50_ms": result["latency_ms"]["p50"],
+        "p99_ms": result["latency_ms"]["p99"],
+        "errors": result["errors"],
+    }
 
 
 def write_bench(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
