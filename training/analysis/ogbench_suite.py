@@ -284,7 +284,7 @@ def run_lockstep(
         started = time.perf_counter()
         out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,
                      batch_knobs, delta)  # fmt: skip
-        actions = np.asarray(out.plan.action)  # waits for the result
+        chunks = np.asarray(out.actions)  # [n, H, A]; waits for the result
         ms = 1000 * (time.perf_counter() - started)
         lstm = out.lstm
         gain = np.asarray(out.plan.value_after - out.plan.value_before)
@@ -294,13 +294,15 @@ def run_lockstep(
                 carried[i] = after_act(carried[i], shape, planning.warm_start, False, row_delta)
             plan_ms[i].append(ms)
             gains[i].append(float(gain[i]))
-            obs, _, terminated, truncated, info = envs[i].step(actions[i])
-            observations[i] = np.asarray(obs, np.float32)
-            steps[i] += 1
-            success[i] = success[i] or bool(info.get("success", False))
-            if terminated or truncated:
-                running[i] = False
-                bar.update(1)
+            for action in chunks[i]:  # an action chunk runs whole, unless the episode ends
+                obs, _, terminated, truncated, info = envs[i].step(action)
+                observations[i] = np.asarray(obs, np.float32)
+                steps[i] += 1
+                success[i] = success[i] or bool(info.get("success", False))
+                if terminated or truncated:
+                    running[i] = False
+                    bar.update(1)
+                    break
         step += 1
     bar.close()
     return [
@@ -425,7 +427,8 @@ def compare_on_suite(
     record = {"env": bundle.env_id, "dataset": name, "tasks": "tuning" if tuning else "ogbench",
               "task_options": tasks, "seed": seed, "batch": batch,
               "episodes_per_task": episodes_per_task,
-              "subgoals": asdict(subgoals) if subgoals else None}  # fmt: skip
+              "subgoals": asdict(subgoals) if subgoals else None,
+              "action_horizon": bundle.config.planning.action_horizon}  # fmt: skip
     search = subgoals_for(bundle, subgoals) if subgoals else None
     if tuning:
         name += " (tuning tasks)"
