@@ -16,6 +16,7 @@ from training.analysis.ogbench_suite import (
     Start,
     episode_starts,
     official_tasks,
+    reach_starts,
     run_lockstep,
     tuning_tasks,
 )
@@ -156,3 +157,27 @@ def test_drive_runs_an_ogbench_task_through_the_service(run_dir):
     with running_server(settings) as (url, _):
         (result,) = run_drive(url, None, 1, planner="random_shooting", max_steps=3, task_id=3)
     assert (result.steps, result.success) == (3, False) and len(result.latency_ms) == 3
+
+
+def test_reach_starts_are_cells_the_asked_bfs_steps_apart():
+    env = gym.make(ENV).unwrapped
+    maze = env.maze_map.tolist()
+    for distance in (1, 2):
+        starts = reach_starts(ENV, distance, 12, seed=3)
+        assert len(starts) == 12 and len({s.seed for s in starts}) == 12
+        for start in starts:
+            info = start.options["task_info"]
+            assert len(bfs_path(maze, info["init_ij"], info["goal_ij"])) - 1 == distance
+    assert reach_starts(ENV, 2, 12, seed=3) == starts  # the same draw again
+
+
+@pytest.mark.slow
+def test_eval_reach_reports_success_at_each_distance(run_dir, tmp_path):
+    out = tmp_path / "reach"
+    argv = ["eval", str(run_dir), "--suite", "ogbench-reach", "--episodes", "2",
+            "--planner", "random_shooting", "--out", str(out), "--quiet"]  # fmt: skip
+    assert cli_main(argv) == 0
+    record = json.loads((out / "reach.json").read_text())
+    rows = record["success"]["random_shooting"]
+    assert set(rows) == {"1", "2"} and all(r["episodes"] == 2 for r in rows.values())
+    assert "2 cell(s) away" in (out / "reach.md").read_text()

@@ -154,6 +154,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         bundle = with_planning(bundle, action_horizon=args.action_horizon)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
+    if args.suite == "ogbench-reach":
+        from training.analysis.ogbench_suite import reach_on_suite
+
+        reach_on_suite(bundle, planners, args.episodes or 40, args.seed, out, args.batch,
+                       not args.quiet)  # fmt: skip
+        print((out / "reach.md").read_text())
+        print(f"wrote reach.json and reach.md to {out}")
+        return
     if args.suite in ("ogbench", "ogbench-tuning"):
         from training.analysis.ogbench_suite import SubgoalSettings, compare_on_suite
 
@@ -366,11 +374,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--suite",
-        choices=("goals", "ogbench", "ogbench-tuning"),
+        choices=("goals", "ogbench", "ogbench-tuning", "ogbench-reach"),
         default="goals",
         help="goals: held-out goals of our mazes; ogbench: OGBench's five tasks of the maze "
         "the bundle was trained on; ogbench-tuning: five other tasks as long (drawn with "
-        "--seed), to choose settings on",
+        "--seed), to choose settings on; ogbench-reach: the planner alone, from a cell to "
+        "one 1 or 2 cells away (--episodes pairs each)",
     )
     p.add_argument(
         "--batch", type=int, default=50, help="--suite ogbench: episodes run in lockstep"

@@ -442,3 +442,56 @@ def compare_on_suite(
         write_suite(out_dir, name, record, results)
     plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")
     return results
+
+
+# ----- local reach: how often the planner gets to a cell a step or two away -----
+
+REACH_DISTANCES = (1, 2)  # BFS steps between start and goal cell
+REACH_STEPS_PER_CELL = 40  # twice the data's 20 steps a cell, and 20 to settle
+
+
+def reach_starts(env_id: str, distance: int, episodes: int, seed: int) -> list[Start]:
+    """`episodes` start and goal cells `distance` BFS steps apart, drawn with `seed`."""
+    env = make_env(env_id).unwrapped
+    maze_map = np.asarray(env.maze_map)
+    env.close()
+    free = [(int(i), int(j)) for i, j in np.argwhere(maze_map == 0)]
+    pairs = [(a, b) for a in free for b in cells_at_distance(maze_map, a, distance)]
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(len(pairs), min(episodes, len(pairs)), replace=False)
+    return [Start(distance, {"task_info": {"init_ij": pairs[k][0], "goal_ij": pairs[k][1]}},
+                  seed + n) for n, k in enumerate(chosen)]  # fmt: skip
+
+
+def reach_on_suite(
+    bundle: Bundle, planners: list[str], episodes: int, seed: int, out_dir: Path,
+    batch: int = 50, progress: bool = True,
+) -> dict:  # fmt: skip
+    """The local controller alone: success from a cell to one `REACH_DISTANCES` BFS steps
+    away, within REACH_STEPS_PER_CELL steps a cell, for every planner. Writes reach.json
+    and reach.md into out_dir."""
+    from training.analysis.evaluate import VARIANTS, variant_planning
+
+    unknown = sorted(set(planners) - set(VARIANTS))
+    if unknown:
+        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_suite_env(bundle)
+    rows = {}
+    for planner in planners:
+        planning = variant_planning(bundle, planner)
+        rows[planner] = {}
+        for distance in REACH_DISTANCES:
+            starts = reach_starts(bundle.env_id, distance, episodes, seed)
+            found = []
+            for first in range(0, len(starts), batch):
+                found += run_lockstep(bundle, planning, starts[first : first + batch],
+                                      REACH_STEPS_PER_CELL * distance + 20, progress)  # fmt: skip
+            rows[planner][distance] = success_of(found)
+    record = {"env": bundle.env_id, "seed": seed, "episodes": episodes,
+              "steps_per_cell": REACH_STEPS_PER_CELL, "success": rows}  # fmt: skip
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "reach.json").write_text(json.dumps(record, indent=1))
+    header = [f"{bundle.env_id}: planner", *(f"{d} cell(s) away" for d in REACH_DISTANCES)]
+    table = [[p, *(percent(r[d]) for d in REACH_DISTANCES)] for p, r in rows.items()]
+    (out_dir / "reach.md").write_text(markdown_table(header, table))
+    return record
