@@ -50,7 +50,7 @@ def cmd_drive(args: argparse.Namespace) -> None:
 
     results = run_drive(
         args.url, args.env, args.episodes, args.seed, args.start_cell, args.goal_cell,
-        args.planner, args.max_steps, args.api_key, args.task_id,
+        args.planner, args.max_steps, args.api_key, args.task_id, args.transport,
     )  # fmt: skip
     for i, result in enumerate(results):
         print(episode_line(i, result))
@@ -147,6 +147,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--start-cell", type=int, nargs=2, metavar=("ROW", "COL"))
     p.add_argument("--goal-cell", type=int, nargs=2, metavar=("ROW", "COL"))
     p.add_argument("--task-id", type=int, help="OGBench's task of this number (its mazes only)")
+    p.add_argument(
+        "--transport", choices=("http", "stream"), default="http",
+        help="one /act a step, or openpi-client on the policy stream (a robot's way)",
+    )  # fmt: skip
     p.add_argument("--planner", help="override the session's planner")
     p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
     p.add_argument("--seed", type=int, default=0)

@@ -2,6 +2,7 @@
 client package (openpi-client) in pointmaze, and by a bare WebSocket for its refusals."""
 
 import json
+import re
 
 import httpx
 import numpy as np
@@ -21,9 +22,10 @@ TASK = json.dumps({"kind": "goal", "goal": GOAL})
 
 @pytest.fixture(scope="module")
 def server(trained):
+    # One batch size and no extra sample counts: fewer programs to compile before ready.
     settings = Settings(
-        model_dir=trained.run_dir, api_key=KEY, batch_sizes=(1, 4), max_batch=4,
-        action_horizons=(1, 3),
+        model_dir=trained.run_dir, api_key=KEY, batch_sizes=(1,), max_batch=1,
+        sample_counts=(), action_horizons=(1, 3),
     )  # fmt: skip
     with running_server(settings) as (url, _):
         yield url
@@ -123,3 +125,24 @@ def test_action_chunks_over_the_stream_and_http(server):
         refused = http.post("/act", json={**body, "planner": {"action_horizon": 5}})
         assert refused.status_code == 422
         assert refused.json()["error"]["code"] == "unsupported_planner_shape"
+
+
+def active_sessions(server: str) -> float:
+    with httpx.Client(base_url=server, headers={"X-API-Key": KEY}) as http:
+        text = http.get("/metrics").text
+    return float(re.search(r"^worldplan_active_sessions (\S+)$", text, re.M)[1])
+
+
+def test_drive_over_the_stream_with_openpi_client(server, capsys):
+    """`worldplan drive --transport stream`: openpi-client's policy runs the episodes, and
+    each episode's session is deleted at its end."""
+    from service.cli import main as cli_main
+
+    before = active_sessions(server)
+    argv = ["drive", server, "--env", "pointmaze-umaze", "--transport", "stream", "--episodes",
+            "2", "--max-steps", "12", "--api-key", KEY]  # fmt: skip
+    assert cli_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "episode 0:" in out and "episode 1:" in out and '"episodes": 2' in out
+    assert '"mean_steps": 12.0' in out
+    assert active_sessions(server) == before

@@ -1,17 +1,20 @@
 """Drives a gymnasium environment through the service: one session per episode, one /act
-per step, and a report of success and latency as the robot sees them.
+per step (or per action chunk), and a report of success and latency as the robot sees them.
 
 `worldplan drive URL --env pointmaze-umaze --start-cell 1 1 --goal-cell 1 3 --episodes 3`;
 without --env, the environment the served model was trained in (/model's env_id): a
 packaged name or any registered gymnasium id. `--task-id K` runs OGBench's task K of an
-OGBench maze.
+OGBench maze. `--transport stream` drives it as a robot stack built on openpi-client
+does: openpi's own WebsocketClientPolicy on the policy stream, one connection an episode.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
 
+import httpx
 import numpy as np
 
 from service.clients.client import Client
@@ -40,6 +43,7 @@ def drive_episode(
     planner: dict | None = None,
     max_steps: int | None = None,
     model: dict | None = None,
+    transport: str = "http",
 ) -> DriveResult:
     """One episode of `env_name` (None: /model's env_id). `model` is the server's /model
     answer (asked for when not given); an environment whose observations are not the
@@ -60,25 +64,50 @@ def drive_episode(
     # the model's default task.
     goal = obs["desired_goal"] if maze else info.get("goal")
     task = None if goal is None else {"kind": "goal", "goal": [float(x) for x in goal]}
-    session = client.create_session(task=task, planner=planner, seed=seed)
-    latencies, total, success, step = [], 0.0, None, 0
+    if transport == "stream":
+        policy = stream_policy(client, task, planner, seed)
+        session = policy.get_server_metadata()["session_id"]
+        decide = lambda obs, step: policy.infer({"observation": obs})["actions"]  # noqa: E731
+    else:
+        session = client.create_session(task=task, planner=planner, seed=seed)
+        decide = lambda obs, step: client.act(session, obs, step=step)["actions"]  # noqa: E731
+    latencies, total, success, step, done = [], 0.0, None, 0, False
     try:
-        while True:
+        while not done:
             started = time.perf_counter()
-            answer = client.act(session, select_observation(obs, obs_key), step=step)
+            chunk = np.asarray(decide(np.asarray(select_observation(obs, obs_key)), step))
             latencies.append(1000 * (time.perf_counter() - started))
-            obs, reward, terminated, truncated, info = env.step(np.asarray(answer["action"]))
-            total += float(reward)
-            reported = reported_success(info)
-            if reported is not None:
-                success = bool(success) or reported
-            step += 1
-            if terminated or truncated:
-                break
+            for action in chunk:  # an action chunk runs whole, unless the episode ends
+                obs, reward, terminated, truncated, info = env.step(action)
+                total += float(reward)
+                reported = reported_success(info)
+                if reported is not None:
+                    success = bool(success) or reported
+                step += 1
+                done = terminated or truncated
+                if done:
+                    break
     finally:
+        if transport == "stream":
+            policy._ws.close()  # openpi-client keeps its connection; the episode is over
         client.delete_session(session)
         env.close()
     return DriveResult(success, step, total, latencies)
+
+
+def stream_policy(client: Client, task: dict | None, planner: dict | None, seed: int):
+    """openpi-client's WebsocketClientPolicy on the service's policy stream, for a new
+    session of this task, planner and seed."""
+    from openpi_client.websocket_client_policy import WebsocketClientPolicy
+
+    query = {"seed": str(seed)}
+    if task is not None:
+        query["task"] = json.dumps(task)
+    if planner:
+        query["planner"] = json.dumps(planner)
+    options = client.options
+    url = options.base_url.replace("http", "ws", 1) + "/stream?" + str(httpx.QueryParams(query))
+    return WebsocketClientPolicy(url, api_key=options.api_key)
 
 
 def summarise(results: list[DriveResult]) -> dict:
@@ -105,6 +134,7 @@ def run_drive(
     max_steps: int | None = None,
     api_key: str | None = None,
     task_id: int | None = None,
+    transport: str = "http",
 ) -> list[DriveResult]:
     """`episodes` episodes through the service at `url`, from seeds seed, seed + 1, ...,
     of `env_name` (None: the environment the served model was trained in); `task_id`:
@@ -120,7 +150,9 @@ def run_drive(
         if task_id is not None:
             options = {**(options or {}), "task_id": task_id}
         return [
-            drive_episode(client, env_name, seed + i, options, overrides, max_steps, model)
+            drive_episode(
+                client, env_name, seed + i, options, overrides, max_steps, model, transport
+            )  # fmt: skip
             for i in range(episodes)
         ]
 
