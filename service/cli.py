@@ -89,6 +89,15 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     print(f"wrote {json_path} and {png_path}")
 
 
+def cmd_race(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from service.clients.race import run_race
+
+    report = asyncio.run(run_race(args.url_a, args.url_b, args.sessions, args.steps, args.api_key))
+    print(json.dumps(report, indent=2))
+
+
 def cmd_bench(args: argparse.Namespace) -> None:
     from service.benchmarks.bench import run_bench, write_bench
 
@@ -184,6 +193,16 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="--mix: the server's WORLDPLAN_MAX_BODY_BYTES (an oversize request exceeds it)",
     )  # fmt: skip
     p.set_defaults(func=cmd_loadtest)
+
+    p = sub.add_parser(
+        "race", help="two replicas answering the same steps of the same sessions at once"
+    )
+    p.add_argument("url_a", help="one replica, e.g. http://127.0.0.1:8001")
+    p.add_argument("url_b", help="another replica sharing its session store")
+    p.add_argument("--sessions", type=int, default=8)
+    p.add_argument("--steps", type=int, default=100, help="steps per session")
+    p.add_argument("--api-key", default=None)
+    p.set_defaults(func=cmd_race)
 
     p = sub.add_parser(
         "bench",

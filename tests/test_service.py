@@ -16,6 +16,7 @@ import redis
 
 from service.app import create_app
 from service.clients.local import running_server
+from service.clients.race import run_race
 from service.engine import Engine, StepInput
 from service.sessions import RedisSessionStore
 from service.settings import Settings
@@ -591,3 +592,8 @@ def test_two_replicas_racing_one_session_never_change_an_acknowledged_step(train
         nxt = httpx.post(f"{a}/act", json={**first, "step": 1})
         assert nxt.status_code == 200 and nxt.json()["step"] == 1
         assert httpx.get(f"{b}/sessions/{sid}").json()["step"] == 1
+        # Every step of several sessions sent to both replicas at once: one answer each.
+        report = asyncio.run(run_race(a, b, sessions=3, steps=8))
+        assert report["steps"] == 24 and report["errors"] == 0
+        assert report["answers_that_differ"] == 0
+        assert report["sessions_not_at_their_last_step"] == 0
