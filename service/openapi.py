@@ -94,6 +94,38 @@ def ref(model) -> dict:
     return {"$ref": f"#/components/schemas/{model.__name__}"}
 
 
+# OpenAPI has no WebSocket operation: the stream is described as the GET that upgrades.
+STREAM = {
+    "summary": "The policy stream (WebSocket), as openpi's policy servers speak it",
+    "description": (
+        "One connection is one session: the query's seed, task and planner (JSON) create "
+        "it, session_id resumes one. On connect the server sends its metadata (/model's "
+        "description, session_id, step) in openpi's msgpack-numpy. Each message is a dict "
+        "{observation, step?, reset?, planner?, deadline_ms?}; each reply {actions [H, A], "
+        "session_id, step, planner, diagnostics, model_version, server_timing}. A step is "
+        "/act's step. The key comes as `Authorization: Api-Key …` or X-API-Key. An error "
+        "is a text frame {status, error} and then the close: 1008 for the client's errors, "
+        "1013 for 429 and 503, 1011 for the server's; the reason is '<status> <code>'."
+    ),
+    "parameters": [
+        {
+            "name": name,
+            "in": "query",
+            "required": False,
+            "schema": {"type": "string"},
+            "description": text,
+        }
+        for name, text in (
+            ("session_id", "resume this session"),
+            ("seed", "a new session's PRNG seed"),
+            ("task", "a new session's task, as JSON"),
+            ("planner", "a new session's planner overrides, as JSON"),
+        )
+    ],  # fmt: skip
+    "responses": {"101": {"description": "Switching Protocols: the stream is open"}},
+}
+
+
 def build_openapi(app: FastAPI) -> dict:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes)
     models = {*REQUESTS.values(), *(m for _, m in RESPONSES.values()), schemas.ErrorBody}
@@ -127,6 +159,7 @@ def build_openapi(app: FastAPI) -> dict:
                 "description": ERRORS[status],
                 "content": {"application/json": {"schema": ref(schemas.ErrorBody)}},
             }
+    doc["paths"]["/stream"] = {"get": STREAM}
     components = doc["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         if f"#/components/schemas/{name}" not in json.dumps(doc["paths"]):

@@ -430,6 +430,7 @@ def test_the_committed_openapi_document_is_the_apps(client):
     served = client.get("/openapi.json").json()
     assert served["paths"]["/act"]["post"]["requestBody"]["content"]["application/msgpack"]
     assert "409" in served["paths"]["/act"]["post"]["responses"]
+    assert "101" in served["paths"]["/stream"]["get"]["responses"]  # the policy stream
 
 
 def test_loadtest_reports_throughput_latency_and_errors(server, tmp_path):
