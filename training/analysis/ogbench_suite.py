@@ -58,8 +58,9 @@ PUBLISHED = {
     "pointmaze-large-stitch-v0": {"GCIQL": 31, "HIQL": 13, "QRL": 84},
     "pointmaze-giant-stitch-v0": {"GCIQL": 0, "HIQL": 0, "QRL": 50},
 }
-# A position within this of a node counts as at it: a quarter of the point mazes' 4-unit
-# cell, so that it never counts across a wall, which is a whole cell thick.
+# A position within this of a node counts as at it (data-edged graphs): under two steps of
+# the data's travel, so that a passage's step count runs from node to node, and far less
+# than a wall's thickness (a whole 4-unit cell), so that it never counts across one.
 NODE_RADIUS = 0.3
 
 
