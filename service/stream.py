@@ -29,7 +29,7 @@ from service.runtime import Runtime
 from service.schemas import ActRequest, CreateSession
 from service.sessions import SessionLimit, StoreUnavailable
 from service.stepping import load_session, new_session, planner_limits
-from service.web import caller
+from service.web import caller, runtime
 
 router = APIRouter()
 log = logging.getLogger("worldplan")
@@ -51,16 +51,11 @@ async def refuse(websocket: WebSocket, err: ApiError) -> None:
     await websocket.close(code=close_code(err.status), reason=f"{err.status} {err.code}")
 
 
-def ready_runtime(websocket: WebSocket) -> Runtime:
-    app = websocket.app
-    if app.state.draining:
+async def ready_runtime(websocket: WebSocket) -> Runtime:
+    """The runtime, once ready and while not draining (else 503, as over HTTP)."""
+    if websocket.app.state.draining:
         raise ApiError(503, "shutting_down", "this replica is shutting down: reconnect to another")
-    rt = getattr(app.state, "runtime", None)
-    if rt is None or not rt.ready:
-        failure = getattr(app.state, "failure", None)
-        message = f"the model failed to load: {failure}" if failure else "the model is loading"
-        raise ApiError(503, "not_ready", message)
-    return rt
+    return await runtime(websocket)
 
 
 def query_json(websocket: WebSocket, name: str) -> dict | None:
@@ -128,7 +123,7 @@ def reply(response: dict) -> bytes:
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
-        rt = ready_runtime(websocket)
+        rt = await ready_runtime(websocket)
         owner = caller(websocket)
         session_id = await open_session(websocket, rt, owner)
         session = await load_session(rt, owner, session_id)
@@ -141,7 +136,7 @@ async def stream(websocket: WebSocket) -> None:
                 return
             if message.get("bytes") is None:
                 raise ApiError(400, "bad_body", "send binary msgpack frames, not text")
-            ready_runtime(websocket)  # a drain that began closes the stream between steps
+            await ready_runtime(websocket)  # a drain that began closes the stream between steps
             body = act_request(session_id, message["bytes"])
             await websocket.send_bytes(await act_step(rt, owner, body, reply))
     except ApiError as err:

@@ -21,7 +21,7 @@ from service.guard import non_finite_paths
 from service.runtime import Runtime
 
 
-async def runtime(request: Request) -> Runtime:
+async def runtime(request: HTTPConnection) -> Runtime:
     """The runtime once every program is compiled, else 503 (with the warm-up's progress)."""
     rt = getattr(request.app.state, "runtime", None)
     if rt is None or not rt.ready:
