@@ -37,6 +37,9 @@ def expired(session_id: str) -> ApiError:
     return ApiError(410, "session_expired", f"session {session_id!r} has expired or was evicted")
 
 
+def error_body(err: ApiError) -> dict:
+    return {"error": {"code": err.code, "message": err.message, "detail": err.detail}}
+
+
 def error_response(err: ApiError) -> JSONResponse:
-    body = {"error": {"code": err.code, "message": err.message, "detail": err.detail}}
-    return JSONResponse(body, status_code=err.status, headers=err.headers)
+    return JSONResponse(error_body(err), status_code=err.status, headers=err.headers)

@@ -23,7 +23,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from pydantic import ValidationError
 
 from service import codec
-from service.errors import ApiError
+from service.errors import ApiError, error_body
 from service.routes import act_step
 from service.runtime import Runtime
 from service.schemas import ActRequest, CreateSession
@@ -46,8 +46,7 @@ def close_code(status: int) -> int:
 
 async def refuse(websocket: WebSocket, err: ApiError) -> None:
     """openpi's convention: the error as a text frame, then the close; our code in both."""
-    body = {"error": {"code": err.code, "message": err.message, "detail": err.detail}}
-    await websocket.send_text(json.dumps({**body, "status": err.status}))
+    await websocket.send_text(json.dumps({**error_body(err), "status": err.status}))
     await websocket.close(code=close_code(err.status), reason=f"{err.status} {err.code}")
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +24,16 @@ from service import codec
 
 RETRY_STATUS = {429, 502, 503, 504}
 SESSION_HEADER = "X-Session-Id"
+
+
+def stream_url(base_url: str, seed: int, task: dict | None = None, planner: dict | None = None):
+    """The policy stream's URL for a new session of this seed, task and planner overrides."""
+    query = {"seed": str(seed)}
+    if task is not None:
+        query["task"] = json.dumps(task)
+    if planner:
+        query["planner"] = json.dumps(planner)
+    return base_url.replace("http", "ws", 1) + "/stream?" + str(httpx.QueryParams(query))
 
 
 class ServiceError(RuntimeError):

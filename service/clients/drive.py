@@ -10,14 +10,12 @@ does: openpi's own WebsocketClientPolicy on the policy stream, one connection an
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 
-import httpx
 import numpy as np
 
-from service.clients.client import Client
+from service.clients.client import Client, stream_url
 from training.data.envs import (
     check_observation_shape,
     is_goal_maze,
@@ -100,14 +98,8 @@ def stream_policy(client: Client, task: dict | None, planner: dict | None, seed:
     session of this task, planner and seed."""
     from openpi_client.websocket_client_policy import WebsocketClientPolicy
 
-    query = {"seed": str(seed)}
-    if task is not None:
-        query["task"] = json.dumps(task)
-    if planner:
-        query["planner"] = json.dumps(planner)
-    options = client.options
-    url = options.base_url.replace("http", "ws", 1) + "/stream?" + str(httpx.QueryParams(query))
-    return WebsocketClientPolicy(url, api_key=options.api_key)
+    url = stream_url(client.options.base_url, seed, task, planner)
+    return WebsocketClientPolicy(url, api_key=client.options.api_key)
 
 
 def summarise(results: list[DriveResult]) -> dict:

@@ -20,7 +20,7 @@ import numpy as np
 import websockets
 
 from service import codec
-from service.clients.client import AsyncClient, ServiceError
+from service.clients.client import AsyncClient, ServiceError, stream_url
 
 MAX_STEPS_PER_SESSION = 1_000_000
 
@@ -100,11 +100,7 @@ async def http_loop(client, url, api_key, model, planner, index, deadline, laten
 
 async def stream_loop(client, url, api_key, model, planner, index, deadline, latencies, errors):
     """One session over the policy stream: a message after each reply until the deadline."""
-    query = {
-        "seed": str(index),
-        **({"planner": json.dumps({"planner": planner})} if planner else {}),
-    }
-    ws_url = url.replace("http", "ws", 1) + "/stream?" + str(httpx.QueryParams(query))
+    ws_url = stream_url(url, index, planner={"planner": planner} if planner else None)
     headers = {"X-API-Key": api_key} if api_key else None
     rng = np.random.default_rng(index)
     try:

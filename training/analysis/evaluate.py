@@ -424,6 +424,13 @@ def matched_sample_count(bundle: Bundle, budget_ms: float, largest: int = 4096) 
     return best
 
 
+def check_variants(planners: list[str]) -> None:
+    """Refuses a planner name that is not one of VARIANTS."""
+    unknown = sorted(set(planners) - set(VARIANTS))
+    if unknown:
+        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+
+
 def with_planning(bundle: Bundle, **update) -> Bundle:
     """The bundle with its planning defaults changed (checked as a config file would be)."""
     planning = PlanningConfig.model_validate({**bundle.config.planning.model_dump(), **update})
@@ -456,9 +463,7 @@ def compare_planners(
     rare_only); writes eval.json and eval.md into out_dir. The compute-matched random
     shooting gets the samples that fit in online adaptation's time per decision, timed
     here on this machine."""
-    unknown = sorted(set(planners) - set(VARIANTS))
-    if unknown:
-        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_variants(planners)
     drawn = [g for g in evaluation_goals(bundle, n_goals, seed) if g.rare or not rare_only]
     if not drawn:
         raise UsageError(f"none of the {n_goals} goals lies in a rare cell")
@@ -558,9 +563,7 @@ def compare_planners_on_task(
 ) -> list[dict]:
     """Every planner (or variant) for `episodes` episodes from the reset seeds seed,
     seed + 1, ..., on the bundle's default task; writes eval.json and eval.md into out_dir."""
-    unknown = sorted(set(planners) - set(VARIANTS))
-    if unknown:
-        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_variants(planners)
     if episodes < 1:
         raise UsageError(f"--episodes must be at least 1, got {episodes}")
     check_environment(bundle)

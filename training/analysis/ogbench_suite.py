@@ -320,6 +320,23 @@ def run_lockstep(
     ]
 
 
+def run_batches(
+    bundle: Bundle,
+    planning: PlanningConfig,
+    starts: list[Start],
+    batch: int,
+    max_steps: int | None,
+    progress: bool,
+    subgoals: ValueSubgoals | DataSubgoals | None = None,
+) -> list[SuiteEpisode]:
+    """The episodes of `starts`, `batch` at a time in lockstep."""
+    episodes = []
+    for first in range(0, len(starts), batch):
+        episodes += run_lockstep(bundle, planning, starts[first : first + batch], max_steps,
+                                 progress, subgoals)  # fmt: skip
+    return episodes
+
+
 def run_suite(
     bundle: Bundle,
     planning: PlanningConfig,
@@ -333,10 +350,7 @@ def run_suite(
     """The episodes of `starts`, `batch` at a time in lockstep; the per-task and overall
     success with their intervals."""
     started = time.perf_counter()
-    episodes = []
-    for first in range(0, len(starts), batch):
-        episodes += run_lockstep(bundle, planning, starts[first : first + batch], max_steps,
-                                 progress, subgoals)  # fmt: skip
+    episodes = run_batches(bundle, planning, starts, batch, max_steps, progress, subgoals)
     return {
         "label": label or planning.planner,
         "planner": planning.planner,
@@ -415,12 +429,10 @@ def compare_on_suite(
     tuning tasks, drawn with `seed`); writes ogbench.json, ogbench.md and ogbench.png into
     out_dir after each planner. With `subgoals`, every planner aims through that subgoal
     graph over states of the data."""
-    from training.analysis.evaluate import VARIANTS, variant_planning
+    from training.analysis.evaluate import check_variants, variant_planning
     from training.analysis.plots import plot_suite
 
-    unknown = sorted(set(planners) - set(VARIANTS))
-    if unknown:
-        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_variants(planners)
     check_suite_env(bundle)
     name = dataset_name(bundle) or bundle.env_id
     tasks = tuning_tasks(bundle.env_id, seed) if tuning else official_tasks()
@@ -471,11 +483,9 @@ def reach_on_suite(
     """The local controller alone: success from a cell to one `REACH_DISTANCES` BFS steps
     away, within REACH_STEPS_PER_CELL steps a cell, for every planner. Writes reach.json
     and reach.md into out_dir."""
-    from training.analysis.evaluate import VARIANTS, variant_planning
+    from training.analysis.evaluate import check_variants, variant_planning
 
-    unknown = sorted(set(planners) - set(VARIANTS))
-    if unknown:
-        raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
+    check_variants(planners)
     check_suite_env(bundle)
     rows = {}
     for planner in planners:
@@ -483,10 +493,8 @@ def reach_on_suite(
         rows[planner] = {}
         for distance in REACH_DISTANCES:
             starts = reach_starts(bundle.env_id, distance, episodes, seed)
-            found = []
-            for first in range(0, len(starts), batch):
-                found += run_lockstep(bundle, planning, starts[first : first + batch],
-                                      REACH_STEPS_PER_CELL * distance + 20, progress)  # fmt: skip
+            limit = REACH_STEPS_PER_CELL * distance + 20
+            found = run_batches(bundle, planning, starts, batch, limit, progress)
             rows[planner][distance] = success_of(found)
     record = {"env": bundle.env_id, "seed": seed, "episodes": episodes,
               "steps_per_cell": REACH_STEPS_PER_CELL, "success": rows}  # fmt: skip
