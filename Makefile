@@ -4,7 +4,7 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: install serve bench test test-fast lint format clean docs
+.PHONY: install serve bench test test-fast lint format clean docs wheelhouse
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,25 @@ lint: $(INSTALLED)
 format: $(INSTALLED)
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# Every wheel the image needs (docker/Dockerfile installs from wheelhouse/ when it is there),
+# so that a build needs no package index: an air-gapped lab's way. Made with the Python of
+# .venv, which must be the image's (3.11, like Debian bookworm's and python:3.11-slim's);
+# made again only when pyproject.toml changes. `make wheelhouse EXTRAS=cuda` adds jax[cuda12].
+WHEELHOUSE := wheelhouse
+EXTRAS ?=
+WHEELHOUSE_MADE := $(WHEELHOUSE)/.made$(if $(EXTRAS),-$(EXTRAS))
+
+wheelhouse: $(WHEELHOUSE_MADE)
+
+$(WHEELHOUSE_MADE): pyproject.toml $(INSTALLED)
+	rm -rf $(WHEELHOUSE)
+	# pip resolves for the Python that runs it: async-timeout is what redis needs on
+	# Python before 3.11.3, such as Debian bookworm's 3.11.2
+	$(PY) -m pip wheel --quiet --wheel-dir $(WHEELHOUSE) "setuptools>=69" \
+		"async-timeout>=4.0.3" ".$(if $(EXTRAS),[$(EXTRAS)])"
+	rm -f $(WHEELHOUSE)/worldplan-*.whl  # the image installs the project from its source
+	touch $@
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,7 +9,6 @@ import fnmatch
 import json
 import os
 import re
-import shlex
 import shutil
 import signal
 import subprocess
@@ -74,7 +73,8 @@ def check_compose(*paths: Path) -> subprocess.CompletedProcess:
 
 
 def test_compose_files_follow_the_compose_specification(tmp_path):
-    checked = check_compose(DOCKER / "compose.yaml", DOCKER / "compose.gpu.yaml")
+    files = ["compose.yaml", "compose.gpu.yaml", "compose.local.yaml"]
+    checked = check_compose(*(DOCKER / name for name in files))
     assert checked.returncode == 0, checked.stdout + checked.stderr
     broken = load_yaml("compose.yaml")
     broken["services"]["worldplan"]["deploy"]["replica"] = 2  # a misspelt key
@@ -84,7 +84,15 @@ def test_compose_files_follow_the_compose_specification(tmp_path):
 
 def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
     compose = load_yaml("compose.yaml")
-    assert compose["name"] == "worldplan"  # not the folder's name, "docker"
+    # the project's name, not the folder's ("docker"), from docker/.env, which compose 1.29
+    # and v2 both read beside the first file; 1.29 refuses a top-level `name:`
+    assert "name" not in compose and "version" not in compose
+    dotenv = dict(
+        line.split("=", 1)
+        for line in (DOCKER / ".env").read_text().splitlines()
+        if line and not line.startswith("#")
+    )
+    assert dotenv == {"COMPOSE_PROJECT_NAME": "worldplan"}
     services = compose["services"]
     assert {name for name, s in services.items() if "profiles" not in s} == {
         "redis", "worldplan", "lb"
@@ -108,7 +116,9 @@ def test_compose_wires_replicas_redis_and_the_load_balancer(monkeypatch):
 
     assert lb["image"].startswith("nginx:")
     assert lb["depends_on"]["worldplan"]["condition"] == "service_healthy"
-    assert any(str(port).endswith(":8000") for port in lb["ports"])
+    (port,) = lb["ports"]  # on loopback unless LB_ADDRESS says otherwise
+    assert interpolate(port, {}) == "127.0.0.1:8000:8000"
+    assert interpolate(port, {"LB_ADDRESS": "0.0.0.0", "PORT": "9000"}) == "0.0.0.0:9000:8000"
     source, target, *_ = next(v for v in lb["volumes"] if "nginx.conf" in v).split(":")
     assert (DOCKER / source).resolve() == DOCKER / "nginx.conf"
     assert target == "/etc/nginx/nginx.conf"
@@ -145,31 +155,72 @@ def test_the_loadtest_profile_runs_worldplan_loadtest_against_the_balancer():
     assert (args.sessions, args.duration, args.api_key) == (64, 5.0, "k")
 
 
-def docker_compose() -> list[str]:
-    found = shutil.which("docker")
-    if (
-        found is None
-        or subprocess.run([found, "compose", "version"], capture_output=True).returncode
-    ):
-        pytest.skip("the docker CLI with its compose plugin is not installed")
-    return [found, "compose"]
+def docker_composes() -> list[list[str]]:
+    """Every compose installed: `docker compose` (v2) and docker-compose (1.29)."""
+    found = []
+    docker = shutil.which("docker")
+    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    if plugin and plugin.returncode == 0:
+        found.append([docker, "compose"])
+    if legacy := shutil.which("docker-compose"):
+        found.append([legacy])
+    if not found:
+        pytest.skip("neither `docker compose` nor docker-compose is installed")
+    return found
+
+
+def compose_config(compose: list[str], *files: str) -> dict:
+    """compose's own reading of the files from the repository root, as `up` would see them
+    (`config` prints YAML in both versions)."""
+    paths = [arg for name in files for arg in ("-f", f"docker/{name}")]
+    resolved = subprocess.run(
+        [*compose, *paths, "--profile", "loadtest", "config"],
+        cwd=ROOT, capture_output=True, text=True, env=os.environ | {"BASE_IMAGE": ""},
+    )  # fmt: skip
+    assert resolved.returncode == 0, resolved.stderr
+    return yaml.safe_load(resolved.stdout)["services"]
+
+
+def mount_source(volume: str | dict) -> Path:
+    """1.29 prints a mount as SOURCE:TARGET[:MODE], v2 as a mapping."""
+    return Path(volume["source"] if isinstance(volume, dict) else volume.split(":")[0])
 
 
 def test_docker_compose_resolves_the_files_from_the_repository_root():
-    """Where the docker CLI is installed: its own reading of the files, as `up` would see them."""
-    command = [*docker_compose(), "-f", "docker/compose.yaml", "-f", "docker/compose.gpu.yaml"]
-    resolved = subprocess.run(
-        [*command, "--profile", "loadtest", "config", "--format", "json"],
-        cwd=ROOT, capture_output=True, text=True,
-    )  # fmt: skip
-    assert resolved.returncode == 0, resolved.stderr
-    services = json.loads(resolved.stdout)["services"]
-    assert set(services) == {"redis", "worldplan", "lb", "loadtest"}
-    assert Path(services["worldplan"]["build"]["context"]) == ROOT
-    assert services["worldplan"]["build"]["args"]["EXTRAS"] == "cuda"
-    assert Path(services["loadtest"]["build"]["context"]) == ROOT
-    (mount,) = services["lb"]["volumes"]
-    assert Path(mount["source"]) == DOCKER / "nginx.conf"
+    """Where compose is installed (either version): its own reading of the files."""
+    for compose in docker_composes():
+        services = compose_config(compose, "compose.yaml", "compose.gpu.yaml")
+        assert set(services) == {"redis", "worldplan", "lb", "loadtest"}
+        assert Path(services["worldplan"]["build"]["context"]) == ROOT
+        assert services["worldplan"]["build"]["args"]["EXTRAS"] == "cuda"
+        assert Path(services["loadtest"]["build"]["context"]) == ROOT
+        (mount,) = services["lb"]["volumes"]
+        assert mount_source(mount) == DOCKER / "nginx.conf"
+
+
+def test_the_local_override_builds_every_service_on_the_base_made_here():
+    """compose.local.yaml: no image is pulled; every service is built on the image that
+    docker/base-image.sh makes, with the host's network for apt."""
+    base_image_sh = (DOCKER / "base-image.sh").read_text()
+    (default_name,) = re.findall(r"^name=\$\{1:-(\S+)\}$", base_image_sh, re.M)
+    local = load_yaml("compose.local.yaml")["services"]
+    assert set(local) == set(load_yaml("compose.yaml")["services"])
+    for name, service in local.items():
+        build = service["build"]
+        assert interpolate(build["args"]["BASE_IMAGE"], {}) == default_name, name
+        assert build["network"] == "host"
+        context, dockerfile = build_paths(build)
+        assert dockerfile.is_file(), name
+        # the Dockerfile's first stage is the base image the argument names
+        text = dockerfile.read_text()
+        assert re.search(r"^ARG BASE_IMAGE=\S+$", text, re.M), name
+        assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M), name
+    assert local["worldplan"]["image"] == local["loadtest"]["image"]
+    assert build_paths(local["worldplan"]["build"]) == (ROOT, DOCKER / "Dockerfile")
+    for compose in docker_composes():
+        services = compose_config(compose, "compose.yaml", "compose.local.yaml")
+        assert {s["image"] for s in services.values()} == {s["image"] for s in local.values()}
+        assert all(s["build"]["args"]["BASE_IMAGE"] == default_name for s in services.values())
 
 
 def test_sessions_outlive_a_crash_of_the_compose_redis(tmp_path, start_redis):
@@ -228,18 +279,29 @@ def test_the_dockerfile_serves_with_the_real_cli_and_installs_the_extra():
     assert instruction("EXPOSE") == [str(args.port)]
     (health,) = instruction("HEALTHCHECK")
     assert f"127.0.0.1:{args.port}/readyz" in health
-    assert instruction("FROM") == ["python:3.11-slim"]
+    # the base image is an argument: python:3.11-slim unless a build names another
+    assert "BASE_IMAGE=python:3.11-slim" in instruction("ARG")
+    assert instruction("FROM") == ["${BASE_IMAGE} AS build", "${BASE_IMAGE}"]
     (user,) = instruction("USER")
     assert user not in ("root", "0")
 
-    # the pip install line, run through the shell with and without the build argument
-    (install,) = [run for run in instruction("RUN") if run.startswith("pip install")]
-    target = shlex.split(install, posix=False)[-1]
-    for extras, expected in [("", "."), ("cuda", ".[cuda]")]:
-        shell = subprocess.run(
-            ["sh", "-c", f"printf %s {target}"], env={"EXTRAS": extras}, capture_output=True
-        )
-        assert shell.stdout.decode() == expected
+    # the install, from wheelhouse/ alone when the context has one (what `make wheelhouse`
+    # makes), else from the index; the target run through the shell with and without the
+    # build argument
+    (install,) = [run for run in instruction("RUN") if "pip install" in run]
+    assert install.startswith("if [ -d wheelhouse ]; then")
+    assert "--no-index --find-links wheelhouse" in install
+    assert "WHEELHOUSE := wheelhouse" in (ROOT / "Makefile").read_text()
+    targets = re.findall(r'"\.\$\{EXTRAS[^"]*"', install)
+    assert len(targets) == 2  # one in each branch
+    for target in targets:
+        for extras, expected in [("", "."), ("cuda", ".[cuda]")]:
+            shell = subprocess.run(
+                ["sh", "-c", f"printf %s {target}"], env={"EXTRAS": extras}, capture_output=True
+            )
+            assert shell.stdout.decode() == expected
+    # the image keeps the virtual environment, not the context the build stage copied
+    assert "--from=build /opt/worldplan /opt/worldplan" in instruction("COPY")
 
 
 def test_the_docker_context_keeps_what_the_image_installs():
@@ -263,6 +325,7 @@ def test_the_docker_context_keeps_what_the_image_installs():
     assert any(p.startswith("service/default_model/") for p in tracked)
     assert not [p for p in tracked if ignored(p)]
     assert all(ignored(p) for p in [".venv/bin/python", ".git/HEAD", "data/x", "runs/umaze"])
+    assert not ignored("wheelhouse/numpy-2.4.6-cp311-cp311-manylinux_2_27_x86_64.whl")
 
 
 # --- nginx in front of two replicas -------------------------------------------------------
