@@ -235,3 +235,22 @@ def test_history_dropout_hides_the_lstm_state_from_the_psi_loss():
 
     assert psi_loss(1.0, 0.0) == psi_loss(1.0, 3.0)  # every row's history dropped
     assert psi_loss(0.0, 0.0) != psi_loss(0.0, 3.0)  # the history conditions the loss
+
+
+def test_without_history_the_psi_model_and_readout_read_z_alone():
+    def outputs(history: bool, h_value: float) -> tuple[np.ndarray, np.ndarray]:
+        model, params = tiny_successor_model({"history": history})
+        # Moved off the initialisation, whose conditioning and output layers are zero.
+        leaves, treedef = jax.tree.flatten(params)
+        keys = jax.random.split(KEY, len(leaves))
+        moved = [x + 0.3 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+        params = jax.tree.unflatten(treedef, moved)
+        state = jnp.concatenate([jnp.ones(4), jnp.full(8, h_value)])
+        psi = jnp.ones(model.psi_dim)
+        v = model.predict_v(params["psi"], psi, jnp.float32(0.5), state)
+        return np.asarray(v), np.asarray(model.read_out(params, state, psi))
+
+    for with_h, without_h in zip(outputs(False, 0.0), outputs(False, 3.0), strict=True):
+        np.testing.assert_array_equal(with_h, without_h)
+    for with_h, without_h in zip(outputs(True, 0.0), outputs(True, 3.0), strict=True):
+        assert not np.allclose(with_h, without_h)

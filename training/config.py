@@ -76,6 +76,13 @@ class SuccessorConfig(Strict):
     )
     ema_decay: float = Field(0.995, ge=0.0, lt=1.0)
     batch_size: int = Field(256, gt=0, description="batch of the psi, readout and value stages")
+    history: bool = Field(
+        True,
+        description="whether the psi-model and the readout read M's history h beside z. Off "
+        "where the observation is the whole state (OGBench's point mazes: the position): "
+        "there a history only tells where the data's own agent was heading, and the "
+        "planner's own past actions would read as that intent and narrow the futures it sees",
+    )
     history_dropout: float = Field(
         0.0,
         ge=0.0,

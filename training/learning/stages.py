@@ -135,7 +135,7 @@ def readout_objective(model: Networks, params, trans: Transitions, key, step):
         psi = normalise(trans.mc_psi[rows], params["psi_norm"])
     else:
         psi = bellman_target(model, params, trans, rows, k_target)
-    action = model.readout.apply({"params": params["readout"]}, trans.states[rows], psi)
+    action = model.read_out(params, trans.states[rows], psi)
     return jnp.mean(jnp.sum(jnp.square(action - trans.actions[rows]), axis=-1)), {}
 
 

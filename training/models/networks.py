@@ -193,12 +193,26 @@ class Networks:
     def phi(self, params: dict, obs: jax.Array, z: jax.Array) -> jax.Array:
         return cumulants(params["cumulants"], self.cumulant_input(params, obs, z))
 
+    def psi_condition(self, state: jax.Array) -> jax.Array:
+        """What the psi-model and the readout read of a planning state [z, h]: all of it,
+        or (successor.history off) z with h at the initial LSTM state."""
+        if self.config.successor.history:
+            return state
+        is_h = jnp.arange(state.shape[-1]) >= self.latent_dim
+        return jnp.where(is_h, 0.0, state)
+
     def predict_v(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
-        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state)
+        cond = self.psi_condition(state)
+        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, cond)
 
     def psi_features(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
         """What the psi network's output layer `out` reads: v = features @ kernel + bias."""
-        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, state, True)
+        cond = self.psi_condition(state)
+        return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, cond, True)
+
+    def read_out(self, params: dict, state: jax.Array, psi: jax.Array) -> jax.Array:
+        """The readout's action for the outcome psi (normalised) at planning state s."""
+        return self.readout.apply({"params": params["readout"]}, self.psi_condition(state), psi)
 
     def sample_psi(self, psi_params, state, noise, n_steps, guide_fn=None, guidance_scale=0.0):
         """Normalised psi samples for `noise` [..., P] at planning states [..., S]."""

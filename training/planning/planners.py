@@ -161,10 +161,6 @@ def broadcast_state(state: jax.Array, n: int) -> jax.Array:
     return jnp.broadcast_to(state, (n, state.shape[-1]))
 
 
-def read_out(model: Networks, params, state, psi) -> jax.Array:
-    return model.readout.apply({"params": params["readout"]}, state, psi)
-
-
 def plan_without_adaptation(action, value, mean) -> Plan:
     """The plan of a planner that adapts nothing: no objective trace, no KL, no Δφ."""
     zero, no = jnp.float32(0.0), jnp.bool_(False)
@@ -222,7 +218,7 @@ def best_sample_plan(model: Networks, shape: PlanShape, params, state, values, p
     """Reads out the sample the planner's choice rule scores highest."""
     is_self = jnp.eye(psi.shape[0], dtype=bool)
     best = jnp.argmax(choice_scores(shape.choice, values, psi, psi, is_self, knobs.kl_coef))
-    action = read_out(model, params, state, psi[best])
+    action = model.read_out(params, state, psi[best])
     return plan_without_adaptation(action, values[best], jnp.mean(values))
 
 
@@ -464,7 +460,7 @@ def adapt(model: Networks, shape: PlanShape, params, state, weights, key, knobs,
 
 def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
     a = adapt(model, shape, params, state, weights, key, knobs, delta)
-    action = read_out(model, params, state, a.psi)
+    action = model.read_out(params, state, a.psi)
     return Plan(
         action=action,
         value=a.value,
