@@ -38,6 +38,7 @@ PLANNER = {"planner": "random_shooting"}
 SESSIONS = 6
 STEPS = 24  # per session, before Redis is stopped
 KILL_AFTER = 6  # the replica dies once every session has this many steps acknowledged
+TWIN_ATOL = 1e-3  # between batching's rounding and a doubled step (the twins' check)
 BUILD_TIMEOUT_S = 1200
 READY_TIMEOUT_S = 600
 
@@ -303,13 +304,14 @@ def test_the_stack_keeps_every_acknowledged_step_through_a_replica_kill_and_a_re
         stack.run("start", "redis")
         recover_after_redis(stack, driver, episodes, restarted_at)
 
-        # and every action matches a twin's that never saw a failure: a doubled step would
-        # have moved the session's state once more than the twin's
+        # and every action matches a twin's that never saw a failure. A step applied twice
+        # moves the state by a whole update: every later action then differs by 0.009 or more
+        # (seen on the bundled model); steps sent at once are batched on a replica, which
+        # sums in another order than one alone (1e-6 or less seen)
         for episode in episodes:
             actions = [a[1] for a in episode.acknowledged]
-            np.testing.assert_allclose(
-                actions, twin_actions(stack.url, episode.seed, STEPS + 1), rtol=1e-6, atol=1e-7
-            )
+            twin = twin_actions(stack.url, episode.seed, STEPS + 1)
+            np.testing.assert_allclose(actions, twin, rtol=0, atol=TWIN_ATOL)
     assert not stack.leftovers, f"left after `down`: {stack.leftovers}"
 
 
