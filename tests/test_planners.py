@@ -1,4 +1,4 @@
-"""The diffusion sampler, the four planners, online adaptation and task inference."""
+"""The diffusion sampler, the five planners, online adaptation and task inference."""
 
 from typing import get_args
 
@@ -11,12 +11,13 @@ import pytest
 from training.config import PlanningConfig
 from training.learning.checkpoint import restore_bundle
 from training.models.diffusion import cosine_schedule, ddim_sample, sample_with_path_kl, v_loss
-from training.models.mdn_rnn import initial_state
+from training.models.mdn_rnn import MDNRNN, initial_state
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.value import least_squares_weights
 from training.planning.planners import (
     PLANNER_FNS,
     PLANNERS,
+    TERMINAL_SAMPLES,
     Knobs,
     PlanShape,
     adapt,
@@ -24,8 +25,10 @@ from training.planning.planners import (
     compile_decide,
     heaviest,
     log_density,
+    most_likely_latent,
     plan,
     tilt_weights,
+    value_fn,
     with_delta,
     zero_delta,
 )
@@ -106,6 +109,12 @@ def planning_state(bundle, seed=0):
     return jax.random.normal(jax.random.key(seed), (model.state_dim,))
 
 
+def carry_and_latent(bundle, seed=0):
+    """M's LSTM carry (c, h) and V's latent z whose planning state is planning_state's."""
+    z, h = jnp.split(planning_state(bundle, seed), [bundle.model.latent_dim])
+    return (jnp.zeros_like(h), h), z
+
+
 def knobs(lr=1e-3, kl_coef=1.0, steps=8):
     return Knobs(jnp.float32(lr), jnp.float32(kl_coef), jnp.float32(0.0), jnp.float32(steps))
 
@@ -152,11 +161,11 @@ def test_the_step_count_is_an_input_up_to_the_published_maximum(bundle):
 @pytest.mark.slow
 def test_large_kl_coefficient_keeps_delta_near_zero_and_plans_like_random_shooting(bundle):
     model, params = bundle.model, bundle.params
-    state, weights, key = planning_state(bundle, 3), goal_weights(bundle), jax.random.key(5)
+    (lstm, z), weights, key = carry_and_latent(bundle, 3), goal_weights(bundle), jax.random.key(5)
     shape = PlanShape("online_adaptation", 4, 8, 8, **ORIGINAL_RULE)
 
     def adapted(kl_coef):
-        return plan(model, shape, params, state, weights, key, knobs(kl_coef=kl_coef, steps=10))
+        return plan(model, shape, params, lstm, z, weights, key, knobs(kl_coef=kl_coef, steps=10))
 
     def largest(delta):
         return max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves(delta))
@@ -165,7 +174,7 @@ def test_large_kl_coefficient_keeps_delta_near_zero_and_plans_like_random_shooti
     assert largest(free.delta) > 1e-3
     assert largest(held.delta) == 0.0 and int(held.kept_step) == 0
     assert np.all(np.asarray(held.objective[1:11]) < float(held.objective[0]))
-    shooting = plan(model, PlanShape("random_shooting", 4, 8, 8), params, state, weights, key,
+    shooting = plan(model, PlanShape("random_shooting", 4, 8, 8), params, lstm, z, weights, key,
                     knobs(kl_coef=1e6))  # fmt: skip
     np.testing.assert_allclose(np.asarray(held.action), np.asarray(shooting.action), rtol=1e-6)
     assert float(held.value) == pytest.approx(float(shooting.value), rel=1e-6)
@@ -255,10 +264,10 @@ def test_bad_tasks_are_refused_clearly(bundle, task, message):
 
 def test_controller_planner_is_the_controller(bundle):
     model, params = bundle.model, bundle.params
-    state = planning_state(bundle)
-    out = plan(model, PlanShape("controller", 4, 8, 8), params, state, goal_weights(bundle),
+    lstm, z = carry_and_latent(bundle)
+    out = plan(model, PlanShape("controller", 4, 8, 8), params, lstm, z, goal_weights(bundle),
                jax.random.key(0), Knobs.of(bundle.config.planning))  # fmt: skip
-    z, h = state[: model.latent_dim], state[model.latent_dim :]
+    h = lstm[1]
     mean, _ = model.controller.apply({"params": params["controller"]}, z, h)
     np.testing.assert_allclose(np.asarray(out.action), np.clip(np.asarray(mean), -1, 1))
     assert initial_state((), 4)[0].shape == (4,)
@@ -464,9 +473,6 @@ def test_an_action_chunk_plans_again_at_each_state_m_imagines(bundle):
     """action_horizon 3: the first action is the one-action decision's; each next one is
     the plan at the z M predicts after the action before, and M's state has consumed all
     three."""
-    from training.models.mdn_rnn import MDNRNN
-    from training.planning.planners import most_likely_latent
-
     model, params = bundle.model, bundle.params
     config = bundle.config.planning.model_copy(update={"planner": "random_shooting"})
     one = PlanShape.of(config)
@@ -486,9 +492,37 @@ def test_an_action_chunk_plans_again_at_each_state_m_imagines(bundle):
     state, out = step(lstm, model.encode(params, obs), single.plan.action)
     for i in (1, 2):
         z = most_likely_latent(out)
-        p = plan(model, three, params, jnp.concatenate([z, state[1]]), weights,
-                 jax.random.fold_in(key, i), k)  # fmt: skip
+        p = plan(model, three, params, state, z, weights, jax.random.fold_in(key, i), k)
         np.testing.assert_allclose(chunk.actions[i], p.action, rtol=1e-4, atol=1e-5)
         state, out = step(state, z, p.action)
     np.testing.assert_allclose(chunk.lstm[1], state[1], rtol=1e-4, atol=1e-5)
     assert not np.allclose(chunk.actions[1], chunk.actions[0])  # it did plan again
+
+
+def test_imagination_values_an_action_by_the_states_m_imagines_for_it(bundle):
+    """With one candidate the planner's value is that action's imagined return, rolled by
+    hand here: M's most likely latents, the reward of their decodings, the psi-model's
+    value at the last; and among candidates it keeps the one worth most."""
+    model, params = bundle.model, bundle.params
+    lstm, z = carry_and_latent(bundle, 1)
+    weights, key, k = goal_weights(bundle), jax.random.key(3), Knobs.of(bundle.config.planning)
+    one = PlanShape("imagination", 4, 1, 8, imagination_steps=5)
+    p = plan(model, one, params, lstm, z, weights, key, k)
+    gamma = bundle.config.successor.gamma
+    carry, latent, expected = lstm, z, 0.0
+    for t in range(1, 6):
+        carry, out = model.mdn.apply({"params": params["mdn"]}, carry, latent, p.action,
+                                     method=MDNRNN.step)  # fmt: skip
+        latent = most_likely_latent(out)
+        if t < 5:
+            expected += gamma**t * float(model.imagined_phi(params, latent) @ weights)
+    last = jnp.concatenate([latent, carry[1]])
+    noise = jax.random.normal(jax.random.split(key)[1], (TERMINAL_SAMPLES, model.psi_dim))
+    psi = model.sample_psi(params["psi_ema"], jnp.broadcast_to(last, (TERMINAL_SAMPLES,
+                           last.shape[0])), noise, 4)  # fmt: skip
+    expected += gamma**5 * float(jnp.mean(value_fn(params, weights)(psi)))
+    assert float(p.value) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    many = plan(model, PlanShape("imagination", 4, 16, 8, imagination_steps=5), params, lstm, z,
+                weights, key, k)  # fmt: skip
+    assert float(many.value) >= float(many.objective[0])  # the best, not the mean, is kept
+    assert float(many.value) > float(p.value) or np.allclose(many.action, p.action)

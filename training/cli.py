@@ -362,7 +362,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--planner",
         default="all",
-        help="a planner, a comma list, or all; besides the four planners, "
+        help="a planner, a comma list, or all; besides the five planners, "
         "random_shooting_matched (as many samples as fit in online adaptation's time) and "
         "online_adaptation_original (the original formulation's exact rule)",
     )

@@ -112,7 +112,7 @@ class ValueConfig(Strict):
 
 # The planners' names, which training/planning/planners.py maps to its functions and every other
 # module reads from there. Spelled here, below that module, because the config checks them.
-PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation")
+PLANNERS = ("controller", "random_shooting", "guided_diffusion", "online_adaptation", "imagination")
 
 
 MAX_ACTION_HORIZON = 16  # the longest action chunk a decision may return
@@ -128,7 +128,16 @@ class PlanningConfig(Strict):
         "one at the state M imagines after the one before (an action chunk)",
     )
     sample_steps: int = Field(10, gt=0, le=100, description="DDIM steps at decision time")
-    n_samples: int = Field(32, gt=0, le=4096, description="psi samples to choose from")
+    n_samples: int = Field(
+        32, gt=0, le=4096, description="psi samples to choose from (imagination: actions)"
+    )
+    imagination_steps: int = Field(
+        20,
+        ge=1,
+        le=200,
+        description="imagination: the steps of M each candidate action is held for, before "
+        "the psi-model values the state M imagines at their end",
+    )
     guidance_scale: float = Field(1.0, ge=0.0)
     adaptation: Literal["reweighted", "gradient"] = Field(
         "reweighted",

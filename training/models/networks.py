@@ -201,6 +201,14 @@ class Networks:
         is_h = jnp.arange(state.shape[-1]) >= self.latent_dim
         return jnp.where(is_h, 0.0, state)
 
+    def imagined_phi(self, params: dict, z: jax.Array) -> jax.Array:
+        """phi of a state M imagines, known only by its latent: phi of the latent itself,
+        or of V's decoding of it into an observation."""
+        if self.config.successor.cumulant_input == "latent":
+            return cumulants(params["cumulants"], z)
+        decoded = self.vae.apply({"params": params["vae"]}, z, method="decode")
+        return self.phi(params, denormalise(decoded, params["normaliser"]), z)
+
     def predict_v(self, psi_params: dict, psi_t, t_fraction, state) -> jax.Array:
         cond = self.psi_condition(state)
         return self.psi_net.apply({"params": psi_params}, psi_t, t_fraction, cond)

@@ -1,11 +1,14 @@
-"""The four decision-time planners, as pure functions compiled once per configuration.
+"""The five decision-time planners, as pure functions compiled once per configuration.
 
 Every planner maps (params, planning state s = [z, h], task weights w, key) to an action:
 - `controller`: C(z, h), the World Models reactive baseline;
 - `random_shooting`: N samples of psi from p(psi | s), keep the best by V, read out;
 - `guided_diffusion`: the same with grad V added to the score while sampling;
 - `online_adaptation`: adapt Δφ so that p_{φ+Δφ}(psi | s) leans towards high values,
-  E[V(psi)] - λ KL(p_{φ+Δφ} || p_φ), then as random shooting with the adapted model.
+  E[V(psi)] - λ KL(p_{φ+Δφ} || p_φ), then as random shooting with the adapted model;
+- `imagination`: N actions, each held for T steps of M from M's own LSTM state, scored by
+  the task's reward at the states M imagines and the psi-model's value at the last; the
+  best one is the action (no readout: the action is what was imagined).
 
 Online adaptation has two rules (`planning.adaptation`):
 - `reweighted` (the default): the maximiser of E_q[V] - λ KL(q || p) is q* ∝ p exp(V / λ),
@@ -70,6 +73,7 @@ class PlanShape:
     choice: str = "max_value"
     n_fit_samples: int | None = None
     action_horizon: int = 1
+    imagination_steps: int = 20
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -87,6 +91,8 @@ class PlanShape:
             if self.adaptation == "gradient":
                 sizes += f", kl_estimator={self.kl_estimator}"
             sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
+        if self.planner == "imagination":
+            sizes += f", imagination_steps={self.imagination_steps}"
         if self.action_horizon > 1:
             sizes += f", action_horizon={self.action_horizon}"
         return f"{self.planner}({sizes})"
@@ -222,13 +228,13 @@ def best_sample_plan(model: Networks, shape: PlanShape, params, state, values, p
     return plan_without_adaptation(action, values[best], jnp.mean(values))
 
 
-def plan_controller(model: Networks, shape: PlanShape, params, state, weights, key, knobs, delta):
+def plan_controller(model, shape: PlanShape, params, state, weights, key, knobs, delta, lstm):
     z, h = jnp.split(state, [model.latent_dim])
     action, _ = model.controller.apply({"params": params["controller"]}, z, h)
     return plan_without_adaptation(action, jnp.float32(0.0), jnp.float32(0.0))
 
 
-def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, knobs, delta):
+def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, knobs, delta, lstm):
     # The same key split as online adaptation: with Δφ = 0 both choose among the same samples.
     _, k_choose = jax.random.split(key)
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
@@ -238,7 +244,7 @@ def plan_random_shooting(model, shape: PlanShape, params, state, weights, key, k
                             knobs)  # fmt: skip
 
 
-def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta):
+def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, knobs, delta, lstm):
     _, k_choose = jax.random.split(key)
     noise = jax.random.normal(k_choose, (shape.n_samples, model.psi_dim))
     value = value_fn(params, weights)
@@ -253,6 +259,45 @@ def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, 
         guidance_scale=knobs.guidance_scale,
     )
     return best_sample_plan(model, shape, params, state, value(psi), psi, knobs)
+
+
+TERMINAL_SAMPLES = 4  # psi samples that value the last imagined state of each action
+
+
+def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs, delta, lstm):
+    """Shooting through M's imagination: n_samples actions drawn uniformly in the action
+    box, each held for imagination_steps steps of M (the mean of its most likely component
+    each step) from M's LSTM carry. An action is worth the discounted reward phi . w of the
+    states it imagines, then gamma^T times the mean value of TERMINAL_SAMPLES psi samples at
+    the last one (the same noise for every action: they differ only by where they lead)."""
+    k_actions, k_psi = jax.random.split(key)
+    low = jnp.asarray(model.spaces.action_low)
+    high = jnp.asarray(model.spaces.action_high)
+    actions = jax.random.uniform(k_actions, (shape.n_samples, low.shape[0]), minval=low,
+                                 maxval=high)  # fmt: skip
+    steps, gamma = shape.imagination_steps, model.config.successor.gamma
+    value = value_fn(params, weights)
+    noise = jax.random.normal(k_psi, (TERMINAL_SAMPLES, model.psi_dim))
+    z = state[: model.latent_dim]
+
+    def worth(action):
+        def step(carry, _):
+            carry, out = model.mdn.apply({"params": params["mdn"]}, carry[0], carry[1], action,
+                                         method=MDNRNN.step)  # fmt: skip
+            z_next = most_likely_latent(out)
+            return (carry, z_next), model.imagined_phi(params, z_next) @ weights
+
+        (carry, z_last), rewards = jax.lax.scan(step, (lstm, z), None, length=steps)
+        last = jnp.concatenate([z_last, carry[1]])
+        psi = model.sample_psi(params["psi_ema"], broadcast_state(last, TERMINAL_SAMPLES), noise,
+                               shape.sample_steps)  # fmt: skip
+        # psi at the last state counts its own reward: the sum stops one step before it.
+        discounts = gamma ** jnp.arange(1, steps)
+        return discounts @ rewards[:-1] + gamma**steps * jnp.mean(value(psi))
+
+    values = jax.vmap(worth)(actions)
+    best = jnp.argmax(values)
+    return plan_without_adaptation(actions[best], values[best], jnp.mean(values))
 
 
 class Steps(NamedTuple):
@@ -458,7 +503,7 @@ def adapt(model: Networks, shape: PlanShape, params, state, weights, key, knobs,
     )
 
 
-def plan_online_adaptation(model, shape: PlanShape, params, state, weights, key, knobs, delta):
+def plan_online_adaptation(model, shape, params, state, weights, key, knobs, delta, lstm):
     a = adapt(model, shape, params, state, weights, key, knobs, delta)
     action = model.read_out(params, state, a.psi)
     return Plan(
@@ -483,16 +528,19 @@ PLANNER_FNS = {
     "random_shooting": plan_random_shooting,
     "guided_diffusion": plan_guided_diffusion,
     "online_adaptation": plan_online_adaptation,
+    "imagination": plan_imagination,
 }
 
 
-def plan(model: Networks, shape: PlanShape, params, state, weights, key, knobs, delta=None):
-    """One decision for one planning state. `delta` warm-starts Δφ (zero when None)."""
+def plan(model: Networks, shape: PlanShape, params, lstm, z, weights, key, knobs, delta=None):
+    """One decision at the planning state [z, h] of V's latent z and M's LSTM carry
+    lstm = (c, h). `delta` warm-starts Δφ (zero when None)."""
     if shape.planner not in PLANNER_FNS:
         raise ValueError(f"unknown planner {shape.planner!r}; known: {', '.join(PLANNERS)}")
     if delta is None:
         delta = zero_delta(params, shape)
-    p = PLANNER_FNS[shape.planner](model, shape, params, state, weights, key, knobs, delta)
+    state = jnp.concatenate([z, lstm[1]], axis=-1)
+    p = PLANNER_FNS[shape.planner](model, shape, params, state, weights, key, knobs, delta, lstm)
     low = jnp.asarray(model.spaces.action_low)
     high = jnp.asarray(model.spaces.action_high)
     return p._replace(action=jnp.clip(p.action, low, high))
@@ -516,8 +564,7 @@ def decide(model: Networks, shape: PlanShape, params, lstm, obs, weights, key, k
     started from the Δφ of the plan before."""
 
     def plan_and_step(lstm, z, key, delta):
-        p = plan(model, shape, params, jnp.concatenate([z, lstm[1]], axis=-1), weights, key,
-                 knobs, delta)  # fmt: skip
+        p = plan(model, shape, params, lstm, z, weights, key, knobs, delta)
         lstm, out = model.mdn.apply({"params": params["mdn"]}, lstm, z, p.action,
                                     method=MDNRNN.step)  # fmt: skip
         return p, lstm, out
