@@ -3,14 +3,13 @@
 import pytest
 
 from service.benchmarks.bench import run_bench, write_bench
+from training.planning.planners import PLANNERS
 
 
 @pytest.mark.slow
 def test_bench_measures_every_part(trained, tmp_path):
     report = run_bench(trained.run_dir, sessions=[1, 2], duration_s=0.5, repeats=3)
-    assert set(report["in_process_p50_ms"]) == {
-        "controller", "random_shooting", "guided_diffusion", "online_adaptation",
-    }  # fmt: skip
+    assert set(report["in_process_p50_ms"]) == set(PLANNERS)
     lines = [
         f"{p} {t}" for p in ("random_shooting", "online_adaptation") for t in ("http", "stream")
     ]

@@ -73,7 +73,7 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
     assert "`online_adaptation`" in printed and "`controller`" in printed
     record = json.loads((out / "eval.json").read_text())
     labels = ["controller", "random_shooting", "random_shooting_matched", "guided_diffusion",
-              "online_adaptation", "online_adaptation_original"]  # fmt: skip
+              "online_adaptation", "online_adaptation_original", "imagination"]  # fmt: skip
     assert [r["label"] for r in record["results"]] == labels
     by_label = {r["label"]: r for r in record["results"]}
     # Random shooting given online adaptation's time takes at least its own samples.
@@ -86,7 +86,7 @@ def test_eval_command_compares_planners_on_the_same_goals(trained, tmp_path, cap
         assert [e["goal_cell"] for e in result["episodes"]] == goal_cells
         low, high = result["summary"]["interval"]
         assert 0.0 <= low <= result["summary"]["success_rate"] <= high <= 1.0
-    assert (out / "eval.md").read_text().count("\n") == 8
+    assert (out / "eval.md").read_text().count("\n") == 2 + len(labels)
     assert cli_main([*argv, "--planner", "teleport", "--out", str(out)]) == 2
     assert "unknown planner" in capsys.readouterr().err
 

@@ -455,7 +455,7 @@ def test_both_choice_rules_plan_with_a_real_bundle(bundle, planner):
             bundle.model,
             PlanShape(planner, 4, 16, 16, support_guard=False, choice=choice),
             bundle.params,
-            planning_state(bundle),
+            *carry_and_latent(bundle),
             goal_weights(bundle),
             jax.random.key(3),
             knobs(kl_coef=1.0, steps=2),
