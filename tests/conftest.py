@@ -103,6 +103,19 @@ def decide_once(run_dir) -> np.ndarray:
     return np.stack(actions)
 
 
+def installed_composes() -> list[list[str]]:
+    """Every compose installed, in order of preference: `docker compose` (v2), then
+    docker-compose (1.29, Debian's)."""
+    found = []
+    docker = shutil.which("docker")
+    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
+    if plugin and plugin.returncode == 0:
+        found.append([docker, "compose"])
+    if legacy := shutil.which("docker-compose"):
+        found.append([legacy])
+    return found
+
+
 REDIS_SERVER = shutil.which("redis-server")
 
 

@@ -29,6 +29,7 @@ import pytest
 
 from service.clients.client import Client, ServiceError
 from service.clients.local import free_port, stop, wait_ready
+from tests.conftest import installed_composes
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -59,13 +60,12 @@ def unusable(reason: str):
 
 def compose_command() -> list[str]:
     """`docker compose` (v2) where the plugin is installed, else docker-compose (1.29)."""
-    docker = shutil.which("docker")
-    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
-    if plugin and plugin.returncode == 0:
-        return [docker, "compose"]
-    if legacy := shutil.which("docker-compose"):
-        return [legacy]
-    unusable("neither `docker compose` nor docker-compose is installed (Debian: docker-compose)")
+    found = installed_composes()
+    if not found:
+        unusable(
+            "neither `docker compose` nor docker-compose is installed (Debian: docker-compose)"
+        )
+    return found[0]
 
 
 def engine_answers() -> bool:

@@ -26,6 +26,7 @@ from service.clients.client import SESSION_HEADER, Client
 from service.clients.local import free_port, settings_env, stop, wait_ready
 from service.sessions import RedisSessionStore, Session
 from service.settings import Settings
+from tests.conftest import installed_composes
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -157,13 +158,7 @@ def test_the_loadtest_profile_runs_worldplan_loadtest_against_the_balancer():
 
 def docker_composes() -> list[list[str]]:
     """Every compose installed: `docker compose` (v2) and docker-compose (1.29)."""
-    found = []
-    docker = shutil.which("docker")
-    plugin = docker and subprocess.run([docker, "compose", "version"], capture_output=True)
-    if plugin and plugin.returncode == 0:
-        found.append([docker, "compose"])
-    if legacy := shutil.which("docker-compose"):
-        found.append([legacy])
+    found = installed_composes()
     if not found:
         pytest.skip("neither `docker compose` nor docker-compose is installed")
     return found
