@@ -33,6 +33,7 @@ def cmd_collect(args: argparse.Namespace) -> None:
         noise=args.noise,
         waypoint_jitter=args.waypoint_jitter,
         rare_goal_prob=args.rare_goal_prob,
+        swing_up=args.swing_up,
         max_episode_steps=args.max_episode_steps,
         progress=not args.quiet,
     )
@@ -52,6 +53,7 @@ def cmd_collect_ogbench(args: argparse.Namespace) -> None:
         "--noise": args.noise != MAZE_ACTION_NOISE,
         "--waypoint-jitter": args.waypoint_jitter != 0.0,
         "--rare-goal-prob": args.rare_goal_prob != RARE_GOAL_PROB,
+        "--swing-up": args.swing_up != 0.0,
         "--max-episode-steps": args.max_episode_steps is not None,
     }
     if given := [flag for flag, set_ in fixed.items() if set_]:
@@ -309,6 +311,13 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         default=RARE_GOAL_PROB,
         help="pointmaze with --skew: how often a behaviour goal lies in the rarely visited "
         "cells (default: %(default)s)",
+    )
+    p.add_argument(
+        "--swing-up",
+        type=float,
+        default=0.0,
+        help="pendulum: fraction of the episodes driven by a noisy swing-up instead of "
+        "random torques",
     )
     p.add_argument("--max-episode-steps", type=int, default=None)
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -20,10 +20,15 @@ from training.errors import UsageError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
-# The world-model stages each mode trains before the successor-feature stages.
+# The world-model stages of each mode, before the successor-feature stages: staged ends with
+# C's own stage, the joint modes with one only when train.controller names a trainer.
 WORLD_STAGES = {"staged": ("vae", "mdn", "controller"), "end_to_end": ("joint",),
                 "alternating": ("joint",)}  # fmt: skip
 SUCCESSOR_STAGES = ("psi", "readout", "value")
+# How the controller stage trains C, V and M held fixed: cloning the data's actions weighted
+# by their returns, REINFORCE on the data's windows, the imagined return backpropagated
+# through M, or CMA-ES on C's weights by its return in M's dream or in the real environment.
+CONTROLLER_TRAINERS = ("imitation", "reinforce", "imagination", "cmaes_dream", "cmaes_env")
 
 
 class Strict(BaseModel):
@@ -55,6 +60,24 @@ class ControllerConfig(Strict):
     hidden: int = Field(64, gt=0)
     return_temperature: float = Field(1.0, gt=0.0, description="return weighting of cloned actions")
     gamma: float = Field(0.99, gt=0.0, le=1.0)
+
+
+class EvolutionConfig(Strict):
+    """CMA-ES on C's weights (train.controller cmaes_dream or cmaes_env): one generation is
+    one step of the controller stage, train.controller_steps generations in all."""
+
+    population: int = Field(64, gt=1, le=4096, description="candidates per generation")
+    sigma: float = Field(0.1, gt=0.0, description="CMA-ES's initial step size")
+    rollouts: int = Field(
+        16, gt=0, le=1024, description="episodes each candidate is scored on (the same for all)"
+    )
+    horizon: int = Field(200, gt=0, le=10_000, description="cmaes_dream: steps of each dream")
+    temperature: float = Field(
+        1.0, gt=0.0, description="cmaes_dream: M's sampling temperature in the dream"
+    )
+    max_episode_steps: int | None = Field(
+        None, gt=0, description="cmaes_env: episode limit (the environment's when unset)"
+    )
 
 
 class SuccessorConfig(Strict):
@@ -261,14 +284,33 @@ class TrainConfig(Strict):
     tbptt: int | None = Field(
         None, gt=0, description="truncated BPTT chunk length (unset: full BPTT over a window)"
     )
+    controller: Literal[CONTROLLER_TRAINERS] | None = Field(
+        None,
+        description="the controller stage's trainer, V and M fixed (unset: imitation in "
+        "staged mode, and no controller stage after a joint one)",
+    )
     checkpoint_every: int = Field(500, gt=0)
     log_every: int = Field(50, gt=0)
     max_grad_norm: float = Field(1.0, gt=0.0, description="global-norm gradient clipping")
     clip_value: float | None = Field(None, gt=0.0, description="per-value gradient clipping")
 
+    @property
+    def controller_trainer(self) -> str | None:
+        """How C's own stage trains it; None: there is no such stage."""
+        if self.controller is None and self.mode == "staged":
+            return "imitation"
+        return self.controller
+
+    def world_stages(self) -> tuple[str, ...]:
+        """The world-model stages, in training order."""
+        stages = WORLD_STAGES[self.mode]
+        if self.mode != "staged" and self.controller is not None:
+            stages += ("controller",)
+        return stages
+
     def stage_steps(self) -> dict[str, int]:
         """Steps of each stage, in training order."""
-        stages = WORLD_STAGES[self.mode] + SUCCESSOR_STAGES
+        stages = self.world_stages() + SUCCESSOR_STAGES
         return {stage: getattr(self, f"{stage}_steps") for stage in stages}
 
     @property
@@ -288,6 +330,7 @@ class Config(Strict):
     value: ValueConfig = ValueConfig()
     planning: PlanningConfig = PlanningConfig()
     joint: JointConfig = JointConfig()
+    evolution: EvolutionConfig = EvolutionConfig()
     train: TrainConfig = TrainConfig()
 
     @model_validator(mode="after")

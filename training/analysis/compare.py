@@ -28,7 +28,6 @@ from training.analysis.evaluate import (
     wilson_interval,
 )
 from training.analysis.plots import plt, save_figure
-from training.config import WORLD_STAGES
 from training.data.datasets import load_sequences
 from training.errors import UsageError
 from training.learning import joint
@@ -63,9 +62,9 @@ def world_model_losses(bundle: Bundle, data_path: str, n_windows: int = 256, see
     return {"recon": float(metrics["recon"]), "nll": float(metrics["nll"])}
 
 
-def training_time(metrics: list[dict], mode: str) -> dict:
+def training_time(metrics: list[dict], world_stages: tuple[str, ...]) -> dict:
     """Wall seconds and steps until the world model was done (its last logged line)."""
-    rows = [m for m in metrics if m["stage"] in WORLD_STAGES[mode]]
+    rows = [m for m in metrics if m["stage"] in world_stages]
     if not rows:
         return {"seconds": None, "steps": 0, "steps_per_second": None}
     seconds, steps = rows[-1]["wall_s"], rows[-1]["step"]
@@ -130,7 +129,7 @@ def compare_runs(
                 "std_return": float(np.std(returns)),
                 "success_rate": None if successes is None else float(np.mean(successes)),
                 **world_model_losses(bundle, data),
-                "training": training_time(metrics, bundle.config.train.mode),
+                "training": training_time(metrics, bundle.config.train.world_stages()),
                 "curves": curves_of(metrics),
             }
         )

@@ -47,6 +47,7 @@ def collect(
     noise: float = MAZE_ACTION_NOISE,
     waypoint_jitter: float = 0.0,
     rare_goal_prob: float = RARE_GOAL_PROB,
+    swing_up: float = 0.0,
     max_episode_steps: int | None = None,
     progress: bool = True,
     env_kwargs: dict[str, Any] | None = None,
@@ -76,7 +77,7 @@ def collect(
             try:
                 rng = np.random.default_rng(seed)
                 policy = make_behaviour_policy(
-                    env_name, env, rng, skew, noise, waypoint_jitter, rare_goal_prob
+                    env_name, env, rng, skew, noise, waypoint_jitter, rare_goal_prob, swing_up
                 )
                 seeds = episode_seeds(seed, episodes)
                 for episode_seed in tqdm(
@@ -92,7 +93,7 @@ def collect(
                         author="worldplan",
                         description=f"{episodes} episodes of {env_name}, seed {seed}, skew {skew}, "
                         f"action noise {noise}, waypoint jitter {waypoint_jitter}, "
-                        f"rare goal probability {rare_goal_prob}",
+                        f"rare goal probability {rare_goal_prob}, swing-up fraction {swing_up}",
                     )
                 sidecar = {
                     "env": env_name,
@@ -101,6 +102,7 @@ def collect(
                     "noise": noise,
                     "waypoint_jitter": waypoint_jitter,
                     "rare_goal_prob": rare_goal_prob,
+                    "swing_up": swing_up,
                     "episodes": episodes,
                     "max_episode_steps": steps,
                     "env_kwargs": env_kwargs or {},

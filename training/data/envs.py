@@ -181,10 +181,16 @@ def make_behaviour_policy(
     noise: float = MAZE_ACTION_NOISE,
     waypoint_jitter: float = 0.0,
     rare_goal_prob: float = RARE_GOAL_PROB,
+    swing_up: float = 0.0,
 ) -> BehaviourPolicy:
     """The environment's behaviour policy; skew, noise, waypoint_jitter and rare_goal_prob
-    shape the pointmaze one (MazeWaypointPolicy) and are errors elsewhere."""
+    shape the pointmaze one (MazeWaypointPolicy), swing_up the pendulum's, and are errors
+    elsewhere."""
     spec = get_env_spec(name)
+    if not 0.0 <= swing_up <= 1.0:
+        raise UsageError(f"swing_up is a fraction of the episodes, in [0, 1]: got {swing_up}")
+    if swing_up and spec.name != "pendulum":
+        raise UsageError(f"swing_up: only for pendulum, not {name!r}")
     if name.startswith("pointmaze"):
         maze = env.unwrapped.maze
         return MazeWaypointPolicy(maze, env.action_space, rng, skew, noise=noise,
@@ -200,7 +206,7 @@ def make_behaviour_policy(
         options = ", ".join(option for option, value in changed.items() if value)
         raise UsageError(f"{options}: only for the pointmaze environments, not {name!r}")
     if spec.name == "pendulum":
-        return UniformRandomPolicy(env.action_space, rng)
+        return PendulumPolicy(env.action_space, rng, swing_up)
     if spec.name == "carracing":
         return BrownianDrivingPolicy(env.action_space, rng)
     if isinstance(env.action_space, gym.spaces.Box):  # any other environment: uniform actions
@@ -397,6 +403,46 @@ class UniformRandomPolicy:
 
     def act(self, obs: Any) -> np.ndarray:
         return self.rng.uniform(self.low, self.high).astype(np.float32)
+
+
+class PendulumPolicy:
+    """Pendulum's behaviour: uniform random actions, or, in a `swing_up` fraction of the
+    episodes (drawn at each reset), a swing-up with Gaussian noise on its torque.
+
+    The swing-up pumps energy towards the upright pendulum's, E = θ'²/2 + 15 cos θ = 15
+    (Pendulum-v1: θ'' = 15 sin θ + 3u, θ = 0 upright), at full torque in the direction of
+    θ' while E is short of it, and holds the top with a PD law once cos θ > 0.85. Noiseless
+    it returns about -137 over 20 resets, with noise 0.5 about -150.
+    """
+
+    NOISE = 0.5  # standard deviation of the noise on the swing-up's torque
+
+    def __init__(self, action_space: gym.spaces.Box, rng: np.random.Generator, swing_up: float):
+        self.random = UniformRandomPolicy(action_space, rng)
+        self.rng, self.swing_up = rng, swing_up
+        self.low, self.high = action_space.low, action_space.high
+        self.expert = False
+
+    def reset_options(self) -> None:
+        return None
+
+    def reset(self, obs: Any, info: dict) -> None:
+        self.expert = bool(self.rng.random() < self.swing_up)
+
+    def act(self, obs: Any) -> np.ndarray:
+        if not self.expert:
+            return self.random.act(obs)
+        torque = swing_up_torque(*np.asarray(obs, np.float64))
+        action = torque + self.NOISE * self.rng.normal(size=self.low.shape)
+        return np.clip(action, self.low, self.high).astype(np.float32)
+
+
+def swing_up_torque(cos: float, sin: float, velocity: float) -> float:
+    """Pendulum-v1's swing-up: energy pumping at full torque, a PD hold near the top."""
+    if cos > 0.85:
+        return float(np.clip(-(10.0 * np.arctan2(sin, cos) + 2.0 * velocity), -2.0, 2.0))
+    energy = 0.5 * velocity**2 + 15.0 * cos
+    return 2.0 * float(np.sign(velocity * (15.0 - energy)) or 1.0)
 
 
 class BrownianDrivingPolicy:

@@ -218,8 +218,11 @@ def aux_terms(model: Networks, params: dict, batch: Windows, z, mu, frames, key)
     }
 
 
-def joint_terms(model: Networks, params: dict, batch: Windows, key: jax.Array):
-    """Every term of the joint loss on a batch of windows, unweighted: (terms, metrics)."""
+def joint_terms(
+    model: Networks, params: dict, batch: Windows, key: jax.Array, policy_loss: str | None = None
+):
+    """Every term of the joint loss on a batch of windows, unweighted: (terms, metrics). The
+    policy term is `policy_loss`'s (joint.policy_loss when None)."""
     cfg = model.config
     k_z, k_policy, k_negatives = jax.random.split(key, 3)
     vae, vae_metrics, (z, mu, frames) = vae_term(model, params, batch, k_z)
@@ -238,7 +241,7 @@ def joint_terms(model: Networks, params: dict, batch: Windows, key: jax.Array):
         cfg.mdn.reward_weight,
         cfg.mdn.done_weight,
     )
-    policy_term = POLICY_TERMS[cfg.joint.policy_loss]
+    policy_term = POLICY_TERMS[policy_loss or cfg.joint.policy_loss]
     policy, policy_metrics = policy_term(model, params, batch, z, hs, final, k_policy)
     terms = {"vae": vae, "mdn": mdn, "policy": policy}
     if model.value_head is not None:

@@ -39,16 +39,17 @@ from training.data.datasets import (
     open_dataset,
 )
 from training.data.envs import get_env_spec, gym_id_of
-from training.learning import checkpoint, joint
+from training.learning import checkpoint, evolution, joint
 from training.learning.curves import plot_lambda_trajectory, plot_loss_curves
 from training.learning.optim import make_optimizer
 from training.learning.parallel import check_batches, make_mesh, replicated
 from training.learning.stage_inputs import (
-    TRANSITION_STAGES,
+    EVOLUTION_TRAINERS,
     DeviceData,
     Transitions,
     device_data,
     prepare_stage,
+    reads_transitions,
     real_frames,
     spaces_of,
 )
@@ -156,6 +157,8 @@ def initial_opt_states(config: Config, params: dict, tx) -> dict:
     for stage in config.train.stage_steps():
         if stage == "joint":
             states[stage] = joint.init_opt_state(config, params)
+        elif stage == "controller" and config.train.controller_trainer in EVOLUTION_TRAINERS:
+            states[stage] = evolution.init_state(config, params)
         elif stage in params:
             states[stage] = tx.init(stage_params(stage, config, params))
     return states
@@ -252,7 +255,7 @@ def train(
                 update = stage_update(stage, model, tx)
                 params, inputs = prepare_stage(stage, model, params, data, seqs.episode, trans)
                 params, inputs = replicated((params, inputs), mesh)
-                if stage in TRANSITION_STAGES:
+                if reads_transitions(stage, config):
                     trans = inputs
             key = jax.random.fold_in(seed_key, step)
             params, opt_states[stage], metrics = update(

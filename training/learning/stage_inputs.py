@@ -14,13 +14,22 @@ import numpy as np
 from training.config import Config
 from training.data.datasets import Sequences
 from training.errors import UsageError
-from training.learning import joint
+from training.learning import evolution, joint
 from training.learning.losses import discounted_returns, return_weights
 from training.models.networks import Networks, Spaces, normalise
 
-# The stages that read the transitions. None of them trains V, M or the cumulants the
-# transitions are made of, so the first of them to run builds them for all.
-TRANSITION_STAGES = ("controller", "psi", "readout", "value")
+# The stages that read the transitions (C's too when it imitates). None of them trains V,
+# M or the cumulants the transitions are made of, so the first of them to run builds them
+# for all.
+TRANSITION_STAGES = ("psi", "readout", "value")
+WINDOW_TRAINERS = ("reinforce", "imagination")  # C's trainers that read the data's windows
+EVOLUTION_TRAINERS = ("cmaes_dream", "cmaes_env")  # C's trainers that search its weights
+
+
+def reads_transitions(stage: str, config: Config) -> bool:
+    if stage == "controller":
+        return config.train.controller_trainer == "imitation"
+    return stage in TRANSITION_STAGES
 
 
 class DeviceData(NamedTuple):
@@ -186,6 +195,18 @@ def with_aux(stage: str, config: Config) -> bool:
     return stage == "vae" and config.joint.aux_losses
 
 
+def controller_inputs(model: Networks, params: dict, data: DeviceData, episode: np.ndarray):
+    """What C's trainer reads, other than the transitions: the data's windows, the dreams'
+    starts, or (in the real environment) nothing."""
+    trainer = model.config.train.controller_trainer
+    if trainer in WINDOW_TRAINERS:
+        rows = np.arange(len(episode))
+        return joint.make_windows(data, episode, rows, model.config.controller.gamma)
+    if trainer == "cmaes_dream":
+        return evolution.dream_starts(model, params, data, episode)
+    return jnp.zeros(())
+
+
 def prepare_stage(
     stage: str,
     model: Networks,
@@ -201,6 +222,8 @@ def prepare_stage(
     if with_aux(stage, model.config):
         windows = np.arange(len(episode))
         return params, joint.make_windows(data, episode, windows, model.config.controller.gamma)
+    if stage == "controller" and not reads_transitions(stage, model.config):
+        return params, controller_inputs(model, params, data, episode)
     if stage == "vae":
         return params, (data.frames,)
     if stage == "mdn":

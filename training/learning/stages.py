@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import optax
 
 from training.config import Config
-from training.learning import joint
+from training.learning import evolution, joint
 from training.learning.losses import mdn_loss, vae_loss, weighted_bc_loss, weighted_sum
 from training.learning.parallel import split_rows
-from training.learning.stage_inputs import Transitions, with_aux
+from training.learning.stage_inputs import EVOLUTION_TRAINERS, Transitions, with_aux
 from training.models.diffusion import v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.networks import GOAL_DECODER, Networks, denormalise, normalise
@@ -81,12 +81,23 @@ def mdn_objective(model: Networks, params, inputs, key, step):
     )
 
 
-def controller_objective(model: Networks, params, trans: Transitions, key, step):
+def imitation_objective(model: Networks, params, trans: Transitions, key, step):
+    """C clones the data's actions at [z, h], each weighted by the return that followed it."""
     rows = sample_rows(key, trans.actions.shape[0], model.config.train.batch_size)
     z, h = jnp.split(trans.states[rows], [model.latent_dim], axis=-1)
     mean, log_std = model.controller.apply({"params": params["controller"]}, z, h)
     ones = jnp.ones(rows.shape)
     return weighted_bc_loss(mean, log_std, trans.actions[rows], trans.weights[rows], ones)
+
+
+def policy_objective(model: Networks, params, windows: joint.Windows, key, step):
+    """The joint stage's policy term alone (REINFORCE or the imagined return, as the
+    controller's trainer says), on batches of windows; only C is differentiated."""
+    k_rows, k_terms = jax.random.split(key)
+    batch = joint.sample_windows(windows, k_rows, model.config.train.batch_size)
+    trainer = model.config.train.controller_trainer
+    terms, metrics = joint.joint_terms(model, params, batch, k_terms, policy_loss=trainer)
+    return terms["policy"], {k: v for k, v in metrics.items() if k in ("baseline", "imagined_return")}
 
 
 def bellman_target(model: Networks, params, trans: Transitions, rows, key):
@@ -161,10 +172,14 @@ def value_objective(model: Networks, params, trans: Transitions, key, step):
     return jnp.mean(jnp.square(predicted - reward)), {"reward_mean": jnp.mean(reward)}
 
 
+CONTROLLER_OBJECTIVES = {
+    "imitation": imitation_objective,
+    "reinforce": policy_objective,
+    "imagination": policy_objective,
+}
 OBJECTIVES = {
     "vae": vae_objective,
     "mdn": mdn_objective,
-    "controller": controller_objective,
     "psi": psi_objective,
     "readout": readout_objective,
     "value": value_objective,
@@ -186,7 +201,15 @@ def stage_update(stage: str, model: Networks, tx) -> Callable:
     opt_state, metrics)."""
     if stage == "joint":
         return joint.make_update(model, stage_bounds(model.config)["joint"][0])
-    objective = vae_aux_objective if with_aux(stage, model.config) else OBJECTIVES[stage]
+    trainer = model.config.train.controller_trainer
+    if stage == "controller" and trainer in EVOLUTION_TRAINERS:
+        return evolution.make_update(model)
+    if stage == "controller":
+        objective = CONTROLLER_OBJECTIVES[trainer]
+    elif with_aux(stage, model.config):
+        objective = vae_aux_objective
+    else:
+        objective = OBJECTIVES[stage]
 
     def update(params, opt_state, inputs, key, step):
         def loss_fn(own):
