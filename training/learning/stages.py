@@ -97,7 +97,8 @@ def policy_objective(model: Networks, params, windows: joint.Windows, key, step)
     batch = joint.sample_windows(windows, k_rows, model.config.train.batch_size)
     trainer = model.config.train.controller_trainer
     terms, metrics = joint.joint_terms(model, params, batch, k_terms, policy_loss=trainer)
-    return terms["policy"], {k: v for k, v in metrics.items() if k in ("baseline", "imagined_return")}
+    kept = ("baseline", "imagined_return")
+    return terms["policy"], {k: v for k, v in metrics.items() if k in kept}
 
 
 def bellman_target(model: Networks, params, trans: Transitions, rows, key):
