@@ -412,3 +412,26 @@ def test_bench_train_times_each_named_mode(umaze_data, tmp_path, capsys):
     assert cli_main([*argv[:-1], "staged,jointly", "--out", str(tmp_path / "x")]) == 2
     assert "unknown modes ['jointly']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_meta_learnings_validation_measures_the_policy(pendulum_data):
+    """The outer step's objective on held-out windows sees C, through the imagined return
+    per step (bounded as M's rewards are): with V's and M's fit alone it did not, and
+    meta-learning switched the policy term off."""
+    config = parse_config(pendulum_config("end_to_end", {"meta_learning": True, "schedule": False}))
+    seqs = load_sequences(pendulum_data, config.data.seq_len)
+    model = Networks.build(config, spaces_of(open_dataset(pendulum_data), seqs))
+    params = model.init(jax.random.key(0))
+    rows = np.arange(len(seqs.episode))
+    batch = joint.make_windows(device_data(seqs), seqs.episode, rows, config.controller.gamma)
+
+    def validation(params):
+        terms, metrics = joint.joint_terms(model, params, batch, jax.random.key(1), "measure")
+        return sum(terms[k] for k in joint.VALIDATION_TERMS), terms["policy"], metrics
+
+    other_c = model.init(jax.random.key(5))["controller"]
+    before, measure, metrics = validation(params)
+    after, _, _ = validation({**params, "controller": other_c})
+    assert float(before) != float(after)
+    horizon = config.joint.imagination_horizon
+    assert float(measure) == pytest.approx(-float(metrics["imagined_return"]) / horizon)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from training.config import ConfigError
-from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB
+from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB, SWING_UP_NOISE
 from training.errors import UsageError
 
 TASK_EPISODES = 10  # eval's episodes per planner in an environment without goals, unless told
@@ -50,7 +50,7 @@ def cmd_collect_ogbench(args: argparse.Namespace) -> None:
     recipe = get_recipe(args.env)  # an unknown name fails here, listing the known ones
     fixed = {
         "--skew": args.skew != 0.0,
-        "--noise": args.noise != MAZE_ACTION_NOISE,
+        "--noise": args.noise is not None,
         "--waypoint-jitter": args.waypoint_jitter != 0.0,
         "--rare-goal-prob": args.rare_goal_prob != RARE_GOAL_PROB,
         "--swing-up": args.swing_up != 0.0,
@@ -295,8 +295,8 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--noise",
         type=float,
-        default=MAZE_ACTION_NOISE,
-        help="pointmaze: standard deviation of the noise on the behaviour policy's actions",
+        help="standard deviation of the noise on the behaviour policy's actions: pointmaze "
+        f"(default {MAZE_ACTION_NOISE}), pendulum's swing-ups (default {SWING_UP_NOISE})",
     )
     p.add_argument(
         "--waypoint-jitter",

@@ -19,7 +19,6 @@ from minari.dataset.minari_dataset import parse_dataset_id
 from tqdm import tqdm
 
 from training.data.envs import (
-    MAZE_ACTION_NOISE,
     RARE_GOAL_PROB,
     get_env_spec,
     make_behaviour_policy,
@@ -44,7 +43,7 @@ def collect(
     *,
     seed: int = 0,
     skew: float = 0.0,
-    noise: float = MAZE_ACTION_NOISE,
+    noise: float | None = None,
     waypoint_jitter: float = 0.0,
     rare_goal_prob: float = RARE_GOAL_PROB,
     swing_up: float = 0.0,
@@ -79,6 +78,7 @@ def collect(
                 policy = make_behaviour_policy(
                     env_name, env, rng, skew, noise, waypoint_jitter, rare_goal_prob, swing_up
                 )
+                noise = getattr(policy, "noise", None)  # as the policy resolved it
                 seeds = episode_seeds(seed, episodes)
                 for episode_seed in tqdm(
                     seeds, desc=f"collect {env_name}", unit="ep", disable=not progress

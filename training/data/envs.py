@@ -170,6 +170,7 @@ class BehaviourPolicy(Protocol):
 
 
 MAZE_ACTION_NOISE = 0.2  # standard deviation of the Gaussian added to the maze PD actions
+SWING_UP_NOISE = 0.5  # standard deviation of the Gaussian added to the pendulum's swing-up
 RARE_GOAL_PROB = 0.05  # how often a skewed maze's behaviour goal lies in a rare cell
 
 
@@ -178,14 +179,14 @@ def make_behaviour_policy(
     env: gym.Env,
     rng: np.random.Generator,
     skew: float = 0.0,
-    noise: float = MAZE_ACTION_NOISE,
+    noise: float | None = None,
     waypoint_jitter: float = 0.0,
     rare_goal_prob: float = RARE_GOAL_PROB,
     swing_up: float = 0.0,
 ) -> BehaviourPolicy:
-    """The environment's behaviour policy; skew, noise, waypoint_jitter and rare_goal_prob
-    shape the pointmaze one (MazeWaypointPolicy), swing_up the pendulum's, and are errors
-    elsewhere."""
+    """The environment's behaviour policy; skew, waypoint_jitter and rare_goal_prob shape
+    the pointmaze one (MazeWaypointPolicy), swing_up the pendulum's, noise (None: the
+    policy's default) either, and each is an error elsewhere."""
     spec = get_env_spec(name)
     if not 0.0 <= swing_up <= 1.0:
         raise UsageError(f"swing_up is a fraction of the episodes, in [0, 1]: got {swing_up}")
@@ -193,20 +194,26 @@ def make_behaviour_policy(
         raise UsageError(f"swing_up: only for pendulum, not {name!r}")
     if name.startswith("pointmaze"):
         maze = env.unwrapped.maze
+        noise = MAZE_ACTION_NOISE if noise is None else noise
         return MazeWaypointPolicy(maze, env.action_space, rng, skew, noise=noise,
                                   waypoint_jitter=waypoint_jitter,
                                   rare_goal_prob=rare_goal_prob)  # fmt: skip
+    swings = spec.name == "pendulum" and swing_up > 0
     changed = {
         "skew": skew,
-        "noise": noise != MAZE_ACTION_NOISE,
+        "noise": noise is not None and not swings,
         "waypoint_jitter": waypoint_jitter,
         "rare_goal_prob": rare_goal_prob != RARE_GOAL_PROB,
     }
     if any(changed.values()):
         options = ", ".join(option for option, value in changed.items() if value)
-        raise UsageError(f"{options}: only for the pointmaze environments, not {name!r}")
+        raise UsageError(
+            f"{options}: only for the pointmaze environments (noise: and pendulum's "
+            f"swing-ups), not {name!r}"
+        )
     if spec.name == "pendulum":
-        return PendulumPolicy(env.action_space, rng, swing_up)
+        noise = SWING_UP_NOISE if noise is None else noise
+        return PendulumPolicy(env.action_space, rng, swing_up, noise)
     if spec.name == "carracing":
         return BrownianDrivingPolicy(env.action_space, rng)
     if isinstance(env.action_space, gym.spaces.Box):  # any other environment: uniform actions
@@ -415,11 +422,10 @@ class PendulumPolicy:
     it returns about -137 over 20 resets, with noise 0.5 about -150.
     """
 
-    NOISE = 0.5  # standard deviation of the noise on the swing-up's torque
-
-    def __init__(self, action_space: gym.spaces.Box, rng: np.random.Generator, swing_up: float):
+    def __init__(self, action_space: gym.spaces.Box, rng: np.random.Generator, swing_up: float,
+                 noise: float = SWING_UP_NOISE):  # fmt: skip
         self.random = UniformRandomPolicy(action_space, rng)
-        self.rng, self.swing_up = rng, swing_up
+        self.rng, self.swing_up, self.noise = rng, swing_up, noise
         self.low, self.high = action_space.low, action_space.high
         self.expert = False
 
@@ -433,7 +439,7 @@ class PendulumPolicy:
         if not self.expert:
             return self.random.act(obs)
         torque = swing_up_torque(*np.asarray(obs, np.float64))
-        action = torque + self.NOISE * self.rng.normal(size=self.low.shape)
+        action = torque + self.noise * self.rng.normal(size=self.low.shape)
         return np.clip(action, self.low, self.high).astype(np.float32)
 
 

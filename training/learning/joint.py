@@ -61,10 +61,11 @@ PHASE_TERMS = {
     "joint": ("vae", "mdn", "policy", "value_head", "infonce"),
 }
 LEARNED_WEIGHTS = ("vae", "mdn", "policy")  # what meta-learning learns; aux weights stay
-# What its outer step lowers on held-out windows: the world model's fit. Not the policy
-# term: the REINFORCE surrogate is unbounded below, and the outer step drove lambda_M to 0
-# to chase it (docs/results.md: training modes).
-VALIDATION_TERMS = ("vae", "mdn")
+# What its outer step lowers on held-out windows: the world model's fit and a bounded
+# measure of the policy (policy_measure). Not the policy term itself: the REINFORCE
+# surrogate is unbounded below, and the outer step drove lambda_M to 0 to chase it; with
+# the world model's fit alone it switched the policy term off (docs/results.md).
+VALIDATION_TERMS = ("vae", "mdn", "policy")
 
 
 class Windows(NamedTuple):
@@ -140,13 +141,13 @@ def reinforce_term(model: Networks, params, batch: Windows, z, hs, final_state, 
     return loss, {"baseline": metrics["baseline"]}
 
 
-def imagination_term(model: Networks, params, batch: Windows, z, hs, final_state, key):
+def imagined(model: Networks, params, batch: Windows, z, final_state, key, world_fixed: bool):
     """C acts in M for H steps from the state M reached at each window's end: actions and
-    next latents are reparameterised samples, and the loss is minus M's predicted return,
-    backpropagated through the whole imagined rollout. Only C learns from it: V and M are
-    held fixed here, so that M's reward head is not taught to flatter C."""
+    next latents are reparameterised samples. (minus the mean imagined return, metrics),
+    differentiable through the whole rollout; with `world_fixed` only C is."""
     cfg = model.config
-    mdn_params = jax.lax.stop_gradient(params["mdn"])
+    fixed = jax.lax.stop_gradient if world_fixed else (lambda x: x)
+    mdn_params = fixed(params["mdn"])
     low, high = jnp.asarray(model.spaces.action_low), jnp.asarray(model.spaces.action_high)
 
     def step(carry, key):
@@ -159,7 +160,7 @@ def imagination_term(model: Networks, params, batch: Windows, z, hs, final_state
         z_next = sample_next_latent(k_latent, out, cfg.mdn.temperature)
         return (state, z_next), (out.reward, out.done_logit)
 
-    start = jax.lax.stop_gradient((final_state, z[:, -1]))
+    start = fixed((final_state, z[:, -1]))
     keys = jax.random.split(key, cfg.joint.imagination_horizon)
     _, (rewards, done_logits) = jax.lax.scan(step, start, keys)
     returns = imagined_return(rewards.T, done_logits.T, cfg.controller.gamma)
@@ -169,7 +170,25 @@ def imagination_term(model: Networks, params, batch: Windows, z, hs, final_state
     return -imagined, {"imagined_return": imagined}
 
 
-POLICY_TERMS = {"reinforce": reinforce_term, "imagination": imagination_term}
+def imagination_term(model: Networks, params, batch: Windows, z, hs, final_state, key):
+    """Minus the return C imagines in M. Only C learns from it: V and M are held fixed
+    here, so that M's reward head is not taught to flatter C."""
+    return imagined(model, params, batch, z, final_state, key, world_fixed=True)
+
+
+def policy_measure(model: Networks, params, batch: Windows, z, hs, final_state, key):
+    """Meta-learning's measure of the policy on held-out windows: minus the imagined return
+    through V, M and C alike, per imagined step, so on the scale of one reward. Bounded
+    as the rewards are, where the REINFORCE surrogate is not."""
+    loss, metrics = imagined(model, params, batch, z, final_state, key, world_fixed=False)
+    return loss / model.config.joint.imagination_horizon, metrics
+
+
+POLICY_TERMS = {
+    "reinforce": reinforce_term,
+    "imagination": imagination_term,
+    "measure": policy_measure,  # meta-learning's validation only
+}
 
 
 def infonce_term(model: Networks, batch: Windows, mu, frames, key):
@@ -367,7 +386,8 @@ def meta_gradient_step(
 def make_meta_update(model: Networks, tx, meta_tx) -> Callable:
     """end_to_end with meta-learned weights: each step is `meta_inner_steps` updates of V,
     M and C with the current lambdas, then one meta-gradient step on the lambdas, whose
-    objective is V's and M's unweighted losses on a batch of held-out windows."""
+    objective is V's and M's unweighted losses and the policy's measure on a batch of
+    held-out windows."""
     cfg = model.config
 
     def update(params, opt_state, inputs: JointInputs, key, step):
@@ -386,7 +406,8 @@ def make_meta_update(model: Networks, tx, meta_tx) -> Callable:
         val_batch = sample_windows(inputs.validation, k_val_rows, cfg.train.batch_size)
 
         def validation_loss(carry):
-            terms, _ = joint_terms(model, {**params, **carry[0]}, val_batch, k_val)
+            trained = {**params, **carry[0]}
+            terms, _ = joint_terms(model, trained, val_batch, k_val, policy_loss="measure")
             return sum(terms[k] for k in VALIDATION_TERMS)
 
         keys = jax.random.split(k_inner, cfg.joint.meta_inner_steps)
