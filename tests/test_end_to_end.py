@@ -348,7 +348,8 @@ def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     run = str(trained.run_dir)
     argv = ["compare", run, run, "--episodes", "2", "--max-steps", "5", "--out", str(out)]
     assert cli_main([*argv, "--quiet"]) == 0
-    rows = json.loads((out / "compare.json").read_text())
+    record = json.loads((out / "compare.json").read_text())
+    rows = record["runs"]
     assert len(rows) == 2 and rows[0]["label"] == "staged"
     # The same bundle twice: the same episodes give the same returns, the same windows
     # the same losses.
@@ -356,6 +357,11 @@ def test_compare_runs_every_run_on_the_same_episodes(trained, tmp_path):
     assert rows[0]["recon"] == rows[1]["recon"] and np.isfinite(rows[0]["nll"])
     assert rows[0]["training"]["steps"] == 60  # V, M and C of the staged run
     assert "| tiny | staged |" in (out / "compare.md").read_text()
+    # Runs of one configuration are gathered: two runs, one mean, an interval of width 0.
+    [group] = record["by_configuration"]
+    assert group["runs"] == 2 and group["mean_return"] == pytest.approx(rows[0]["mean_return"])
+    assert group["return_interval"] == pytest.approx([group["mean_return"]] * 2)
+    assert "| staged | 2 |" in (out / "compare.md").read_text()
     assert (out / "compare.png").stat().st_size > 10_000
 
 

@@ -20,7 +20,7 @@ from service import cli as service_cli
 from service.cli import main as cli_main
 from tests.conftest import TINY, TINY_STEPS, decide_once
 from training import cli as training_cli
-from training.config import ConfigError, load_config, parse_config, with_steps
+from training.config import ConfigError, load_config, parse_config, with_overrides, with_steps
 from training.learning.checkpoint import params_digest, restore_bundle
 from training.learning.loop import METRICS_FILE, read_metrics, train
 from training.learning.stages import stage_bounds
@@ -190,12 +190,31 @@ def test_resume_with_another_config_is_refused(trained, umaze_data):
         ({"mdn": {"temperature": 0}}, "mdn.temperature"),
         ({"trian": {}}, "trian"),
         ({"planning": {"planner": "teleport"}}, "planning.planner: Input should be 'controller'"),
+        ({"train": {"controller": "cmaes"}}, "train.controller: Input should be 'imitation'"),
+        ({"evolution": {"population": 1}}, "evolution.population"),
     ],
 )
 def test_bad_config_values_give_clear_errors(change, message):
     raw = {**TINY, **change}
     with pytest.raises(ConfigError, match=message):
         parse_config(raw)
+
+
+def test_the_controller_trainer_and_the_command_lines_overrides():
+    """staged mode always ends with C's stage (imitation unless told); a joint mode only
+    when a trainer is named. --seed, --mode and --tbptt are checked as the YAML is."""
+    staged = parse_config(TINY).train
+    assert staged.controller_trainer == "imitation" and "controller" in staged.stage_steps()
+    joint = {**TINY, "train": {**TINY["train"], "mode": "end_to_end"}}
+    assert "controller" not in parse_config(joint).train.stage_steps()
+    joint["train"]["controller"] = "cmaes_dream"
+    e2e = parse_config(joint).train
+    assert list(e2e.stage_steps())[:2] == ["joint", "controller"]
+    assert e2e.controller_trainer == "cmaes_dream"
+    config = with_overrides(parse_config(TINY), seed=11, mode="end_to_end", tbptt=4)
+    assert (config.seed, config.train.mode, config.train.tbptt) == (11, "end_to_end", 4)
+    with pytest.raises(ConfigError, match="train.tbptt 3 must divide"):
+        with_overrides(parse_config(TINY), mode="end_to_end", tbptt=3)
 
 
 def test_the_config_takes_every_planner_of_the_registry():

@@ -86,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         config = load_config(args.config)
     else:
         raise ConfigError("pass --data DIR (and --config, unless the dataset's own will do)")
-    config = with_steps(with_overrides(config, args.mode, args.tbptt), args.steps)
+    config = with_steps(with_overrides(config, args.mode, args.tbptt, args.seed), args.steps)
     data = args.data or config.data.path
     if not data:
         raise ConfigError("no dataset: pass --data DIR or set data.path in the config")
@@ -341,6 +341,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--tbptt", type=int, metavar="K", help="truncated BPTT in chunks of K steps (train.tbptt)"
     )
+    p.add_argument("--seed", type=int, help="the run's seed (overrides the config's seed)")
     p.add_argument("--out", required=True, help="run directory; re-run on it to resume")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(

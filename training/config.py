@@ -425,11 +425,15 @@ def dataset_config(data: str | Path, path_or_name: str | Path | None = None) -> 
     return load_config(packaged if packaged.exists() else GENERIC, env)
 
 
-def with_overrides(config: Config, mode: str | None = None, tbptt: int | None = None) -> Config:
-    """`--mode` and `--tbptt K` on the command line, validated as the YAML is."""
-    if mode is None and tbptt is None:
+def with_overrides(
+    config: Config, mode: str | None = None, tbptt: int | None = None, seed: int | None = None
+) -> Config:
+    """`--mode`, `--tbptt K` and `--seed N` on the command line, validated as the YAML is."""
+    if mode is None and tbptt is None and seed is None:
         return config
     raw = config.model_dump(mode="json")
+    if seed is not None:
+        raw["seed"] = seed
     if mode is not None:
         raw["train"]["mode"] = mode
     if tbptt is not None:

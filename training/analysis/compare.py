@@ -25,6 +25,7 @@ from training.analysis.evaluate import (
     fmt,
     has_goal_episodes,
     markdown_table,
+    mean_interval,
     wilson_interval,
 )
 from training.analysis.plots import plt, save_figure
@@ -47,6 +48,8 @@ def run_label(bundle: Bundle) -> str:
         parts.append("aux")
     if j.meta_learning:
         parts.append("meta λ")
+    if train.controller is not None:
+        parts.append(f"C by {train.controller}")
     return ", ".join(parts)
 
 
@@ -135,7 +138,8 @@ def compare_runs(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.json").write_text(json.dumps(rows, indent=1))
+    record = {"runs": rows, "by_configuration": by_configuration(rows)}
+    (out / "compare.json").write_text(json.dumps(record, indent=1))
     (out / "compare.md").write_text(compare_table(rows))
     plot_comparison(rows, out / "compare.png")
     return rows
@@ -178,7 +182,47 @@ def compare_table(rows: list[dict]) -> str:
         for r in rows
     ]
     title = f"{rows[0]['env']}, planner {rows[0]['planner']}, {len(rows[0]['returns'])} episodes"
-    return f"{title}\n\n{markdown_table(header, body)}"
+    table = f"{title}\n\n{markdown_table(header, body)}"
+    groups = by_configuration(rows)
+    if any(g["runs"] > 1 for g in groups):
+        table += "\n\n" + configuration_table(groups)
+    return table
+
+
+def by_configuration(rows: list[dict]) -> list[dict]:
+    """Runs of the same configuration (label), several training seeds: each run's mean
+    return, their mean and its 95% t interval over the runs, and the mean losses and time."""
+    groups = []
+    for label in dict.fromkeys(r["label"] for r in rows):
+        runs = [r for r in rows if r["label"] == label]
+        returns = [r["mean_return"] for r in runs]
+        seconds = [r["training"]["seconds"] for r in runs if r["training"]["seconds"] is not None]
+        groups.append(
+            {
+                "label": label,
+                "runs": len(runs),
+                "run_returns": returns,
+                "mean_return": float(np.mean(returns)),
+                "return_interval": mean_interval(returns),
+                "recon": float(np.mean([r["recon"] for r in runs])),
+                "nll": float(np.mean([r["nll"] for r in runs])),
+                "seconds": float(np.mean(seconds)) if seconds else None,
+            }
+        )
+    return groups
+
+
+def configuration_table(groups: list[dict]) -> str:
+    header = ["configuration", "runs", "return over runs [95% t]", "recon", "MDN NLL",
+              "world-model s"]  # fmt: skip
+    body = []
+    for g in groups:
+        interval = g["return_interval"]
+        spread = "" if interval is None else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
+        body.append([g["label"], str(g["runs"]), f"{g['mean_return']:.1f}{spread}",
+                     fmt(g["recon"], ".3f"), fmt(g["nll"], ".3f"), fmt(g["seconds"], ".0f")])  # fmt: skip
+    note = "Each run's return is its mean over the episodes; the interval is over the runs."
+    return f"By configuration (training seeds):\n\n{markdown_table(header, body)}\n\n{note}"
 
 
 def plot_comparison(rows: list[dict], path: Path) -> Path:
