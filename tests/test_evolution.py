@@ -35,7 +35,7 @@ class Drift(gym.Env):
 
     def step(self, action):
         self.x = float(np.clip(self.x + 0.2 * float(action[0]), -4.0, 4.0))
-        return np.array([self.x], np.float32), -self.x**2, False, False, {}
+        return np.array([self.x], np.float32), -(self.x**2), False, False, {}
 
 
 if ENV not in gym.registry:

@@ -219,8 +219,8 @@ def configuration_table(groups: list[dict]) -> str:
     for g in groups:
         interval = g["return_interval"]
         spread = "" if interval is None else f" [{interval[0]:.1f}, {interval[1]:.1f}]"
-        body.append([g["label"], str(g["runs"]), f"{g['mean_return']:.1f}{spread}",
-                     fmt(g["recon"], ".3f"), fmt(g["nll"], ".3f"), fmt(g["seconds"], ".0f")])  # fmt: skip
+        losses = [fmt(g["recon"], ".3f"), fmt(g["nll"], ".3f"), fmt(g["seconds"], ".0f")]
+        body.append([g["label"], str(g["runs"]), f"{g['mean_return']:.1f}{spread}", *losses])
     note = "Each run's return is its mean over the episodes; the interval is over the runs."
     return f"By configuration (training seeds):\n\n{markdown_table(header, body)}\n\n{note}"
 
