@@ -12,6 +12,7 @@ import pytest
 
 from service.cli import main as cli_main
 from tests.conftest import TINY, decide_once
+from training.analysis.bench_train import parse_modes
 from training.config import ConfigError, parse_config
 from training.data.datasets import collect, load_sequences, open_dataset
 from training.learning import joint
@@ -418,6 +419,8 @@ def test_bench_train_times_each_named_mode(umaze_data, tmp_path, capsys):
     assert cli_main([*argv[:-1], "staged,jointly", "--out", str(tmp_path / "x")]) == 2
     assert "unknown modes ['jointly']" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    named = "staged, C by cmaes_dream,end_to_end,end_to_end, tbptt 8"
+    assert parse_modes(named) == ["staged, C by cmaes_dream", "end_to_end", "end_to_end, tbptt 8"]
 
 
 def test_meta_learnings_validation_measures_the_policy(pendulum_data):

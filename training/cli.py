@@ -108,12 +108,12 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_bench_train(args: argparse.Namespace) -> None:
-    from training.analysis.bench_train import bench_train
+    from training.analysis.bench_train import bench_train, parse_modes
     from training.config import load_config
 
     config = load_config(args.config)
     data = args.data or config.data.path
-    modes = args.modes.split(",") if args.modes else None
+    modes = parse_modes(args.modes) if args.modes else None
     rows = bench_train(
         config, data, args.out, args.steps, args.repeats, args.devices, modes, not args.quiet
     )

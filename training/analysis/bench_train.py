@@ -1,6 +1,7 @@
 """`worldplan bench-train`: steps per second of each training mode's compiled update.
 
-For each variant of a config (staged's V, M and C stages; end_to_end with full BPTT, with
+For each variant of a config (staged's V, M and C stages; C by CMA-ES in the dream, one
+generation a step; end_to_end with full BPTT, with
 TBPTT 8, with the auxiliary losses, with the imagination loss; each phase of
 alternating; meta-learned weights), the stage is set up as `train` sets it up, on
 `--devices` devices, its update compiled by a first call, and then `steps` updates are
@@ -30,6 +31,11 @@ from training.learning.stages import stage_bounds, stage_update
 # name -> (changes to the config, the stages or alternating phases timed)
 VARIANTS = {
     "staged": ({"train": {"mode": "staged"}}, ("vae", "mdn", "controller")),
+    # a step of C's stage is a CMA-ES generation: steps/s is generations/s
+    "staged, C by cmaes_dream": (
+        {"train": {"mode": "staged", "controller": "cmaes_dream"}},
+        ("controller",),
+    ),
     "end_to_end": ({"train": {"mode": "end_to_end"}}, ("joint",)),
     "end_to_end, tbptt 8": ({"train": {"mode": "end_to_end", "tbptt": 8}}, ("joint",)),
     "end_to_end, aux": (
@@ -46,6 +52,19 @@ VARIANTS = {
         ("joint",),
     ),
 }
+
+
+def parse_modes(text: str) -> list[str]:
+    """A comma list of variant names, some of which hold a comma themselves ("end_to_end,
+    tbptt 8"): at each place, the longest run of pieces that names a variant."""
+    pieces, modes, i = [p.strip() for p in text.split(",")], [], 0
+    while i < len(pieces):
+        ends = [j for j in range(len(pieces), i, -1) if ", ".join(pieces[i:j]) in VARIANTS]
+        if not ends:
+            raise UsageError(f"unknown modes ['{pieces[i]}']; known: {'; '.join(VARIANTS)}")
+        modes.append(", ".join(pieces[i : ends[0]]))
+        i = ends[0]
+    return modes
 
 
 def variant(config: Config, changes: dict) -> Config:
