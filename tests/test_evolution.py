@@ -117,7 +117,10 @@ def test_the_dream_and_the_environment_agree_on_the_toy(dream_run, drift_data):
 def test_cmaes_in_the_environment_resumes_and_is_served(drift_data, tmp_path):
     """cmaes_env improves C in the real toy; the run resumed from a checkpoint in the middle
     of the search ends with the same C, whose actions the controller planner serves."""
-    config = parse_config(toy_config("cmaes_env", 6, checkpoint_every=3))
+    # The real toy scores C, so V and M need not be faithful: a few steps of each.
+    # Checkpoints at the stages' ends and at step 303, three generations into the search.
+    short = {"vae_steps": 200, "mdn_steps": 100, "checkpoint_every": 303}
+    config = parse_config(toy_config("cmaes_env", 6, **short))
     whole = train(config, drift_data, tmp_path / "whole", progress=False)
     returns = generation_returns(whole.run_dir)
     assert np.mean(returns[-2:]) > returns[0]
