@@ -444,3 +444,21 @@ def test_meta_learnings_validation_measures_the_policy(pendulum_data):
     assert float(before) != float(after)
     horizon = config.joint.imagination_horizon
     assert float(measure) == pytest.approx(-float(metrics["imagined_return"]) / horizon)
+
+
+@pytest.mark.parametrize("trainer", ["reinforce", "imagination"])
+def test_the_controllers_window_trainers_move_c_alone(trainer, pendulum_data, tmp_path):
+    """C's stage by REINFORCE or the imagined return, after a joint stage: C moves from where
+    the joint stage left it, V and M stay as the joint stage left them."""
+    short = {"joint_steps": 3, "controller_steps": 3, "psi_steps": 0, "readout_steps": 0,
+             "checkpoint_every": 3, "controller": trainer}  # fmt: skip
+    config = parse_config(pendulum_config("end_to_end", **short))
+    result = train(config, pendulum_data, tmp_path / "run", progress=False)
+    last = result.summary["controller"]
+    assert last["step"] == 6 and np.isfinite(last["loss"])
+    after_joint = restore_bundle(tmp_path / "run", step=3).params
+    for group in ("vae", "mdn"):
+        jax.tree.map(np.testing.assert_array_equal, after_joint[group], result.params[group])
+    moved = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), after_joint["controller"],
+                         result.params["controller"])  # fmt: skip
+    assert any(jax.tree.leaves(moved))
