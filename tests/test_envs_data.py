@@ -190,6 +190,38 @@ def test_maze_options_are_pointmaze_only(option):
         make_behaviour_policy("pendulum", env, np.random.default_rng(0), **option)
 
 
+def test_pendulums_swing_ups_reach_the_top_and_are_recorded(tmp_path):
+    """A swing-up episode (noiseless) ends upright and scores far above random torques; a
+    collected dataset records the fraction and its noise; noise without swing-ups, or a
+    fraction outside [0, 1], is refused."""
+    env = make_env("pendulum")
+    returns = {}
+    for fraction in (0.0, 1.0):
+        noise = 0.0 if fraction else None
+        policy = make_behaviour_policy(
+            "pendulum", env, np.random.default_rng(0), noise=noise, swing_up=fraction
+        )
+        obs, info = env.reset(seed=4)
+        policy.reset(obs, info)
+        total = 0.0
+        for _ in range(200):
+            obs, reward, *_ = env.step(policy.act(obs))
+            total += reward
+        returns[fraction] = (total, obs[0])
+    assert returns[1.0][1] > 0.99 and returns[1.0][0] > -400  # upright at the end
+    assert returns[0.0][0] < returns[1.0][0] - 300
+    with pytest.raises(ValueError, match="noise: only for the pointmaze"):
+        make_behaviour_policy("pendulum", env, np.random.default_rng(0), noise=0.3)
+    with pytest.raises(ValueError, match="swing_up is a fraction"):
+        make_behaviour_policy("pendulum", env, np.random.default_rng(0), swing_up=1.5)
+    with pytest.raises(ValueError, match="swing_up: only for pendulum"):
+        make_behaviour_policy("carracing", make_env("carracing"), np.random.default_rng(0),
+                              swing_up=0.5)  # fmt: skip
+    out = collect("pendulum", 2, tmp_path / "p", swing_up=0.5, max_episode_steps=5, progress=False)
+    info = dataset_info(open_dataset(out))
+    assert (info["swing_up"], info["noise"]) == (0.5, 0.5)
+
+
 @pytest.mark.parametrize("name", sorted(ENVIRONMENTS))
 def test_actions_stay_in_the_action_space(name):
     env = make_env(name, max_episode_steps=20)
