@@ -18,17 +18,20 @@ controller planner acts on the mean, so the learned log-std plays no part in a r
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from evosax.algorithms import CMA_ES
 
 from training.config import Config
 from training.data.envs import check_observation_shape, make_env, select_observation
 from training.learning.losses import imagined_return
 from training.models.mdn_rnn import MDNRNN, initial_state, sample_next_latent
 from training.models.networks import Networks
+
+if TYPE_CHECKING:
+    from evosax.algorithms import CMA_ES
 
 FIXED = ("log_std",)  # C's parameters the search leaves alone
 
@@ -45,6 +48,10 @@ def controller_template(model: Networks) -> dict:
 
 def strategy(config: Config, controller: dict) -> tuple[CMA_ES, object]:
     """CMA-ES over C's searched weights, and its parameters (the initial step size)."""
+    # Imported here: evosax makes arrays when imported, which starts JAX's backend, and a
+    # run over several hosts must join them before that (training/learning/parallel.py).
+    from evosax.algorithms import CMA_ES
+
     es = CMA_ES(population_size=config.evolution.population, solution=searched(controller))
     return es, es.default_params.replace(std_init=jnp.asarray(config.evolution.sigma))
 
