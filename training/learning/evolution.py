@@ -155,7 +155,7 @@ class EnvironmentPool:
     def reset(self, seeds: list[int]) -> np.ndarray:
         rollouts = self.shape[1]
         obs = [env.reset(seed=seeds[i % rollouts])[0] for i, env in enumerate(self.envs)]
-        return self._stack(obs)
+        return np.stack([select_observation(o, self.obs_key) for o in obs])
 
     def step(self, actions: np.ndarray, live: np.ndarray, obs: np.ndarray):
         """Steps the live copies; (observations, rewards, still live), flat over P x R."""
@@ -167,9 +167,6 @@ class EnvironmentPool:
             obs[i], rewards[i] = select_observation(o, self.obs_key), r
             live[i] = not (terminated or truncated)
         return obs, rewards, live
-
-    def _stack(self, obs: list) -> np.ndarray:
-        return np.stack([select_observation(o, self.obs_key) for o in obs])
 
     def close(self) -> None:
         for env in self.envs:
@@ -185,7 +182,8 @@ def env_returns(model: Networks, params: dict, population: dict, pool: Environme
     live = np.ones(candidates * rollouts, bool)
     returns = np.zeros(candidates * rollouts, np.float64)
     while live.any():
-        actions, carry = policy(params, population, carry, obs.reshape(*pool.shape, -1))
+        frames = obs.reshape(*pool.shape, *obs.shape[1:])
+        actions, carry = policy(params, population, carry, frames)
         actions = np.asarray(actions).reshape(candidates * rollouts, -1)
         obs, rewards, live_after = pool.step(actions, live, obs)
         returns += rewards * live
