@@ -238,13 +238,13 @@ def cmd_tails(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from training.analysis.compare import compare_runs, compare_table
+    from training.analysis.compare import compare_runs
 
-    rows = compare_runs(
+    compare_runs(
         args.run_dirs, args.out, args.planner, args.episodes, args.seed, args.max_steps,
         args.data, not args.quiet,
     )  # fmt: skip
-    print(compare_table(rows))
+    print((Path(args.out) / "compare.md").read_text())
     print(f"wrote compare.md, compare.json and compare.png to {args.out}")
 
 

@@ -138,9 +138,10 @@ def compare_runs(
         )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    record = {"runs": rows, "by_configuration": by_configuration(rows)}
+    groups = by_configuration(rows)
+    record = {"runs": rows, "by_configuration": groups}
     (out / "compare.json").write_text(json.dumps(record, indent=1))
-    (out / "compare.md").write_text(compare_table(rows))
+    (out / "compare.md").write_text(compare_table(rows, groups))
     plot_comparison(rows, out / "compare.png")
     return rows
 
@@ -166,7 +167,7 @@ def success_cell(row: dict) -> str:
     return f"{row['success_rate']:.2f} [{low:.2f}, {high:.2f}]"
 
 
-def compare_table(rows: list[dict]) -> str:
+def compare_table(rows: list[dict], groups: list[dict]) -> str:
     header = ["run", "mode", "return", "success", "recon", "MDN NLL", "world-model s", "steps/s"]
     body = [
         [
@@ -183,7 +184,6 @@ def compare_table(rows: list[dict]) -> str:
     ]
     title = f"{rows[0]['env']}, planner {rows[0]['planner']}, {len(rows[0]['returns'])} episodes"
     table = f"{title}\n\n{markdown_table(header, body)}"
-    groups = by_configuration(rows)
     if any(g["runs"] > 1 for g in groups):
         table += "\n\n" + configuration_table(groups)
     return table

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from training.config import Config
 from training.data.envs import check_observation_shape, make_env, select_observation
@@ -64,7 +65,7 @@ def init_state(config: Config, params: dict):
 def ask(es: CMA_ES, es_params, state, controller: dict, key):
     """A generation's candidates. The first generation centres the search on C as the stage
     found it: the state was made before the stages that came first had trained C."""
-    start = es._ravel_solution(searched(controller))
+    start, _ = ravel_pytree(searched(controller))  # evosax's own flattening of a solution
     state = state.replace(mean=jnp.where(state.generation_counter == 0, start, state.mean))
     return es.ask(key, state, es_params)
 
