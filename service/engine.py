@@ -13,6 +13,7 @@ serving on the batcher's worker, one call at a time.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,14 @@ from training.planning.planners import (
     zero_delta,
 )
 from training.planning.step_rule import Carried, after_act, after_adapt, starting_delta
+from training.planning.subgoals import (
+    SUBGOALS_FILE,
+    DataGraph,
+    DataRoute,
+    data_route,
+    data_target,
+    load_data_graph,
+)
 from training.planning.tasks import TaskError, default_task, task_weights
 
 # The step rule is re-exported for service.stepping: this module is the server's one door
@@ -111,8 +120,16 @@ def adaptation_diagnostics(
     }
 
 
+MAX_ROUTES = 256  # goals whose routes through the subgoal graph an engine keeps
+
+
 class Engine:
-    def __init__(self, bundle: Bundle, batch_sizes: tuple[int, ...] = (1, 8, 32)):
+    def __init__(
+        self,
+        bundle: Bundle,
+        batch_sizes: tuple[int, ...] = (1, 8, 32),
+        subgoals: tuple[DataGraph, float] | None = None,
+    ):
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError("batch_sizes must be positive")
         self.model = bundle.model
@@ -131,6 +148,10 @@ class Engine:
         self._keys = jax.jit(jax.vmap(session_key))
         self._zero_deltas: dict[PlanShape, dict] = {}
         self._programs: dict[tuple[str, PlanShape], Callable] = {}
+        # A subgoal graph over the data and its lookahead: goal tasks then aim through it.
+        self.subgoals = subgoals
+        self._routes: dict[tuple[float, ...], DataRoute] = {}
+        self._routes_lock = threading.Lock()
 
     @property
     def device(self) -> str:
@@ -138,8 +159,11 @@ class Engine:
 
     @classmethod
     def restore(cls, model_dir: Path, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Engine:
-        """The engine of the bundle saved in `model_dir`."""
-        return cls(restore_bundle(model_dir), batch_sizes)
+        """The engine of the bundle saved in `model_dir`, with the subgoal graph saved
+        beside it if there is one (`worldplan subgoals`)."""
+        graph = Path(model_dir) / SUBGOALS_FILE
+        subgoals = load_data_graph(graph) if graph.exists() else None
+        return cls(restore_bundle(model_dir), batch_sizes, subgoals)
 
     def _program(self, kind: str, shape: PlanShape) -> Callable:
         """The program of `kind` ("decide", batched, or "adapt") for a shape, made once and
@@ -179,7 +203,12 @@ class Engine:
             },
             "default_task": self.default_task,
             "planner_defaults": self.planning_defaults.model_dump(),
-        }
+            "subgoals": None if self.subgoals is None else {
+                "nodes": len(self.subgoals[0].positions),
+                "max_edge_steps": self.subgoals[0].max_edge_steps,
+                "lookahead": self.subgoals[1],
+            },
+        }  # fmt: skip
 
     def task_weights(self, task: dict | None) -> tuple[dict, np.ndarray]:
         """The task (the default one for None) and its cumulant weights [P], float32, or
@@ -191,7 +220,34 @@ class Engine:
             raise InvalidTask(str(err)) from None
         if not np.all(np.isfinite(weights)):  # a goal far outside the data, a degenerate fit
             raise InvalidTask("the task's cumulant weights are not finite")
+        if self.subgoals is not None and task.get("kind") == "goal":
+            self.route(task["goal"])  # found here, on the worker, not on the first /act
         return task, weights
+
+    def route(self, goal) -> DataRoute:
+        """The goal's route through the subgoal graph (about 0.3 s on medium's), kept."""
+        key = tuple(np.asarray(goal, np.float32).tolist())
+        with self._routes_lock:
+            if key in self._routes:
+                return self._routes[key]
+        route = data_route(self.subgoals[0], np.asarray(key, np.float32))
+        with self._routes_lock:
+            if len(self._routes) >= MAX_ROUTES:
+                self._routes.pop(next(iter(self._routes)))
+            self._routes[key] = route
+        return route
+
+    def aim(self, task: dict | None, weights: np.ndarray, observation: np.ndarray) -> np.ndarray:
+        """The weights a step plans with: the task's own, or, for a goal task with a
+        subgoal graph, those of the node the graph aims at from `observation` (the goal's
+        own once it is near along the data's paths)."""
+        task = task or self.default_task
+        if self.subgoals is None or task.get("kind") != "goal":
+            return weights
+        graph, lookahead = self.subgoals
+        position = np.asarray(observation)[list(self.model.config.value.goal_dims)]
+        target = data_target(graph, self.route(task["goal"]), position, lookahead)
+        return weights if target is None else as_float32(graph.weights[target])
 
     def planning(self, *overrides: dict) -> Planning:
         """The bundle's planner defaults under each of `overrides` in turn; the training

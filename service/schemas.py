@@ -146,6 +146,9 @@ class ModelInfo(Body):
     default_task: dict
     planner_defaults: dict
     planner_limits: dict
+    subgoals: dict | None = Field(
+        None, description="the subgoal graph goal tasks aim through (nodes, lookahead), if any"
+    )
 
 
 class ErrorDetail(Body):

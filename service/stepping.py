@@ -213,7 +213,7 @@ def prepare_act(rt: Runtime, session: Session, body: ActRequest) -> tuple[Planni
     step = rt.engine.step_input(
         obs,
         state,
-        session.task_weights,
+        rt.engine.aim(session.task, session.task_weights, obs),
         session.seed,
         expected,
         planning.config,

@@ -181,3 +181,46 @@ def test_eval_reach_reports_success_at_each_distance(run_dir, tmp_path):
     rows = record["success"]["random_shooting"]
     assert set(rows) == {"1", "2"} and all(r["episodes"] == 2 for r in rows.values())
     assert "2 cell(s) away" in (out / "reach.md").read_text()
+
+
+@pytest.mark.slow
+def test_the_service_aims_goal_tasks_through_the_subgoal_graph_saved_with_the_bundle(
+    run_dir, tmp_path
+):
+    import shutil
+
+    from service.clients.local import running_server
+    from service.engine import Engine
+    from service.settings import Settings
+    from training.planning.subgoals import SUBGOALS_FILE
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(run_dir, bundle_dir)
+    argv = ["subgoals", str(bundle_dir), "--nodes", "24", "--edge-steps", "40", "--lookahead", "8"]
+    assert cli_main(argv) == 0
+    engine = Engine.restore(bundle_dir)
+    graph, lookahead = engine.subgoals
+    assert (len(graph.positions), graph.max_edge_steps, lookahead) == (24, 40, 8.0)
+    # A goal at one node, the agent at the node farthest from it along the data's paths.
+    goal = graph.positions[0]
+    remaining = engine.route(goal).remaining
+    far = int(np.argmax(np.where(np.isfinite(remaining), remaining, -1)))
+    assert remaining[far] > lookahead
+    task, weights = engine.task_weights({"kind": "goal", "goal": goal.tolist()})
+    aimed = engine.aim(task, weights, graph.observations[far])
+    assert any(np.array_equal(aimed, w) for w in graph.weights.astype(np.float32))
+    assert not np.array_equal(aimed, weights)
+    # At the goal, the goal's own weights; a task that is not a goal is never redirected.
+    assert np.array_equal(engine.aim(task, weights, graph.observations[0]), weights)
+    other = {"kind": "reward_weights", "weights": weights.tolist()}
+    assert np.array_equal(engine.aim(other, weights, graph.observations[far]), weights)
+    # The bundle exported for serving keeps the graph, and /model says so.
+    assert cli_main(["export", str(bundle_dir), str(tmp_path / "served")]) == 0
+    assert (tmp_path / "served" / SUBGOALS_FILE).exists()
+    settings = Settings(model_dir=tmp_path / "served", batch_sizes=(1,), max_batch=1,
+                        sample_counts=(8,), warm_up=False)  # fmt: skip
+    with running_server(settings) as (url, _):
+        import httpx
+
+        info = httpx.get(f"{url}/model").json()
+    assert info["subgoals"] == {"nodes": 24, "max_edge_steps": 40, "lookahead": 8.0}

@@ -91,15 +91,16 @@ def test_the_next_subgoal_is_the_first_node_not_yet_reached():
     assert next_target(graph, route, self_values * GAMMA**100, 10.0 * GAMMA**10) is None
 
 
-def u_turn(speed: float = 0.5) -> np.ndarray:
+def u_turn(speed: float = 0.5, width: float = 4.0) -> np.ndarray:
     """A trajectory up the left arm of a U (x = 0), across the top (y = 10) and down the
-    right arm (x = 4): a wall stands between the arms, which the data never crosses."""
+    right arm (x = width): a wall stands between the arms, which the data never crosses."""
 
     def leg(a, b):
         n = int(round(np.linalg.norm(np.subtract(b, a)) / speed))
         return np.linspace(a, b, n, endpoint=False)
 
-    return np.concatenate([leg((0, 0), (0, 10)), leg((0, 10), (4, 10)), leg((4, 10), (4, 0))])
+    return np.concatenate([leg((0, 0), (0, 10)), leg((0, 10), (width, 10)),
+                           leg((width, 10), (width, 0))])  # fmt: skip
 
 
 def u_graph(max_edge_steps: int = 40) -> DataGraph:
@@ -126,19 +127,37 @@ def test_data_edges_are_the_steps_the_data_took_never_through_the_wall():
 def test_the_data_route_goes_round_the_wall_and_aims_ahead_along_it():
     graph = u_graph(max_edge_steps=12)
     goal = np.array([4.0, 0.5])  # the right arm's bottom, the data passes it
-    remaining, next_hop = data_route(graph, goal)
-    assert np.allclose(remaining, [47, 37, 27, 19, 9, 0], atol=1e-5)
-    assert list(next_hop[:4]) == [1, 2, 3, 4] and next_hop[4] in (5, 6)  # 6: the goal
+    route = data_route(graph, goal)
+    # The goal joins where the data passed within a unit of it: node 4 reaches it in 7.
+    assert np.allclose(route.remaining, [45, 35, 25, 17, 7, 0], atol=1e-5)
+    assert list(route.next_hop[:4]) == [1, 2, 3, 4] and route.next_hop[4] in (5, 6)  # 6: goal
     # At the left bottom, the goal 4 units away through the wall is not aimed at: the
     # farthest node at most 15 steps along the path is.
     start = np.array([0.1, 0.2])
-    assert data_target(graph, remaining, next_hop, start, lookahead=15.0) == 1
-    assert data_target(graph, remaining, next_hop, start, lookahead=25.0) == 2
+    assert data_target(graph, route, start, lookahead=15.0) == 1
+    assert data_target(graph, route, start, lookahead=25.0) == 2
     # The first node on is aimed at even when it lies beyond the lookahead.
-    assert data_target(graph, remaining, next_hop, start, lookahead=5.0) == 1
-    # Within the lookahead of the goal along the path, the goal itself.
-    assert data_target(graph, remaining, next_hop, np.array([4.0, 5.2]), 15.0) is None
+    assert data_target(graph, route, start, lookahead=5.0) == 1
+    # Where the data went on to the goal within the lookahead, the goal itself.
+    assert data_target(graph, route, np.array([4.0, 5.2]), 15.0) is None
     # A goal the data never passed has no path: the goal itself, and hope.
-    remaining, next_hop = data_route(graph, np.array([2.0, 5.0]))
-    assert not np.isfinite(remaining).any()
-    assert data_target(graph, remaining, next_hop, start, 15.0) is None
+    route = data_route(graph, np.array([2.0, 5.0]))
+    assert not np.isfinite(route.remaining).any()
+    assert data_target(graph, route, start, 15.0) is None
+
+
+def test_the_node_a_decision_starts_from_is_one_the_data_joins_to_here_not_one_across_the_wall():
+    # A narrow U, its arms 1.5 apart: nodes (0, 0), (0, 5), (0, 10), (1.5, 10), (1.5, 5),
+    # (1.5, 0.5); the goal is the last.
+    path = u_turn(width=1.5)
+    trajectory = np.concatenate([path, path[::-1]])
+    episode = np.repeat([0, 1], len(path))
+    nodes = np.array([0, 10, 20, 23, 33, 42])
+    graph = data_graph(trajectory, episode, nodes, trajectory[nodes], np.zeros((6, 3)),
+                       radius=0.3, max_edge_steps=12)  # fmt: skip
+    route = data_route(graph, trajectory[42])
+    # At (0.1, 2.4) the nearest node is the goal's, through the wall; the data joins (0, 0)
+    # and (0, 5) to here within 5 steps, so the path starts at (0, 0), up the left arm.
+    here = np.array([0.1, 2.4])
+    assert np.argmin(np.linalg.norm(graph.positions - here, axis=1)) == 5
+    assert data_target(graph, route, here, lookahead=15.0) == 1

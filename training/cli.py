@@ -154,6 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
     bundle = restore_bundle(args.run_dir)
     if args.action_horizon is not None:
         bundle = with_planning(bundle, action_horizon=args.action_horizon)
+    if args.imagination_steps is not None:
+        bundle = with_planning(bundle, imagination_steps=args.imagination_steps)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite == "ogbench-reach":
@@ -246,6 +248,30 @@ def cmd_compare(args: argparse.Namespace) -> None:
     )  # fmt: skip
     print((Path(args.out) / "compare.md").read_text())
     print(f"wrote compare.md, compare.json and compare.png to {args.out}")
+
+
+def cmd_subgoals(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import numpy as np
+
+    from training.analysis.ogbench_suite import NODE_RADIUS, dataset_episodes
+    from training.learning.checkpoint import restore_bundle
+    from training.planning.subgoals import SUBGOALS_FILE, build_data_graph, save_data_graph
+
+    bundle = restore_bundle(args.run_dir)
+    if bundle.model.goal_decoder is None:
+        raise UsageError(f"{args.run_dir} was trained without goal tasks: no subgoals to aim at")
+    if args.nodes < 2 or args.edge_steps < 1 or args.lookahead <= 0:
+        raise UsageError("--nodes must be 2 or more, --edge-steps and --lookahead positive")
+    graph = build_data_graph(bundle.model, bundle.params, dataset_episodes(bundle, args.data),
+                             args.nodes, args.edge_steps, NODE_RADIUS)  # fmt: skip
+    path = Path(args.run_dir) / SUBGOALS_FILE
+    save_data_graph(graph, args.lookahead, path)
+    edges = int(np.isfinite(graph.steps).sum() - len(graph.positions))
+    print(f"wrote {path}: {len(graph.positions)} nodes, {edges} edges of at most "
+          f"{args.edge_steps} steps, lookahead {args.lookahead}; the service aims goal tasks "
+          "through it")  # fmt: skip
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -429,6 +455,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="H",
         help="actions per decision (an action chunk; default: the bundle's, 1)",
     )
+    p.add_argument(
+        "--imagination-steps",
+        type=int,
+        metavar="T",
+        help="the imagination planner: steps of M each action is held for (default: the bundle's)",
+    )
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("ablate", help="sweep the online-adaptation knobs one at a time")
@@ -459,6 +491,22 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="compare", help="output directory (default: compare)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "subgoals",
+        help="save a subgoal graph over the bundle's data beside it: the service then aims "
+        "goal tasks through it",
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--nodes", type=int, default=96, help="states of the data the graph spans")
+    p.add_argument(
+        "--edge-steps", type=int, default=20, help="the most steps of the data an edge stands for"
+    )
+    p.add_argument(
+        "--lookahead", type=float, default=15.0, help="aim this many steps on along the path"
+    )
+    p.add_argument("--data", help="the dataset (default: the one the bundle was trained on)")
+    p.set_defaults(func=cmd_subgoals)
 
     p = sub.add_parser("export", help="the latest step of a run as a serving bundle")
     p.add_argument("run_dir")

@@ -186,15 +186,15 @@ class DataSubgoals:
 
     def targets(self, params, observations, lstm_h, goal_weights, step) -> list:
         dims = list(range(self.graph.positions.shape[1]))
-        return [data_target(self.graph, *route, np.asarray(obs)[dims], self.lookahead)
+        return [data_target(self.graph, route, np.asarray(obs)[dims], self.lookahead)
                 for obs, route in zip(observations, self.routes, strict=True)]  # fmt: skip
 
 
-def dataset_episodes(bundle: Bundle) -> list[np.ndarray]:
-    """The observations of every episode of the bundle's own dataset."""
+def dataset_episodes(bundle: Bundle, data: str | None = None) -> list[np.ndarray]:
+    """The observations of every episode of the bundle's own dataset (or of `data`)."""
     from training.data.datasets import episode_observations, open_dataset
 
-    dataset = open_dataset(bundle.metadata["dataset"])
+    dataset = open_dataset(data or bundle.metadata["dataset"])
     return [episode_observations(ep.observations) for ep in dataset.iterate_episodes()]
 
 

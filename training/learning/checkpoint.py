@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,7 @@ import orbax.checkpoint as ocp
 
 from training.config import Config, parse_config
 from training.models.networks import Networks, Spaces
+from training.planning.subgoals import SUBGOALS_FILE
 
 ITEMS = ("params", "opt_state", "metadata")
 
@@ -120,7 +122,8 @@ def params_digest(params: dict) -> str:
 
 def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
     """The latest step of a run as a serving bundle: params and metadata, no optimiser
-    state (which only resuming needs), about a third of the size."""
+    state (which only resuming needs), about a third of the size; the subgoal graph too,
+    if the run has one."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
@@ -128,4 +131,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
     with open_manager(out_dir, max_to_keep=1) as manager:
         save(manager, bundle.step, bundle.params, None, bundle.metadata)
         manager.wait_until_finished()
+    subgoals = Path(run_dir) / SUBGOALS_FILE
+    if subgoals.exists():
+        shutil.copy(subgoals, out_dir / SUBGOALS_FILE)
     return out_dir

@@ -15,18 +15,26 @@ are the subgoal's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from scipy.sparse.csgraph import dijkstra
+from scipy.spatial import cKDTree
 
 from training.models.mdn_rnn import initial_state
 from training.models.networks import GOAL_DECODER, Networks, denormalise
 
 VALUE_FLOOR = 1e-6  # of V(s, g) / V(g, g): below it a goal counts as out of reach
 MIN_HOP_FRACTION = 0.25  # of max_edge_steps: a subgoal nearer than this counts as reached
+# Data graphs: the data's positions within NEAR of a point stand for it (far less than a
+# wall's 4 units), at most LOCAL_POINTS of them; a node the data's trajectories join to
+# them within LOCAL_STEPS is a node near the point.
+NEAR = 1.0
+LOCAL_POINTS = 16
+LOCAL_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -196,6 +204,7 @@ class DataGraph:
     node_at: np.ndarray  # [T]: the node each position is within `radius` of (-1: none)
     radius: float
     max_edge_steps: int
+    tree: cKDTree  # over `trajectory`: the data's positions near a point
 
 
 def nearest_within(points: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
@@ -258,41 +267,98 @@ def data_graph(
     steps = passage_steps(node_at, episode, node_at, node_at, k, k, max_edge_steps)
     np.fill_diagonal(steps, 0.0)
     return DataGraph(positions, observations, weights, steps, trajectory, episode, node_at,
-                     radius, max_edge_steps)  # fmt: skip
+                     radius, max_edge_steps, cKDTree(trajectory))  # fmt: skip
 
 
-def data_route(graph: DataGraph, goal: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Every node's steps to `goal` over the data's edges, and its next node (K: the goal;
-    -1: no path). The goal joins the graph where the data passed within `radius` of it."""
-    at_goal = np.where(np.linalg.norm(graph.trajectory - goal, axis=1) <= graph.radius, 0, -1)
+@dataclass(frozen=True)
+class DataRoute:
+    """A goal's route over a data graph."""
+
+    remaining: np.ndarray  # [K]: steps from each node to the goal (inf: no path)
+    next_hop: np.ndarray  # [K]: the next node on each node's path (K: the goal; -1: none)
+    at_goal: np.ndarray  # [T]: the data's positions that count as at the goal
+
+
+def data_route(graph: DataGraph, goal: np.ndarray) -> DataRoute:
+    """Every node's steps to `goal` over the data's edges, and its next node. The goal
+    joins the graph where the data passed within NEAR of it."""
+    within = np.linalg.norm(graph.trajectory - goal, axis=1) <= NEAR
+    at_goal = np.where(within, 0, -1)
     k = len(graph.positions)
     direct = passage_steps(graph.node_at, graph.episode, graph.node_at, at_goal, k, 1,
                            graph.max_edge_steps)[:, 0]  # fmt: skip
     direct[np.linalg.norm(graph.positions - goal, axis=1) <= graph.radius] = 0.0  # at it
-    return steps_to_goal(graph.steps, direct)
+    remaining, next_hop = steps_to_goal(graph.steps, direct)
+    return DataRoute(remaining, next_hop, within)
 
 
-def data_target(
-    graph: DataGraph, remaining: np.ndarray, next_hop: np.ndarray, position: np.ndarray,
-    lookahead: float,
-) -> int | None:  # fmt: skip
-    """The node a decision at `position` aims at (None: the goal itself): from the node
-    with a path nearest to it, the farthest node along its path to the goal at most
-    `lookahead` steps on (the first one at least); the goal once it is that near."""
-    # The nearest node with a path: a node the data seldom passed close may have none.
-    distance = np.where(np.isfinite(remaining),
+def steps_from_here(graph: DataGraph, route: DataRoute, position: np.ndarray,
+                    horizon: int) -> tuple[np.ndarray, float]:  # fmt: skip
+    """Where the data went to and came from near `position`: from its LOCAL_POINTS
+    nearest positions of the data within NEAR, the fewest steps of the data's trajectories,
+    before or after, to each node [K] and to the goal, within `horizon` (inf: not within).
+    Only the data's trajectories count, so a node across a wall, however near, is not near
+    here."""
+    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=NEAR)
+    nearest = nearest[nearest < len(graph.trajectory)]  # the missing ones come as n
+    offsets = np.arange(-horizon, horizon + 1)
+    other = np.clip(nearest[:, None] + offsets, 0, len(graph.trajectory) - 1)  # [P, S]
+    same = graph.episode[other] == graph.episode[nearest][:, None]
+    steps = np.broadcast_to(np.abs(offsets), other.shape)
+    labels = graph.node_at[other]
+    to_nodes = np.full(len(graph.positions), np.inf)
+    ok = same & (labels >= 0)
+    np.minimum.at(to_nodes, labels[ok], steps[ok])
+    goal = same & route.at_goal[other]
+    return to_nodes, float(steps[goal].min()) if goal.any() else np.inf
+
+
+def data_target(graph: DataGraph, route: DataRoute, position: np.ndarray,
+                lookahead: float) -> int | None:  # fmt: skip
+    """The node a decision at `position` aims at (None: the goal itself): the goal when
+    the data passed from here to it within `lookahead` steps; else, from the nearest node
+    with a path that the data joins to here within LOCAL_STEPS, the farthest node along its
+    path at most `lookahead` steps on (the first one at least)."""
+    to_nodes, to_goal = steps_from_here(graph, route, position, int(lookahead))
+    if to_goal <= lookahead:
+        return None
+    distance = np.where(np.isfinite(route.remaining),
                         np.linalg.norm(graph.positions - position, axis=1), np.inf)  # fmt: skip
     if not np.isfinite(distance).any():
         return None  # no path known: aim at the goal and hope
+    joined = to_nodes <= LOCAL_STEPS
+    if np.isfinite(distance[joined]).any():  # else: the nearest node with a path, and hope
+        distance = np.where(joined, distance, np.inf)
     here = int(np.argmin(distance))
     k = len(graph.positions)
     target, travelled = here, 0.0
     while True:
-        hop = int(next_hop[target])
+        hop = int(route.next_hop[target])
         if hop == k:
-            return None if travelled + remaining[target] <= lookahead or target == here \
+            return None if travelled + route.remaining[target] <= lookahead or target == here \
                 else target  # fmt: skip
         cost = graph.steps[target, hop]
         if travelled + cost > lookahead and target != here:
             return target
         target, travelled = hop, travelled + cost
+
+
+# ----- a data graph kept with a bundle, for the service -----
+
+SUBGOALS_FILE = "subgoals.npz"  # in a bundle's directory: the service then aims through it
+
+
+def save_data_graph(graph: DataGraph, lookahead: float, path: Path) -> None:
+    """The graph and the lookahead decisions aim with, as one npz (the tree is rebuilt)."""
+    arrays = {f.name: getattr(graph, f.name) for f in fields(graph) if f.name != "tree"}
+    np.savez_compressed(path, lookahead=lookahead, **arrays)
+
+
+def load_data_graph(path: Path) -> tuple[DataGraph, float]:
+    """What save_data_graph wrote: the graph and its lookahead."""
+    with np.load(path) as saved:
+        arrays = {name: saved[name] for name in saved.files}
+    lookahead = float(arrays.pop("lookahead"))
+    scalars = {"radius": float(arrays.pop("radius")),
+               "max_edge_steps": int(arrays.pop("max_edge_steps"))}  # fmt: skip
+    return DataGraph(**arrays, **scalars, tree=cKDTree(arrays["trajectory"])), lookahead
