@@ -1,5 +1,6 @@
 """The diffusion sampler, the five planners, online adaptation and task inference."""
 
+from dataclasses import replace
 from typing import get_args
 
 import jax
@@ -520,8 +521,13 @@ def test_imagination_values_an_action_by_the_states_m_imagines_for_it(bundle):
     noise = jax.random.normal(jax.random.split(key)[1], (TERMINAL_SAMPLES, model.psi_dim))
     psi = model.sample_psi(params["psi_ema"], jnp.broadcast_to(last, (TERMINAL_SAMPLES,
                            last.shape[0])), noise, 4)  # fmt: skip
+    rewards = expected + gamma**5 * float(model.imagined_phi(params, latent) @ weights)
     expected += gamma**5 * float(jnp.mean(value_fn(params, weights)(psi)))
     assert float(p.value) == pytest.approx(expected, rel=1e-4, abs=1e-4)
+    # Without the psi-model's value, the last state counts by its reward like the others.
+    alone = plan(model, replace(one, imagination_value=False), params, lstm, z, weights, key, k)
+    np.testing.assert_allclose(alone.action, p.action)  # one candidate: the same action
+    assert float(alone.value) == pytest.approx(rewards, rel=1e-4, abs=1e-4)
     many = plan(model, PlanShape("imagination", 4, 16, 8, imagination_steps=5), params, lstm, z,
                 weights, key, k)  # fmt: skip
     assert float(many.value) >= float(many.objective[0])  # the best, not the mean, is kept

@@ -161,6 +161,11 @@ class PlanningConfig(Strict):
         description="imagination: the steps of M each candidate action is held for, before "
         "the psi-model values the state M imagines at their end",
     )
+    imagination_value: bool = Field(
+        True,
+        description="imagination: the psi-model values the last imagined state (off: an "
+        "action is worth the rewards of the states it imagines alone)",
+    )
     guidance_scale: float = Field(1.0, ge=0.0)
     adaptation: Literal["reweighted", "gradient"] = Field(
         "reweighted",

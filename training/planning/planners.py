@@ -74,6 +74,7 @@ class PlanShape:
     n_fit_samples: int | None = None
     action_horizon: int = 1
     imagination_steps: int = 20
+    imagination_value: bool = True
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -93,6 +94,8 @@ class PlanShape:
             sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
         if self.planner == "imagination":
             sizes += f", imagination_steps={self.imagination_steps}"
+            if not self.imagination_value:
+                sizes += ", imagination_value=False"
         if self.action_horizon > 1:
             sizes += f", action_horizon={self.action_horizon}"
         return f"{self.planner}({sizes})"
@@ -269,7 +272,8 @@ def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs
     box, each held for imagination_steps steps of M (the mean of its most likely component
     each step) from M's LSTM carry. An action is worth the discounted reward phi . w of the
     states it imagines, then gamma^T times the mean value of TERMINAL_SAMPLES psi samples at
-    the last one (the same noise for every action: they differ only by where they lead)."""
+    the last one (the same noise for every action: they differ only by where they lead);
+    without `imagination_value`, the rewards of every imagined state alone."""
     k_actions, k_psi = jax.random.split(key)
     low = jnp.asarray(model.spaces.action_low)
     high = jnp.asarray(model.spaces.action_high)
@@ -288,6 +292,8 @@ def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs
             return (carry, z_next), model.imagined_phi(params, z_next) @ weights
 
         (carry, z_last), rewards = jax.lax.scan(step, (lstm, z), None, length=steps)
+        if not shape.imagination_value:
+            return gamma ** jnp.arange(1, steps + 1) @ rewards
         last = jnp.concatenate([z_last, carry[1]])
         psi = model.sample_psi(params["psi_ema"], broadcast_state(last, TERMINAL_SAMPLES), noise,
                                shape.sample_steps)  # fmt: skip
