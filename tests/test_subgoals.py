@@ -131,9 +131,9 @@ def test_the_data_route_goes_round_the_wall_and_aims_ahead_along_it():
     # The goal joins where the data passed within a unit of it: node 4 reaches it in 7.
     assert np.allclose(route.remaining, [45, 35, 25, 17, 7, 0], atol=1e-5)
     assert list(route.next_hop[:4]) == [1, 2, 3, 4] and route.next_hop[4] in (5, 6)  # 6: goal
-    # At the left bottom, the goal 4 units away through the wall is not aimed at: the
-    # farthest node at most 15 steps along the path is.
-    start = np.array([0.1, 0.2])
+    # Just below the left bottom, the goal 4 units away through the wall is not aimed at:
+    # the farthest node at most 15 steps along the path is.
+    start = np.array([0.1, -0.8])
     assert data_target(graph, route, start, lookahead=15.0) == 1
     assert data_target(graph, route, start, lookahead=25.0) == 2
     # The first node on is aimed at even when it lies beyond the lookahead.
@@ -157,7 +157,8 @@ def test_the_node_a_decision_starts_from_is_one_the_data_joins_to_here_not_one_a
                        radius=0.3, max_edge_steps=12)  # fmt: skip
     route = data_route(graph, trajectory[42])
     # At (0.1, 2.4) the nearest node is the goal's, through the wall; the data joins (0, 0)
-    # and (0, 5) to here within 5 steps, so the path starts at (0, 0), up the left arm.
+    # and (0, 5) to here within 6 steps, so the path starts at (0, 0), up the left arm.
+    # (0, 5), that near, counts as reached: the aim is (0, 10), 20 steps on.
     here = np.array([0.1, 2.4])
     assert np.argmin(np.linalg.norm(graph.positions - here, axis=1)) == 5
-    assert data_target(graph, route, here, lookahead=15.0) == 1
+    assert data_target(graph, route, here, lookahead=15.0) == 2

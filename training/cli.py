@@ -156,6 +156,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         bundle = with_planning(bundle, action_horizon=args.action_horizon)
     if args.imagination_steps is not None:
         bundle = with_planning(bundle, imagination_steps=args.imagination_steps)
+    if args.imagination_value is not None:
+        bundle = with_planning(bundle, imagination_value=args.imagination_value == "on")
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite == "ogbench-reach":
@@ -460,6 +462,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         type=int,
         metavar="T",
         help="the imagination planner: steps of M each action is held for (default: the bundle's)",
+    )
+    p.add_argument(
+        "--imagination-value",
+        choices=("on", "off"),
+        help="the imagination planner: the psi-model values the last imagined state, or the "
+        "imagined rewards alone count (default: the bundle's, on)",
     )
     p.set_defaults(func=cmd_eval)
 

@@ -318,7 +318,9 @@ def data_target(graph: DataGraph, route: DataRoute, position: np.ndarray,
     """The node a decision at `position` aims at (None: the goal itself): the goal when
     the data passed from here to it within `lookahead` steps; else, from the nearest node
     with a path that the data joins to here within LOCAL_STEPS, the farthest node along its
-    path at most `lookahead` steps on (the first one at least)."""
+    path at most `lookahead` steps on, and at least the first one the data does not join
+    to here (nodes that near count as reached: aiming at one, a planner would find every
+    action about as good)."""
     to_nodes, to_goal = steps_from_here(graph, route, position, int(lookahead))
     if to_goal <= lookahead:
         return None
@@ -338,7 +340,7 @@ def data_target(graph: DataGraph, route: DataRoute, position: np.ndarray,
             return None if travelled + route.remaining[target] <= lookahead or target == here \
                 else target  # fmt: skip
         cost = graph.steps[target, hop]
-        if travelled + cost > lookahead and target != here:
+        if travelled + cost > lookahead and target != here and not joined[target]:
             return target
         target, travelled = hop, travelled + cost
 
