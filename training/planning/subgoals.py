@@ -337,8 +337,8 @@ def data_target(graph: DataGraph, route: DataRoute, position: np.ndarray,
     while True:
         hop = int(route.next_hop[target])
         if hop == k:
-            return None if travelled + route.remaining[target] <= lookahead or target == here \
-                else target  # fmt: skip
+            near = travelled + route.remaining[target] <= lookahead
+            return None if near or target == here or joined[target] else target
         cost = graph.steps[target, hop]
         if travelled + cost > lookahead and target != here and not joined[target]:
             return target
