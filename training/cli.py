@@ -278,8 +278,9 @@ def cmd_subgoals(args: argparse.Namespace) -> None:
 
 def cmd_export(args: argparse.Namespace) -> None:
     from training.learning.checkpoint import export_bundle
+    from training.planning.subgoals import SUBGOALS_FILE
 
-    out = export_bundle(args.run_dir, args.out)
+    out = export_bundle(args.run_dir, args.out, beside=(SUBGOALS_FILE,))
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"exported {args.run_dir} to {out} ({size / 1e6:.1f} MB, params and metadata only)")
 

@@ -24,7 +24,6 @@ import orbax.checkpoint as ocp
 
 from training.config import Config, parse_config
 from training.models.networks import Networks, Spaces
-from training.planning.subgoals import SUBGOALS_FILE
 
 ITEMS = ("params", "opt_state", "metadata")
 
@@ -120,10 +119,10 @@ def params_digest(params: dict) -> str:
     return digest.hexdigest()
 
 
-def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
+def export_bundle(run_dir: str | Path, out_dir: str | Path, beside: tuple[str, ...] = ()) -> Path:
     """The latest step of a run as a serving bundle: params and metadata, no optimiser
-    state (which only resuming needs), about a third of the size; the subgoal graph too,
-    if the run has one."""
+    state (which only resuming needs), about a third of the size; and the files named in
+    `beside` that the run holds next to its steps (a subgoal graph)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} is not empty")
@@ -131,7 +130,7 @@ def export_bundle(run_dir: str | Path, out_dir: str | Path) -> Path:
     with open_manager(out_dir, max_to_keep=1) as manager:
         save(manager, bundle.step, bundle.params, None, bundle.metadata)
         manager.wait_until_finished()
-    subgoals = Path(run_dir) / SUBGOALS_FILE
-    if subgoals.exists():
-        shutil.copy(subgoals, out_dir / SUBGOALS_FILE)
+    for name in beside:
+        if (Path(run_dir) / name).exists():
+            shutil.copy(Path(run_dir) / name, out_dir / name)
     return out_dir
