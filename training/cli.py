@@ -257,17 +257,15 @@ def cmd_subgoals(args: argparse.Namespace) -> None:
 
     import numpy as np
 
-    from training.analysis.ogbench_suite import NODE_RADIUS, dataset_episodes
+    from training.analysis.ogbench_suite import SubgoalSettings, subgoals_for
     from training.learning.checkpoint import restore_bundle
-    from training.planning.subgoals import SUBGOALS_FILE, build_data_graph, save_data_graph
+    from training.planning.subgoals import SUBGOALS_FILE, save_data_graph
 
+    settings = SubgoalSettings(args.nodes, args.edge_steps, "data", args.lookahead)
     bundle = restore_bundle(args.run_dir)
     if bundle.model.goal_decoder is None:
         raise UsageError(f"{args.run_dir} was trained without goal tasks: no subgoals to aim at")
-    if args.nodes < 2 or args.edge_steps < 1 or args.lookahead <= 0:
-        raise UsageError("--nodes must be 2 or more, --edge-steps and --lookahead positive")
-    graph = build_data_graph(bundle.model, bundle.params, dataset_episodes(bundle, args.data),
-                             args.nodes, args.edge_steps, NODE_RADIUS)  # fmt: skip
+    graph = subgoals_for(bundle, settings, data=args.data).graph
     path = Path(args.run_dir) / SUBGOALS_FILE
     save_data_graph(graph, args.lookahead, path)
     edges = int(np.isfinite(graph.steps).sum() - len(graph.positions))

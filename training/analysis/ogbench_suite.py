@@ -213,10 +213,14 @@ class SubgoalSettings:
 
 
 def subgoals_for(
-    bundle: Bundle, settings: SubgoalSettings, every: int = 5, n_samples: int = 64
+    bundle: Bundle,
+    settings: SubgoalSettings,
+    every: int = 5,
+    n_samples: int = 64,
+    data: str | None = None,
 ) -> ValueSubgoals | DataSubgoals:
-    """The subgoal search over states of the bundle's own dataset."""
-    episodes = dataset_episodes(bundle)
+    """The subgoal search over states of the bundle's own dataset (or of `data`)."""
+    episodes = dataset_episodes(bundle, data)
     if settings.edges == "data":
         graph = build_data_graph(bundle.model, bundle.params, episodes, settings.nodes,
                                  int(settings.edge_steps), NODE_RADIUS)  # fmt: skip
