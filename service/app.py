@@ -52,7 +52,9 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
     if settings.compilation_cache:  # before anything compiles
         compilation_cache.enable(settings.compilation_cache)
     model_dir = settings.model_dir or default_model_dir()
-    engine = await loop.run_in_executor(None, Engine.restore, model_dir, settings.batch_sizes)
+    engine = await loop.run_in_executor(
+        None, Engine.restore, model_dir, settings.batch_sizes, settings.planning
+    )
     runtime = Runtime(
         settings=settings,
         engine=engine,

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from service.guard import as_float32
-from training.config import PlanningConfig
+from training.config import PlanningConfig, planning_with
 from training.learning.checkpoint import Bundle, params_digest, restore_bundle
 from training.planning.planners import (
     PLANNERS,
@@ -129,6 +129,7 @@ class Engine:
         bundle: Bundle,
         batch_sizes: tuple[int, ...] = (1, 8, 32),
         subgoals: tuple[DataGraph, float] | None = None,
+        planning: dict | None = None,
     ):
         if not batch_sizes or min(batch_sizes) < 1:
             raise ValueError("batch_sizes must be positive")
@@ -136,7 +137,10 @@ class Engine:
         self.params = jax.device_put(bundle.params)
         self.env_id = bundle.env_id
         self.model_version = f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}"
-        self.planning_defaults = bundle.config.planning
+        # The bundle's planner defaults, under the deployment's (WORLDPLAN_PLANNING).
+        self.planning_defaults = planning_with(
+            bundle.config.planning, planning or {}, "WORLDPLAN_PLANNING"
+        )
         self.default_task = default_task(
             bundle.model, bundle.params, bundle.metadata.get("default_task")
         )
@@ -158,12 +162,18 @@ class Engine:
         return str(jax.devices()[0])
 
     @classmethod
-    def restore(cls, model_dir: Path, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Engine:
+    def restore(
+        cls,
+        model_dir: Path,
+        batch_sizes: tuple[int, ...] = (1, 8, 32),
+        planning: dict | None = None,
+    ) -> Engine:
         """The engine of the bundle saved in `model_dir`, with the subgoal graph saved
-        beside it if there is one (`worldplan subgoals`)."""
+        beside it if there is one (`worldplan subgoals`) and `planning` over its planner
+        defaults."""
         graph = Path(model_dir) / SUBGOALS_FILE
         subgoals = load_data_graph(graph) if graph.exists() else None
-        return cls(restore_bundle(model_dir), batch_sizes, subgoals)
+        return cls(restore_bundle(model_dir), batch_sizes, subgoals, planning)
 
     def _program(self, kind: str, shape: PlanShape) -> Callable:
         """The program of `kind` ("decide", batched, or "adapt") for a shape, made once and

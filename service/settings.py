@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     action_horizons: tuple[int, ...] = Field(
         (1,), description="action_horizon values compiled for overrides (action chunks)"
     )
+    planning: dict[str, Any] = Field(
+        {}, description="planner defaults over the bundle's: a JSON object of settings of the "
+        'planning section, e.g. {"planner": "imagination", "imagination_steps": 10}'
+    )  # fmt: skip
     session_store: Literal["memory", "redis"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     max_sessions: int = Field(10_000, ge=1)

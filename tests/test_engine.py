@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from service.engine import Engine, StepInput
+from training.config import ConfigError
 from training.learning.checkpoint import restore_bundle
 from training.planning.planners import PLANNERS, Knobs, PlanShape
 from training.planning.tasks import task_weights
@@ -181,3 +182,16 @@ def test_the_engine_lock_is_held_until_a_timed_out_call_has_ended(engine):
     assert time.perf_counter() - started < 5
     assert locked_after_timeout and waiting == 1
     assert events == ["slow began", "slow ended", "quick ran"]
+
+
+def test_deployment_planner_defaults_go_over_the_bundle_s_and_bad_ones_name_themselves(trained):
+    bundle = restore_bundle(trained.run_dir)
+    engine = Engine(bundle, (1,), planning={"planner": "imagination", "n_samples": 8})
+    defaults = engine.planning_defaults
+    assert (defaults.planner, defaults.n_samples) == ("imagination", 8)
+    assert defaults.sample_steps == bundle.config.planning.sample_steps
+    assert all(shape.n_samples == 8 for shape in engine.published_shapes((32,)))
+    with pytest.raises(ConfigError, match="WORLDPLAN_PLANNING: n_samples: .*greater than 0"):
+        Engine(bundle, (1,), planning={"n_samples": 0})
+    with pytest.raises(ConfigError, match="WORLDPLAN_PLANNING: planer: Extra inputs"):
+        Engine(bundle, (1,), planning={"planer": "imagination"})

@@ -147,16 +147,25 @@ def test_the_suite_refuses_a_bundle_of_another_environment(trained, capsys):
 
 @pytest.mark.slow
 def test_drive_runs_an_ogbench_task_through_the_service(run_dir):
-    """`worldplan drive --task-id K`: OGBench's task K, its goal the session's task."""
+    """`worldplan drive --task-id K`: OGBench's task K, its goal the session's task, planned
+    with the deployment's planner defaults (WORLDPLAN_PLANNING) over the bundle's."""
+    import httpx
+
     from service.clients.drive import run_drive
     from service.clients.local import running_server
     from service.settings import Settings
 
+    imagined = {"planner": "imagination", "imagination_steps": 3, "imagination_value": False}
     settings = Settings(model_dir=run_dir, batch_sizes=(1,), max_batch=1, sample_counts=(8,),
-                        warm_up=False)  # fmt: skip
+                        warm_up=False, planning=imagined)  # fmt: skip
     with running_server(settings) as (url, _):
-        (result,) = run_drive(url, None, 1, planner="random_shooting", max_steps=3, task_id=3)
+        defaults = httpx.get(f"{url}/model").json()["planner_defaults"]
+        (result,) = run_drive(url, None, 1, max_steps=3, task_id=3)
+        sid = httpx.post(f"{url}/sessions", json={}).json()["session_id"]
+        act = httpx.post(f"{url}/act", json={"session_id": sid, "observation": [1.0, 1.0]})
+    assert {key: defaults[key] for key in imagined} == imagined
     assert (result.steps, result.success) == (3, False) and len(result.latency_ms) == 3
+    assert act.json()["planner"] == "imagination"
 
 
 def test_reach_starts_are_cells_the_asked_bfs_steps_apart():

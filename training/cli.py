@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import yaml
+
 from training.config import ConfigError
 from training.data.envs import MAZE_ACTION_NOISE, RARE_GOAL_PROB, SWING_UP_NOISE
 from training.errors import UsageError
@@ -151,13 +153,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     )
     from training.learning.checkpoint import restore_bundle
 
-    bundle = restore_bundle(args.run_dir)
-    if args.action_horizon is not None:
-        bundle = with_planning(bundle, action_horizon=args.action_horizon)
-    if args.imagination_steps is not None:
-        bundle = with_planning(bundle, imagination_steps=args.imagination_steps)
-    if args.imagination_value is not None:
-        bundle = with_planning(bundle, imagination_value=args.imagination_value == "on")
+    bundle = with_planning(restore_bundle(args.run_dir), settings(args.planning))
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite == "ogbench-reach":
@@ -291,6 +287,15 @@ def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> Non
     p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{out})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def settings(items: list[str]) -> dict:
+    """KEY=VALUE settings as a mapping, each value read as YAML reads it (10, 0.5, off)."""
+    pairs = [item.partition("=") for item in items]
+    for item, (key, eq, _) in zip(items, pairs, strict=True):
+        if not (key.strip() and eq):
+            raise UsageError(f"a setting is KEY=VALUE, not {item!r}")
+    return {key.strip(): yaml.safe_load(value) for key, _, value in pairs}
 
 
 # The failures a training command expects: printed as one line, exit status 2.
@@ -451,22 +456,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--rare-only", action="store_true", help="run only the goals drawn in rare cells"
     )
     p.add_argument(
-        "--action-horizon",
-        type=int,
-        metavar="H",
-        help="actions per decision (an action chunk; default: the bundle's, 1)",
-    )
-    p.add_argument(
-        "--imagination-steps",
-        type=int,
-        metavar="T",
-        help="the imagination planner: steps of M each action is held for (default: the bundle's)",
-    )
-    p.add_argument(
-        "--imagination-value",
-        choices=("on", "off"),
-        help="the imagination planner: the psi-model values the last imagined state, or the "
-        "imagined rewards alone count (default: the bundle's, on)",
+        "--planning",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a setting of the planning section over the bundle's (repeatable), e.g. "
+        "action_horizon=4, imagination_steps=10, imagination_value=off, n_samples=128",
     )
     p.set_defaults(func=cmd_eval)
 

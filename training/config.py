@@ -379,14 +379,26 @@ def resolve_config_path(path_or_name: str | Path) -> Path:
     raise ConfigError(f"config {path_or_name!r} not found (packaged configs: {known})")
 
 
+def problems(err: ValidationError) -> str:
+    """A validation error's bad fields and what is wrong with each, on one line."""
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors()
+    )
+
+
 def parse_config(raw: dict, source: str = "config") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or '(top)'}: {e['msg']}" for e in err.errors()
-        )
-        raise ConfigError(f"{source}: {problems}") from None
+        raise ConfigError(f"{source}: {problems(err)}") from None
+
+
+def planning_with(planning: PlanningConfig, update: dict, source: str) -> PlanningConfig:
+    """`planning` with the settings `update` names changed, checked as a config file's are."""
+    try:
+        return PlanningConfig.model_validate({**planning.model_dump(), **update})
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {problems(err)}") from None
 
 
 GENERIC = "generic"  # the packaged config of any vector dataset; its env is the dataset's

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
-from training.config import PlanningConfig
+from training.config import PlanningConfig, planning_with
 from training.data.envs import (
     bfs_path,
     check_observation_shape,
@@ -431,9 +431,9 @@ def check_variants(planners: list[str]) -> None:
         raise UsageError(f"unknown planner(s) {unknown}; known: {', '.join(VARIANTS)}")
 
 
-def with_planning(bundle: Bundle, **update) -> Bundle:
-    """The bundle with its planning defaults changed (checked as a config file would be)."""
-    planning = PlanningConfig.model_validate({**bundle.config.planning.model_dump(), **update})
+def with_planning(bundle: Bundle, update: dict) -> Bundle:
+    """The bundle with the planning defaults `update` names changed (`eval --planning`)."""
+    planning = planning_with(bundle.config.planning, update, "--planning")
     return replace(bundle, config=bundle.config.model_copy(update={"planning": planning}))
 
 
