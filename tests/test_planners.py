@@ -531,4 +531,10 @@ def test_imagination_values_an_action_by_the_states_m_imagines_for_it(bundle):
     many = plan(model, PlanShape("imagination", 4, 16, 8, imagination_steps=5), params, lstm, z,
                 weights, key, k)  # fmt: skip
     assert float(many.value) >= float(many.objective[0])  # the best, not the mean, is kept
+    # Rounds of the cross-entropy method start from the same draw and keep the best seen.
+    rounds = PlanShape("imagination", 4, 16, 8, imagination_steps=5, imagination_rounds=3)
+    refined = plan(model, rounds, params, lstm, z, weights, key, k)
+    assert float(refined.objective[0]) == pytest.approx(float(many.objective[0]))
+    assert float(refined.value) >= float(many.value)
+    assert bool(jnp.all(jnp.abs(refined.action) <= 1.0))
     assert float(many.value) > float(p.value) or np.allclose(many.action, p.action)

@@ -166,6 +166,13 @@ class PlanningConfig(Strict):
         description="imagination: the psi-model values the last imagined state (off: an "
         "action is worth the rewards of the states it imagines alone)",
     )
+    imagination_rounds: int = Field(
+        1,
+        ge=1,
+        le=20,
+        description="imagination: rounds of the cross-entropy method, each drawing n_samples "
+        "actions about the best eighth of the round before (1: one uniform draw)",
+    )
     guidance_scale: float = Field(1.0, ge=0.0)
     adaptation: Literal["reweighted", "gradient"] = Field(
         "reweighted",

@@ -75,6 +75,7 @@ class PlanShape:
     action_horizon: int = 1
     imagination_steps: int = 20
     imagination_value: bool = True
+    imagination_rounds: int = 1
 
     @classmethod
     def of(cls, config: PlanningConfig) -> PlanShape:
@@ -96,6 +97,8 @@ class PlanShape:
             sizes += f", imagination_steps={self.imagination_steps}"
             if not self.imagination_value:
                 sizes += ", imagination_value=False"
+            if self.imagination_rounds > 1:
+                sizes += f", imagination_rounds={self.imagination_rounds}"
         if self.action_horizon > 1:
             sizes += f", action_horizon={self.action_horizon}"
         return f"{self.planner}({sizes})"
@@ -265,6 +268,7 @@ def plan_guided_diffusion(model, shape: PlanShape, params, state, weights, key, 
 
 
 TERMINAL_SAMPLES = 4  # psi samples that value the last imagined state of each action
+ELITE_FRACTION = 8  # a refinement draws about the best 1/8 of the last round's actions
 
 
 def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs, delta, lstm):
@@ -273,12 +277,15 @@ def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs
     each step) from M's LSTM carry. An action is worth the discounted reward phi . w of the
     states it imagines, then gamma^T times the mean value of TERMINAL_SAMPLES psi samples at
     the last one (the same noise for every action: they differ only by where they lead);
-    without `imagination_value`, the rewards of every imagined state alone."""
+    without `imagination_value`, the rewards of every imagined state alone. Each of
+    `imagination_rounds - 1` further rounds (the cross-entropy method) draws n_samples
+    actions from the normal fitted to the last round's best eighth; the action worth most
+    of every round is the plan."""
     k_actions, k_psi = jax.random.split(key)
     low = jnp.asarray(model.spaces.action_low)
     high = jnp.asarray(model.spaces.action_high)
-    actions = jax.random.uniform(k_actions, (shape.n_samples, low.shape[0]), minval=low,
-                                 maxval=high)  # fmt: skip
+    draw_shape = (shape.n_samples, low.shape[0])
+    actions = jax.random.uniform(k_actions, draw_shape, minval=low, maxval=high)
     steps, gamma = shape.imagination_steps, model.config.successor.gamma
     value = value_fn(params, weights)
     noise = jax.random.normal(k_psi, (TERMINAL_SAMPLES, model.psi_dim))
@@ -302,8 +309,24 @@ def plan_imagination(model, shape: PlanShape, params, state, weights, key, knobs
         return discounts @ rewards[:-1] + gamma**steps * jnp.mean(value(psi))
 
     values = jax.vmap(worth)(actions)
-    best = jnp.argmax(values)
-    return plan_without_adaptation(actions[best], values[best], jnp.mean(values))
+    first_mean = jnp.mean(values)
+
+    def refine(carry, k):
+        actions, values, best_action, best_value = carry
+        elite = actions[jnp.argsort(values)[-max(2, shape.n_samples // ELITE_FRACTION) :]]
+        spread = jnp.std(elite, axis=0) + 1e-3 * (high - low)  # never a point
+        actions = jnp.clip(jnp.mean(elite, axis=0) + spread * jax.random.normal(k, draw_shape),
+                           low, high)  # fmt: skip
+        values = jax.vmap(worth)(actions)
+        i = jnp.argmax(values)
+        better = values[i] > best_value
+        best_action = jnp.where(better, actions[i], best_action)
+        return (actions, values, best_action, jnp.maximum(values[i], best_value)), None
+
+    i = jnp.argmax(values)
+    keys = jax.random.split(jax.random.fold_in(key, 1), shape.imagination_rounds - 1)
+    (_, _, action, best), _ = jax.lax.scan(refine, (actions, values, actions[i], values[i]), keys)
+    return plan_without_adaptation(action, best, first_mean)
 
 
 class Steps(NamedTuple):
