@@ -285,3 +285,35 @@ def test_cli_inspect_prints_the_bundle(trained, capsys):
     assert report["step"] == TINY_STEPS
     assert report["params_sha256"] == params_digest(trained.params)
     assert (trained.run_dir / METRICS_FILE).exists()
+
+
+def test_a_least_squares_goal_fit_is_the_ridge_optimum_and_peaks_at_its_goal(umaze_data, tmp_path):
+    """`value.goal_weights: least_squares`: the bundle keeps states of the data and the ridge
+    map from rewards there to weights, which the value stage's steps leave as fitted: no
+    other weights fit the goal reward at those states better; its reward peaks at the goal."""
+    from training.models.networks import GOAL_DECODER
+    from training.models.value import goal_reward
+
+    value = {**TINY["value"], "goal_weights": "least_squares"}
+    run = train(parse_config({**TINY, "value": value}), umaze_data, tmp_path / "fit",
+                progress=False).run_dir  # fmt: skip
+    bundle = restore_bundle(run)
+    model, params = bundle.model, bundle.params
+    positions = params[GOAL_DECODER]["positions"]
+    assert positions.shape == (2048, 2) and float(jnp.std(positions)) > 0.1
+    # umaze observations are the position and velocity; phi reads the position alone
+    obs = jnp.concatenate([positions, jnp.zeros((len(positions), 2))], axis=1)
+    phi = model.phi(params, obs, model.encode(params, obs))
+    goal = positions[0]
+    w = jnp.asarray(task_weights(model, params, {"kind": "goal", "goal": goal.tolist()}))
+    reward = goal_reward(positions, goal, bundle.config.value.goal_sigma)
+
+    def ridge_objective(weights):
+        return float(jnp.sum(jnp.square(phi @ weights - reward)) + 1e-3 * jnp.sum(weights**2))
+
+    for k in range(5):
+        nudge = 1e-2 * jax.random.normal(jax.random.key(k), w.shape)
+        assert ridge_objective(w) < ridge_objective(w + nudge)
+    far = goal + 2 * bundle.config.value.goal_sigma
+    at = lambda p: float(model.phi(params, p[None], model.encode(params, p[None]))[0] @ w)  # noqa: E731
+    assert at(jnp.concatenate([goal, jnp.zeros(2)])) > at(jnp.concatenate([far, jnp.zeros(2)]))

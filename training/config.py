@@ -130,7 +130,13 @@ class ValueConfig(Strict):
         None, description="observation dimensions a goal names; unset: no goal tasks"
     )
     goal_sigma: float = Field(0.5, gt=0.0, description="width of the goal reward")
-    hidden: int = Field(256, gt=0)
+    goal_weights: Literal["decoder", "least_squares"] = Field(
+        "decoder",
+        description="a goal's cumulant weights: from a learned decoder of the goal, or by "
+        "least squares of its reward on states of the data kept with the bundle (exact; the "
+        "decoder underfits narrow goal rewards)",
+    )
+    hidden: int = Field(256, gt=0, description="the goal decoder's width")
 
 
 # The planners' names, which training/planning/planners.py maps to its functions and every other

@@ -16,7 +16,8 @@ from training.data.datasets import Sequences
 from training.errors import UsageError
 from training.learning import evolution, joint
 from training.learning.losses import discounted_returns, return_weights
-from training.models.networks import Networks, Spaces, normalise
+from training.models.networks import GOAL_DECODER, Networks, Spaces, normalise
+from training.models.value import ridge_solve
 
 # The stages that read the transitions (C's too when it imitates). None of them trains V,
 # M or the cumulants the transitions are made of, so the first of them to run builds them
@@ -233,4 +234,23 @@ def prepare_stage(
         trans = build_transitions(model, params, data, episode)
     if stage == "psi":
         params = {**params, "psi_norm": psi_statistics(np.asarray(trans.mc_psi))}
+    if stage == "value" and model.config.value.goal_weights == "least_squares":
+        params = {**params, GOAL_DECODER: fit_goal_weights(model, params, trans.observations)}
     return params, trans
+
+
+def fit_goal_weights(model: Networks, params: dict, observations: jax.Array) -> dict:
+    """The least-squares goal fit (GoalFit's params): the data's states it keeps, half of
+    them moved anywhere in the box the goal dimensions span (the goal reward is known
+    everywhere, so the fit need not stop where the data thins out), and the ridge map from
+    the rewards at those states to cumulant weights. Drawn by the config's seed."""
+    n_states = model.goal_decoder.n_states
+    dims = jnp.asarray(model.config.value.goal_dims)
+    k_rows, k_moved = jax.random.split(jax.random.fold_in(jax.random.key(model.config.seed), 7))
+    positions = observations[:, dims]
+    low, high = jnp.min(positions, axis=0), jnp.max(positions, axis=0)
+    obs = observations[jax.random.randint(k_rows, (n_states,), 0, observations.shape[0])]
+    moved = jax.random.uniform(k_moved, (n_states // 2, dims.shape[0]), minval=low, maxval=high)
+    obs = obs.at[: n_states // 2, dims].set(moved)
+    phi = model.phi(params, obs, model.encode(params, obs))
+    return {"positions": obs[:, dims], "solve": ridge_solve(phi)}

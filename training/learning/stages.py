@@ -155,7 +155,8 @@ def value_objective(model: Networks, params, trans: Transitions, key, step):
     """phi(s) . w(g) regressed on the goal reward r_g(s), for goals spread uniformly over
     the box the data's goal dimensions span, at the data's states and at the same states
     moved anywhere in that box: the reward is known everywhere, so its fit need not stop
-    where the data thins out."""
+    where the data thins out. A least-squares fit (set when the stage starts) is exact and
+    learns nothing here: its steps only measure it."""
     cfg, n = model.config, trans.states.shape[0]
     k_rows, k_goals, k_moved = jax.random.split(key, 3)
     dims = jnp.asarray(cfg.value.goal_dims)
@@ -167,7 +168,10 @@ def value_objective(model: Networks, params, trans: Transitions, key, step):
     obs = obs.at[: batch // 2, dims].set(moved)
     goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
     phi = model.phi(params, obs, model.encode(params, obs))
-    weights = model.goal_decoder.apply({"params": params[GOAL_DECODER]}, goals)  # [B, P]
+    goal_params = params[GOAL_DECODER]
+    if cfg.value.goal_weights == "least_squares":
+        goal_params = jax.lax.stop_gradient(goal_params)
+    weights = model.goal_decoder.apply({"params": goal_params}, goals)  # [B, P]
     predicted = phi @ weights.T  # [states, goals]
     reward = goal_reward(obs[:, dims][:, None], goals[None], cfg.value.goal_sigma)
     return jnp.mean(jnp.square(predicted - reward)), {"reward_mean": jnp.mean(reward)}

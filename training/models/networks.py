@@ -29,7 +29,7 @@ from training.models.mdn_rnn import MDNRNN
 from training.models.readout import Readout
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
 from training.models.vae import ConvVAE, LatentValueHead, VectorVAE
-from training.models.value import GoalDecoder
+from training.models.value import GoalDecoder, GoalFit
 
 # The goal decoder's key in a bundle's params. Bundles store it under "value" (the name of
 # its training stage); the key stays so that every saved bundle restores unchanged.
@@ -67,6 +67,17 @@ class Spaces:
         )
 
 
+GOAL_FIT_STATES = 2048  # states of the data a least-squares goal fit keeps
+
+
+def goal_weights_module(config: Config) -> GoalDecoder | GoalFit:
+    """What maps a goal to its cumulant weights (`value.goal_weights`)."""
+    n_cumulants = config.successor.n_features + 1
+    if config.value.goal_weights == "least_squares":
+        return GoalFit(n_cumulants, GOAL_FIT_STATES, config.value.goal_sigma)
+    return GoalDecoder(n_cumulants, config.value.hidden)
+
+
 @dataclass(frozen=True)
 class Networks:
     """Every network of a bundle (V, M, C, the ψ-model, the readout, the goal decoder and
@@ -79,7 +90,7 @@ class Networks:
     controller: Controller
     psi_net: PsiNoiseModel
     readout: Readout
-    goal_decoder: GoalDecoder | None
+    goal_decoder: GoalDecoder | GoalFit | None
     value_head: LatentValueHead | None = None
 
     @classmethod
@@ -107,7 +118,7 @@ class Networks:
             readout=Readout(
                 spaces.action_low, spaces.action_high, config.readout.hidden, config.readout.depth
             ),
-            goal_decoder=GoalDecoder(sf.n_features + 1, config.value.hidden) if goals else None,
+            goal_decoder=goal_weights_module(config) if goals else None,
             value_head=LatentValueHead() if config.joint.aux_losses else None,
         )
 
