@@ -36,7 +36,8 @@ def run_dir(tmp_path_factory):
         DATASET, tmp_path_factory.mktemp("og") / "medium", episodes=2, progress=False
     )
     assert dataset_config(data).env == ENV  # the dataset's own environment
-    raw = {**TINY, "env": ENV, "value": {"goal_dims": [0, 1], "hidden": 32, "goal_sigma": 2.0}}
+    value = {"goal_dims": [0, 1], "goal_sigma": 2.0, "goal_weights": "least_squares"}  # as packaged
+    raw = {**TINY, "env": ENV, "value": value}
     return train(
         parse_config(raw), data, tmp_path_factory.mktemp("runs") / "og", progress=False
     ).run_dir
