@@ -247,10 +247,20 @@ def fit_goal_weights(model: Networks, params: dict, observations: jax.Array) -> 
     n_states = model.goal_decoder.n_states
     dims = jnp.asarray(model.config.value.goal_dims)
     k_rows, k_moved = jax.random.split(jax.random.fold_in(jax.random.key(model.config.seed), 7))
-    positions = observations[:, dims]
-    low, high = jnp.min(positions, axis=0), jnp.max(positions, axis=0)
     obs = observations[jax.random.randint(k_rows, (n_states,), 0, observations.shape[0])]
-    moved = jax.random.uniform(k_moved, (n_states // 2, dims.shape[0]), minval=low, maxval=high)
-    obs = obs.at[: n_states // 2, dims].set(moved)
+    obs = half_moved(k_moved, obs, dims, *goal_box(observations, dims))
     phi = model.phi(params, obs, model.encode(params, obs))
     return {"positions": obs[:, dims], "solve": ridge_solve(phi)}
+
+
+def goal_box(observations: jax.Array, dims: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The lowest and highest of the data's goal dimensions: where goals are drawn."""
+    positions = observations[:, dims]
+    return jnp.min(positions, axis=0), jnp.max(positions, axis=0)
+
+
+def half_moved(key: jax.Array, obs: jax.Array, dims: jax.Array, low, high) -> jax.Array:
+    """`obs` with the goal dimensions of its first half moved anywhere in [low, high]."""
+    n = obs.shape[0] // 2
+    moved = jax.random.uniform(key, (n, dims.shape[0]), minval=low, maxval=high)
+    return obs.at[:n, dims].set(moved)

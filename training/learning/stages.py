@@ -17,7 +17,13 @@ from training.config import Config
 from training.learning import evolution, joint
 from training.learning.losses import mdn_loss, vae_loss, weighted_bc_loss, weighted_sum
 from training.learning.parallel import split_rows
-from training.learning.stage_inputs import EVOLUTION_TRAINERS, Transitions, with_aux
+from training.learning.stage_inputs import (
+    EVOLUTION_TRAINERS,
+    Transitions,
+    goal_box,
+    half_moved,
+    with_aux,
+)
 from training.models.diffusion import v_loss
 from training.models.mdn_rnn import initial_state
 from training.models.networks import GOAL_DECODER, Networks, denormalise, normalise
@@ -160,12 +166,9 @@ def value_objective(model: Networks, params, trans: Transitions, key, step):
     cfg, n = model.config, trans.states.shape[0]
     k_rows, k_goals, k_moved = jax.random.split(key, 3)
     dims = jnp.asarray(cfg.value.goal_dims)
-    positions = trans.observations[:, dims]
-    low, high = jnp.min(positions, axis=0), jnp.max(positions, axis=0)
+    low, high = goal_box(trans.observations, dims)
     batch = cfg.successor.batch_size
-    obs = trans.observations[sample_rows(k_rows, n, batch)]
-    moved = jax.random.uniform(k_moved, (batch // 2, dims.shape[0]), minval=low, maxval=high)
-    obs = obs.at[: batch // 2, dims].set(moved)
+    obs = half_moved(k_moved, trans.observations[sample_rows(k_rows, n, batch)], dims, low, high)
     goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
     phi = model.phi(params, obs, model.encode(params, obs))
     goal_params = params[GOAL_DECODER]
