@@ -291,6 +291,7 @@ def test_a_least_squares_goal_fit_is_the_ridge_optimum_and_peaks_at_its_goal(uma
     """`value.goal_weights: least_squares`: the bundle keeps states of the data and the ridge
     map from rewards there to weights, which the value stage's steps leave as fitted: no
     other weights fit the goal reward at those states better; its reward peaks at the goal."""
+    from training.analysis.ogbench_suite import dataset_episodes
     from training.models.networks import GOAL_DECODER
     from training.models.value import goal_reward
 
@@ -301,6 +302,11 @@ def test_a_least_squares_goal_fit_is_the_ridge_optimum_and_peaks_at_its_goal(uma
     model, params = bundle.model, bundle.params
     positions = params[GOAL_DECODER]["positions"]
     assert positions.shape == (2048, 2) and float(jnp.std(positions)) > 0.1
+    # half of them anywhere up to a goal's width past the data, so the fit holds at the walls
+    data = np.concatenate(dataset_episodes(bundle))[:, :2]
+    low, high, sigma = data.min(0), data.max(0), bundle.config.value.goal_sigma
+    assert np.all(positions >= low - sigma - 1e-5) and np.all(positions <= high + sigma + 1e-5)
+    assert np.any(positions < low) and np.any(positions > high)
     # umaze observations are the position and velocity; phi reads the position alone
     obs = jnp.concatenate([positions, jnp.zeros((len(positions), 2))], axis=1)
     phi = model.phi(params, obs, model.encode(params, obs))

@@ -241,14 +241,21 @@ def prepare_stage(
 
 def fit_goal_weights(model: Networks, params: dict, observations: jax.Array) -> dict:
     """The least-squares goal fit (GoalFit's params): the data's states it keeps, half of
-    them moved anywhere in the box the goal dimensions span (the goal reward is known
-    everywhere, so the fit need not stop where the data thins out), and the ridge map from
-    the rewards at those states to cumulant weights. Drawn by the config's seed."""
+    them moved anywhere in the box the goal dimensions span grown by a goal's width (the
+    goal reward is known everywhere, so the fit need not stop where the data thins out),
+    and the ridge map from the rewards at those states to cumulant weights. Drawn by the
+    config's seed.
+
+    The margin matters at the outer walls: without states beyond the data the fit is free
+    there, overshoots, and a goal near a wall rewards pressing into it, where M imagines
+    the agent going on."""
     n_states = model.goal_decoder.n_states
-    dims = jnp.asarray(model.config.value.goal_dims)
+    value = model.config.value
+    dims = jnp.asarray(value.goal_dims)
     k_rows, k_moved = jax.random.split(jax.random.fold_in(jax.random.key(model.config.seed), 7))
     obs = observations[jax.random.randint(k_rows, (n_states,), 0, observations.shape[0])]
-    obs = half_moved(k_moved, obs, dims, *goal_box(observations, dims))
+    low, high = goal_box(observations, dims)
+    obs = half_moved(k_moved, obs, dims, low - value.goal_sigma, high + value.goal_sigma)
     phi = model.phi(params, obs, model.encode(params, obs))
     return {"positions": obs[:, dims], "solve": ridge_solve(phi)}
 
