@@ -13,11 +13,20 @@ from training.analysis.evaluate import (
     rare_cells_of,
     repeat_goals,
     summarise_episodes,
+    wilson_interval,
 )
 from training.analysis.tails import data_futures
 from training.data.datasets import episode_observations, open_dataset
 from training.data.envs import bfs_path, make_env
 from training.learning.checkpoint import restore_bundle
+
+
+def test_the_wilson_interval_holds_the_rate_even_at_zero_and_one():
+    for successes, n in [(0, 100), (100, 100), (20, 20), (7, 10)]:
+        low, high = wilson_interval(successes, n)
+        assert 0.0 <= low <= successes / n <= high <= 1.0
+    assert wilson_interval(100, 100)[1] == 1.0  # not 0.9999999999999999
+    assert wilson_interval(0, 0) is None
 
 
 @pytest.fixture(scope="module")

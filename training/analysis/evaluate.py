@@ -103,7 +103,8 @@ def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, flo
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return (float(max(0.0, centre - half)), float(min(1.0, centre + half)))
+    # It holds p; at 0 or 1 rounding can leave an end a hair short of it.
+    return (float(max(0.0, min(p, centre - half))), float(min(1.0, max(p, centre + half))))
 
 
 @dataclass(frozen=True)
