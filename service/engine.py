@@ -39,11 +39,13 @@ from training.planning.planners import (
 )
 from training.planning.step_rule import Carried, after_act, after_adapt, starting_delta
 from training.planning.subgoals import (
+    AIM_REACH,
     SUBGOALS_FILE,
     DataGraph,
     DataRoute,
+    data_aim,
     data_route,
-    data_target,
+    goal_weights,
     load_data_graph,
 )
 from training.planning.tasks import TaskError, default_task, task_weights
@@ -249,15 +251,18 @@ class Engine:
 
     def aim(self, task: dict | None, weights: np.ndarray, observation: np.ndarray) -> np.ndarray:
         """The weights a step plans with: the task's own, or, for a goal task with a
-        subgoal graph, those of the node the graph aims at from `observation` (the goal's
-        own once it is near along the data's paths)."""
+        subgoal graph, those of the point the graph aims at from `observation` (the goal
+        once it is near along the data's paths)."""
         task = task or self.default_task
         if self.subgoals is None or task.get("kind") != "goal":
             return weights
         graph, lookahead = self.subgoals
-        position = np.asarray(observation)[list(self.model.config.value.goal_dims)]
-        target = data_target(graph, self.route(task["goal"]), position, lookahead)
-        return weights if target is None else as_float32(graph.weights[target])
+        value = self.model.config.value
+        position = np.asarray(observation)[list(value.goal_dims)]
+        goal = np.asarray(task["goal"], np.float32)
+        aim = data_aim(graph, self.route(task["goal"]), position, goal, lookahead,
+                       AIM_REACH * value.goal_sigma)  # fmt: skip
+        return as_float32(goal_weights(self.model, self.params, aim[None])[0])
 
     def planning(self, *overrides: dict) -> Planning:
         """The bundle's planner defaults under each of `overrides` in turn; the training

@@ -36,13 +36,15 @@ from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
 from training.planning.step_rule import NOTHING, after_act, starting_delta
 from training.planning.subgoals import (
+    AIM_REACH,
     DataGraph,
     SubgoalGraph,
     build_data_graph,
     build_graph,
     compile_reach,
+    data_aim,
     data_route,
-    data_target,
+    goal_weights,
     next_target,
     route_to,
 )
@@ -155,39 +157,51 @@ class ValueSubgoals:
     def __init__(self, graph: SubgoalGraph, reach, every: int):
         self.graph, self.reach, self.every = graph, reach, every
         self.routes: list = []
+        self.goals: list[np.ndarray] = []
+        self.dims: list[int] = []
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
         key = jax.random.key(0)
         self.routes = [route_to(self.graph, self.reach, bundle.params, bundle.model, g, key)
                        for g in goals]  # fmt: skip
+        self.goals, self.dims = goals, list(bundle.model.config.value.goal_dims)
 
-    def targets(self, params, observations, lstm_h, goal_weights, step) -> list | None:
-        """Each episode's node to aim at (None: its goal); None for all: keep the aims."""
+    def aims(self, params, observations, lstm_h, own_weights, step) -> list | None:
+        """Each episode's point to aim at (a node, or its goal); None: keep the aims."""
         if step % self.every:
             return None
-        aims = np.concatenate([self.graph.weights, goal_weights])  # [K + n, P]
+        aims = np.concatenate([self.graph.weights, own_weights])  # [K + n, P]
         values = np.asarray(self.reach(params, observations, lstm_h, aims, jax.random.key(step)))
         k = len(self.graph.weights)
-        return [next_target(self.graph, route, values[i, :k], values[i, k + i])
-                for i, route in enumerate(self.routes)]  # fmt: skip
+        targets = [next_target(self.graph, route, values[i, :k], values[i, k + i])
+                   for i, route in enumerate(self.routes)]  # fmt: skip
+        return [goal if t is None else self.graph.observations[t][self.dims]
+                for goal, t in zip(self.goals, targets, strict=True)]  # fmt: skip
 
 
 class DataSubgoals:
     """Subgoal search over a graph whose edges the data's own trajectories give
     (subgoals.DataGraph): at every decision, the node `lookahead` steps on along the
-    shortest path from the node nearest to the agent."""
+    shortest path from the node nearest to the agent, or a point of the data's way to it
+    within AIM_REACH goal widths."""
 
     def __init__(self, graph: DataGraph, lookahead: float):
         self.graph, self.lookahead = graph, lookahead
         self.routes: list = []
+        self.goals: list[np.ndarray] = []
+        self.dims: list[int] = []
+        self.reach = 0.0
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
         self.routes = [data_route(self.graph, g) for g in goals]
+        value = bundle.model.config.value
+        self.goals, self.dims = goals, list(value.goal_dims)
+        self.reach = AIM_REACH * value.goal_sigma
 
-    def targets(self, params, observations, lstm_h, goal_weights, step) -> list:
-        dims = list(range(self.graph.positions.shape[1]))
-        return [data_target(self.graph, route, np.asarray(obs)[dims], self.lookahead)
-                for obs, route in zip(observations, self.routes, strict=True)]  # fmt: skip
+    def aims(self, params, observations, lstm_h, own_weights, step) -> list:
+        episodes = zip(observations, self.routes, self.goals, strict=True)
+        return [data_aim(self.graph, route, np.asarray(obs)[self.dims], goal, self.lookahead,
+                         self.reach) for obs, route, goal in episodes]  # fmt: skip
 
 
 def dataset_episodes(bundle: Bundle, data: str | None = None) -> list[np.ndarray]:
@@ -254,11 +268,10 @@ def run_lockstep(
         observations.append(np.asarray(obs, np.float32))
         goals.append(goal)
         weights.append(task_weights(model, params, {"kind": "goal", "goal": goal}))
-    goal_weights = np.stack(weights)
-    weights = jnp.asarray(goal_weights)
+    own_weights = np.stack(weights)
+    weights = jnp.asarray(own_weights)
     if subgoals is not None:
         subgoals.start(bundle, goals)
-        node_weights = subgoals.graph.weights
     seeds = jnp.asarray([start.seed for start in starts], jnp.uint32)
     batch_knobs = Knobs(*(jnp.full(n, k, jnp.float32) for k in knobs))
     adapts = shape.planner == "online_adaptation"
@@ -277,14 +290,11 @@ def run_lockstep(
             rows = [starting_delta(c, shape, planning.warm_start, reset=False) for c in carried]
             rows = [zero if d is None else d for d in rows]
             delta = jax.tree.map(lambda *xs: jnp.stack(xs), *rows)
-        targets = None
+        aims = None
         if subgoals is not None:
-            targets = subgoals.targets(params, np.stack(observations), lstm[1], goal_weights,
-                                       step)  # fmt: skip
-        if targets is not None:
-            weights = jnp.asarray(np.stack([
-                goal_weights[i] if t is None else node_weights[t] for i, t in enumerate(targets)
-            ]))  # fmt: skip
+            aims = subgoals.aims(params, np.stack(observations), lstm[1], own_weights, step)
+        if aims is not None:
+            weights = jnp.asarray(goal_weights(model, params, np.stack(aims)))
         keys = jax.vmap(session_key)(seeds, jnp.full(n, step, jnp.uint32))
         started = time.perf_counter()
         out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,

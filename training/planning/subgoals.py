@@ -35,6 +35,9 @@ MIN_HOP_FRACTION = 0.25  # of max_edge_steps: a subgoal nearer than this counts 
 NEAR = 1.0
 LOCAL_POINTS = 16
 LOCAL_STEPS = 8
+# A data graph's aim lies at most AIM_REACH goal widths away: farther, a goal's reward is
+# flat wherever a planner's imagined steps lead.
+AIM_REACH = 2.0
 
 
 @dataclass(frozen=True)
@@ -343,6 +346,44 @@ def data_target(graph: DataGraph, route: DataRoute, position: np.ndarray,
         if travelled + cost > lookahead and target != here and not joined[target]:
             return target
         target, travelled = hop, travelled + cost
+
+
+def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int,
+               reach: float) -> np.ndarray:  # fmt: skip
+    """Where a decision at `position` aims for node `target`: the node itself when within
+    `reach`; else the last point within `reach` of `position` along the one of the data's
+    trajectories from near here (its LOCAL_POINTS nearest positions within NEAR) that
+    passes the node soonest, within `horizon` steps; where none does (the data seldom
+    came this way), the point `reach` along the straight line to the node. A farther
+    aim's reward is about as flat at every state a planner can reach in its imagined
+    steps, and its choice of action blind."""
+    node = graph.positions[target]
+    distance = np.linalg.norm(node - position)
+    if distance <= reach:
+        return node
+    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=NEAR)
+    nearest = nearest[nearest < len(graph.trajectory)]
+    later = np.clip(nearest[:, None] + np.arange(1, horizon + 1), 0, len(graph.trajectory) - 1)
+    passes = (graph.episode[later] == graph.episode[nearest][:, None]) & (
+        graph.node_at[later] == target)  # fmt: skip
+    if not passes.any():
+        return position + (node - position) * (reach / distance)
+    first = np.where(passes.any(axis=1), passes.argmax(axis=1), horizon)
+    row = int(np.argmin(first))
+    path = graph.trajectory[later[row, : first[row] + 1]]
+    beyond = np.linalg.norm(path - position, axis=1) > reach
+    return path[max(int(beyond.argmax()) - 1, 0)] if beyond.any() else path[-1]
+
+
+def data_aim(graph: DataGraph, route: DataRoute, position: np.ndarray, goal: np.ndarray,
+             lookahead: float, reach: float) -> np.ndarray:  # fmt: skip
+    """The point a decision at `position` aims at: the goal, or on the way to the node
+    `data_target` picks, at most `reach` away along the data's trajectories."""
+    target = data_target(graph, route, position, lookahead)
+    if target is None:
+        return goal
+    horizon = int(lookahead) + graph.max_edge_steps + LOCAL_STEPS  # here to the node, at most
+    return on_the_way(graph, position, target, horizon, reach)
 
 
 # ----- a data graph kept with a bundle, for the service -----
