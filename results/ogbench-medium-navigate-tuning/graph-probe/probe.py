@@ -1,7 +1,7 @@
 """Probe: the data graph's ceiling. A straight-line controller (the action points at the
 graph's aim, at full speed beyond 1/GAIN units) follows it in the real environment, on the
 tuning tasks of TUNING_SEED, 10 episodes each; no model is involved.
-Usage: python probe.py DATA NODES EDGE_STEPS LOOKAHEAD TUNING_SEED GAIN"""
+Usage: python probe.py DATA NODES EDGE_STEPS LOOKAHEAD TUNING_SEED GAIN [ENV]"""
 
 import sys
 
@@ -17,7 +17,7 @@ from training.data.datasets import episode_observations, open_dataset
 from training.data.envs import make_env
 from training.planning.subgoals import data_graph, data_route, data_target, spread_indices
 
-ENV = "pointmaze-medium-v0"
+ENV = sys.argv[7] if len(sys.argv) > 7 else "pointmaze-medium-v0"
 data, nodes, edge_steps, lookahead = (
     sys.argv[1],
     int(sys.argv[2]),
