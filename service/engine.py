@@ -259,9 +259,10 @@ class Engine:
         graph, lookahead = self.subgoals
         value = self.model.config.value
         position = np.asarray(observation)[list(value.goal_dims)]
-        goal = np.asarray(task["goal"], np.float32)
-        aim = data_aim(graph, self.route(task["goal"]), position, goal, lookahead,
+        aim = data_aim(graph, self.route(task["goal"]), position, lookahead,
                        AIM_REACH * value.goal_sigma)  # fmt: skip
+        if aim is None:
+            return weights
         return as_float32(goal_weights(self.model, self.params, aim[None])[0])
 
     def planning(self, *overrides: dict) -> Planning:

@@ -225,7 +225,7 @@ def test_the_service_aims_goal_tasks_through_the_subgoal_graph_saved_with_the_bu
     assert np.isclose(candidates, aimed, atol=1e-5).all(axis=1).any()
     assert not np.allclose(aimed, weights, atol=1e-5)
     # At the goal, the goal's own weights; a task that is not a goal is never redirected.
-    assert np.allclose(engine.aim(task, weights, graph.observations[0]), weights, atol=1e-6)
+    assert np.array_equal(engine.aim(task, weights, graph.observations[0]), weights)
     other = {"kind": "reward_weights", "weights": weights.tolist()}
     assert np.array_equal(engine.aim(other, weights, graph.observations[far]), weights)
     # The bundle exported for serving keeps the graph, and /model says so.

@@ -153,16 +153,15 @@ def test_an_aim_beyond_reach_is_brought_near_along_the_datas_own_way_to_it():
     route = data_route(graph, goal)
     start = np.array([0.1, -0.8])
     assert data_target(graph, route, start, lookahead=25.0) == 2  # (0, 10), 10.8 units away
-    aim = data_aim(graph, route, start, goal, lookahead=25.0, reach=4.0)
+    aim = data_aim(graph, route, start, lookahead=25.0, reach=4.0)
     # Up the left arm, the data's way to (0, 10): its last point within 4 units.
     assert aim.tolist() == [0.0, 3.0]
-    # A node within reach is aimed at itself; the goal, near along the data, is the goal.
-    assert data_aim(graph, route, start, goal, 25.0, reach=12.0).tolist() == [0.0, 10.0]
-    near_goal = np.array([4.0, 5.2])
-    assert data_aim(graph, route, near_goal, goal, 15.0, reach=1.0) is goal
+    # A node within reach is aimed at itself; near the goal along the data, the goal (None).
+    assert data_aim(graph, route, start, 25.0, reach=12.0).tolist() == [0.0, 10.0]
+    assert data_aim(graph, route, np.array([4.0, 5.2]), 15.0, reach=1.0) is None
     # Round the corner from the top: down the right arm, as the data went, to its last
     # point within 4 units.
-    aim = data_aim(graph, route, np.array([2.0, 10.0]), goal, lookahead=15.0, reach=4.0)
+    aim = data_aim(graph, route, np.array([2.0, 10.0]), lookahead=15.0, reach=4.0)
     assert aim.tolist() == [4.0, 7.0]
 
 

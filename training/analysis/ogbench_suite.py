@@ -157,17 +157,17 @@ class ValueSubgoals:
     def __init__(self, graph: SubgoalGraph, reach, every: int):
         self.graph, self.reach, self.every = graph, reach, every
         self.routes: list = []
-        self.goals: list[np.ndarray] = []
         self.dims: list[int] = []
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
         key = jax.random.key(0)
         self.routes = [route_to(self.graph, self.reach, bundle.params, bundle.model, g, key)
                        for g in goals]  # fmt: skip
-        self.goals, self.dims = goals, list(bundle.model.config.value.goal_dims)
+        self.dims = list(bundle.model.config.value.goal_dims)
 
     def aims(self, params, observations, lstm_h, own_weights, step) -> list | None:
-        """Each episode's point to aim at (a node, or its goal); None: keep the aims."""
+        """Each episode's point to aim at (a node; None: its goal); None for all: keep the
+        aims."""
         if step % self.every:
             return None
         aims = np.concatenate([self.graph.weights, own_weights])  # [K + n, P]
@@ -175,8 +175,7 @@ class ValueSubgoals:
         k = len(self.graph.weights)
         targets = [next_target(self.graph, route, values[i, :k], values[i, k + i])
                    for i, route in enumerate(self.routes)]  # fmt: skip
-        return [goal if t is None else self.graph.observations[t][self.dims]
-                for goal, t in zip(self.goals, targets, strict=True)]  # fmt: skip
+        return [None if t is None else self.graph.observations[t][self.dims] for t in targets]
 
 
 class DataSubgoals:
@@ -188,20 +187,28 @@ class DataSubgoals:
     def __init__(self, graph: DataGraph, lookahead: float):
         self.graph, self.lookahead = graph, lookahead
         self.routes: list = []
-        self.goals: list[np.ndarray] = []
         self.dims: list[int] = []
         self.reach = 0.0
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
         self.routes = [data_route(self.graph, g) for g in goals]
         value = bundle.model.config.value
-        self.goals, self.dims = goals, list(value.goal_dims)
-        self.reach = AIM_REACH * value.goal_sigma
+        self.dims, self.reach = list(value.goal_dims), AIM_REACH * value.goal_sigma
 
     def aims(self, params, observations, lstm_h, own_weights, step) -> list:
-        episodes = zip(observations, self.routes, self.goals, strict=True)
-        return [data_aim(self.graph, route, np.asarray(obs)[self.dims], goal, self.lookahead,
-                         self.reach) for obs, route, goal in episodes]  # fmt: skip
+        episodes = zip(observations, self.routes, strict=True)
+        return [data_aim(self.graph, route, np.asarray(obs)[self.dims], self.lookahead,
+                         self.reach) for obs, route in episodes]  # fmt: skip
+
+
+def aim_weights(model, params, aims: list, own_weights: np.ndarray) -> np.ndarray:
+    """Each episode's task weights [n, P]: its goal's own where its aim is None, else the
+    goal fit's at its aim, in one call."""
+    rows = [i for i, aim in enumerate(aims) if aim is not None]
+    weights = own_weights.copy()
+    if rows:
+        weights[rows] = goal_weights(model, params, np.stack([aims[i] for i in rows]))
+    return weights
 
 
 def dataset_episodes(bundle: Bundle, data: str | None = None) -> list[np.ndarray]:
@@ -294,7 +301,7 @@ def run_lockstep(
         if subgoals is not None:
             aims = subgoals.aims(params, np.stack(observations), lstm[1], own_weights, step)
         if aims is not None:
-            weights = jnp.asarray(goal_weights(model, params, np.stack(aims)))
+            weights = jnp.asarray(aim_weights(model, params, aims, own_weights))
         keys = jax.vmap(session_key)(seeds, jnp.full(n, step, jnp.uint32))
         started = time.perf_counter()
         out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,

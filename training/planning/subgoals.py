@@ -375,13 +375,13 @@ def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int
     return path[max(int(beyond.argmax()) - 1, 0)] if beyond.any() else path[-1]
 
 
-def data_aim(graph: DataGraph, route: DataRoute, position: np.ndarray, goal: np.ndarray,
-             lookahead: float, reach: float) -> np.ndarray:  # fmt: skip
-    """The point a decision at `position` aims at: the goal, or on the way to the node
-    `data_target` picks, at most `reach` away along the data's trajectories."""
+def data_aim(graph: DataGraph, route: DataRoute, position: np.ndarray, lookahead: float,
+             reach: float) -> np.ndarray | None:  # fmt: skip
+    """The point a decision at `position` aims at (None: the goal itself): on the way to
+    the node `data_target` picks, at most `reach` away along the data's trajectories."""
     target = data_target(graph, route, position, lookahead)
     if target is None:
-        return goal
+        return None
     horizon = int(lookahead) + graph.max_edge_steps + LOCAL_STEPS  # here to the node, at most
     return on_the_way(graph, position, target, horizon, reach)
 
