@@ -538,3 +538,23 @@ def test_imagination_values_an_action_by_the_states_m_imagines_for_it(bundle):
     assert float(refined.value) >= float(many.value)
     assert bool(jnp.all(jnp.abs(refined.action) <= 1.0))
     assert float(many.value) > float(p.value) or np.allclose(many.action, p.action)
+
+
+@pytest.mark.slow
+def test_a_warm_prior_draws_from_the_last_decisions_adapted_model(two_mode_model):
+    model, params = two_mode_model
+    state, weights = jnp.zeros(model.state_dim), jnp.array([1.0, 0.0])  # the right mode wins
+    shape = PlanShape("online_adaptation", 10, 32, 256, adapt_params="all", support_guard=False)
+    zero = zero_delta(params, shape)
+    learned = adapt(model, shape, params, state, weights, jax.random.key(1),
+                    knobs(lr=1e-2, kl_coef=0.3, steps=30), zero).steps.delta  # fmt: skip
+
+    def prior_mean_value(source, delta):
+        s = replace(shape, prior_source=source)
+        a = adapt(model, s, params, state, weights, jax.random.key(2), knobs(steps=0), delta)
+        return float(a.value_before)
+
+    # No warm start: the same samples either way. A learned one: the warm prior leans right.
+    assert prior_mean_value("warm", zero) == prior_mean_value("base", zero)
+    base, warm = prior_mean_value("base", learned), prior_mean_value("warm", learned)
+    assert abs(base) < 0.5 and warm > base + 1.0

@@ -213,6 +213,11 @@ class PlanningConfig(Strict):
     warm_start: bool = Field(
         True, description="each step's Δφ starts from the previous step's (reset per episode)"
     )
+    prior_source: Literal["base", "warm"] = Field(
+        "base",
+        description="reweighted rule: the prior's samples come from φ, or from φ + the warm "
+        "start's Δφ, so that each decision's tilt compounds the ones before it",
+    )
     choice: Literal["max_value", "tilted_mode"] = Field(
         "max_value",
         description="which sample is the chosen outcome: the one of highest V, or the mode of "

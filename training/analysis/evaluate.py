@@ -67,6 +67,7 @@ ABLATION_GRID = {
     "rule": ["reweighted", "gradient/path", "gradient/proxy"],
     "adapt_params": ["head", "film", "all"],
     "warm_start": [True, False],
+    "prior_source": ["base", "warm"],
     "support_guard": [True, False],
     "choice": ["max_value", "tilted_mode"],
     "kl_coef": [0.1, 0.3, 1.0, 3.0, 10.0],

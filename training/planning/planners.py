@@ -69,6 +69,7 @@ class PlanShape:
     kl_estimator: str = "path"
     adapt_params: str = "head"
     support_guard: bool = True
+    prior_source: str = "base"
     max_adaptation_steps: int = 200
     choice: str = "max_value"
     n_fit_samples: int | None = None
@@ -90,6 +91,8 @@ class PlanShape:
             sizes += f"adaptation={self.adaptation}"
             if self.adaptation == "reweighted" and self.n_fit_samples is not None:
                 sizes += f", n_fit_samples={self.n_fit_samples}"
+            if self.adaptation == "reweighted" and self.prior_source != "base":
+                sizes += f", prior_source={self.prior_source}"
             if self.adaptation == "gradient":
                 sizes += f", kl_estimator={self.kl_estimator}"
             sizes += f", adapt_params={self.adapt_params}, support_guard={self.support_guard}"
@@ -401,9 +404,12 @@ def reweighted_steps(model, shape, params, state, value, key, knobs, delta):
     ESS). The KL reported is that of the reweighted samples from the prior, Σ w log(N w):
     the KL the target pays."""
     base = params["psi_ema"]
+    # A warm prior is the last decision's adapted model: q_t ∝ q_{t-1} exp(V / λ), so few
+    # samples search where earlier decisions found value.
+    prior_params = with_delta(base, delta) if shape.prior_source == "warm" else base
     n = shape.n_adaptation_samples
     k_prior, k_t, k_noise = jax.random.split(key, 3)
-    prior = model.sample_psi(base, broadcast_state(state, n),
+    prior = model.sample_psi(prior_params, broadcast_state(state, n),
                              jax.random.normal(k_prior, (n, model.psi_dim)),
                              shape.sample_steps)  # fmt: skip
     values = value(prior)
