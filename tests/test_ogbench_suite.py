@@ -191,6 +191,8 @@ def test_eval_reach_reports_success_at_each_distance(run_dir, tmp_path):
     rows = record["success"]["random_shooting"]
     assert set(rows) == {"1", "2"} and all(r["episodes"] == 2 for r in rows.values())
     assert "2 cell(s) away" in (out / "reach.md").read_text()
+    n_samples = record["planning"]["random_shooting"]["planning"]["n_samples"]
+    assert f"| random_shooting | {n_samples} |" in (out / "reach.md").read_text()
 
 
 @pytest.mark.slow

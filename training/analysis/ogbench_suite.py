@@ -508,9 +508,10 @@ def reach_on_suite(
 
     check_variants(planners)
     check_suite_env(bundle)
-    rows = {}
+    rows, settings = {}, {}
     for planner in planners:
         planning = variant_planning(bundle, planner)
+        settings[planner] = {"planner": planning.planner, "planning": planning.model_dump()}
         rows[planner] = {}
         for distance in REACH_DISTANCES:
             starts = reach_starts(bundle.env_id, distance, episodes, seed)
@@ -518,10 +519,13 @@ def reach_on_suite(
             found = run_batches(bundle, planning, starts, batch, limit, progress)
             rows[planner][distance] = success_of(found)
     record = {"env": bundle.env_id, "seed": seed, "episodes": episodes,
-              "steps_per_cell": REACH_STEPS_PER_CELL, "success": rows}  # fmt: skip
+              "steps_per_cell": REACH_STEPS_PER_CELL, "success": rows,
+              "planning": settings}  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "reach.json").write_text(json.dumps(record, indent=1))
-    header = [f"{bundle.env_id}: planner", *(f"{d} cell(s) away" for d in REACH_DISTANCES)]
-    table = [[p, *(percent(r[d]) for d in REACH_DISTANCES)] for p, r in rows.items()]
+    header = [f"{bundle.env_id}: planner", "samples"]
+    header += [f"{d} cell(s) away" for d in REACH_DISTANCES]
+    table = [[p, sample_counts(settings[p]), *(percent(r[d]) for d in REACH_DISTANCES)]
+             for p, r in rows.items()]  # fmt: skip
     (out_dir / "reach.md").write_text(markdown_table(header, table))
     return record
