@@ -14,7 +14,8 @@ Online adaptation has two rules (`planning.adaptation`):
 - `reweighted` (the default): the maximiser of E_q[V] - λ KL(q || p) is q* ∝ p exp(V / λ),
   which never leaves p's support. Prior samples are weighted by exp(V / λ) (self-normalised)
   and Δφ takes K Adam steps on their weighted denoising loss: no backpropagation through
-  the sampler.
+  the sampler. With `prior_source: warm` the prior's samples come from φ + the warm
+  start's Δφ, the last decision's adapted model, so the tilt compounds over decisions.
 - `gradient` (the original formulation's): K Adam steps on mean V(psi ~ p_{φ+Δφ}) - λ KL
   through the DDIM sampler, with KL either the path KL between the two samplers
   (`kl_estimator: path`, on a stochastic sampler) or the original formulation's proxy
