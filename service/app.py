@@ -75,7 +75,10 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
     app.state.runtime = runtime
     log.info("restored %s from %s on %s", runtime.model_version, model_dir, engine.device)
     if settings.warm_up:
-        runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
+        warm_up = engine.warm_up
+        if settings.compilation_cache:
+            warm_up = compilation_cache.in_turn(settings.compilation_cache, warm_up)
+        runtime.warm_up_s = await loop.run_in_executor(None, warm_up, runtime.shapes)
     runtime.ready = True
     log.info("ready: %d programs compiled in %.1f s", engine.compiled, runtime.warm_up_s)
     if settings.compilation_cache:

@@ -61,6 +61,7 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
     import asyncio
 
     from service.clients.loadtest import run_loadtest, write_report
+    from training.analysis.provenance import provenance, write_result
 
     if args.mix:
         from service.clients.soak import run_soak
@@ -71,11 +72,11 @@ def cmd_loadtest(args: argparse.Namespace) -> None:
                 args.settle, args.max_body_bytes,
             )
         )  # fmt: skip
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "soak.json").write_text(json.dumps(report, indent=1))
+        origin = provenance(url=args.url, duration_s=args.duration, good=args.good,
+                            bad=args.bad, abandon=args.abandon, settle_s=args.settle)  # fmt: skip
+        path = write_result(Path(args.out) / "soak.json", report, origin)
         print(json.dumps(report, indent=2))
-        print(f"wrote {out / 'soak.json'}")
+        print(f"wrote {path}")
         return
 
     report = asyncio.run(
@@ -93,9 +94,14 @@ def cmd_race(args: argparse.Namespace) -> None:
     import asyncio
 
     from service.clients.race import run_race
+    from training.analysis.provenance import provenance, write_result
 
     report = asyncio.run(run_race(args.url_a, args.url_b, args.sessions, args.steps, args.api_key))
     print(json.dumps(report, indent=2))
+    if args.out:
+        origin = provenance(url_a=args.url_a, url_b=args.url_b, sessions=args.sessions,
+                            steps=args.steps)  # fmt: skip
+        print(f"wrote {write_result(Path(args.out) / 'race.json', report, origin)}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -202,6 +208,7 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sessions", type=int, default=8)
     p.add_argument("--steps", type=int, default=100, help="steps per session")
     p.add_argument("--api-key", default=None)
+    p.add_argument("--out", help="directory for race.json (default: print only)")
     p.set_defaults(func=cmd_race)
 
     p = sub.add_parser(

@@ -1,20 +1,30 @@
 """JAX's persistent compilation cache for the service (WORLDPLAN_COMPILATION_CACHE).
 
 The compiled programs are written to a directory, so that a restarted replica reads them
-back instead of compiling them again. How many compilations the cache answered is
-counted from JAX's own monitoring events and reported when the service turns ready.
+back instead of compiling them again. Replicas that start together on one directory warm up
+in turn (`in_turn`): the first compiles every program, the others read them back, instead
+of each compiling all of them at once on the same cores. How many compilations the cache
+answered is counted from JAX's own monitoring events and reported when the service turns
+ready.
 """
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 from jax import monitoring
 
+log = logging.getLogger("worldplan")
+T = TypeVar("T")
 REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
+WARM_UP_LOCK = "warm-up.lock"  # held by the process warming up on the directory
 HITS = "/jax/compilation_cache/cache_hits"
 
 
@@ -53,3 +63,21 @@ def enable(directory: Path) -> None:
     if not _listening:
         monitoring.register_event_listener(_count)
         _listening = True
+
+
+def in_turn(directory: Path, work: Callable[..., T]) -> Callable[..., T]:
+    """`work`, run while no other process warms up on the cache `directory`: it waits for
+    the one that does, then reads that one's programs back. The lock is the kernel's, so a
+    replica that dies while warming up releases it."""
+
+    def run(*args) -> T:
+        with (directory / WARM_UP_LOCK).open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("another replica warms up on %s: waiting to read its programs back",
+                         directory)  # fmt: skip
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            return work(*args)
+
+    return run

@@ -26,7 +26,7 @@ import numpy as np
 
 from service.guard import as_float32
 from training.config import PlanningConfig, planning_with
-from training.learning.checkpoint import Bundle, params_digest, restore_bundle
+from training.learning.checkpoint import Bundle, model_version, restore_bundle
 from training.planning.planners import (
     PLANNERS,
     Knobs,
@@ -138,7 +138,7 @@ class Engine:
         self.model = bundle.model
         self.params = jax.device_put(bundle.params)
         self.env_id = bundle.env_id
-        self.model_version = f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}"
+        self.model_version = model_version(bundle)
         # The bundle's planner defaults, under the deployment's (WORLDPLAN_PLANNING).
         self.planning_defaults = planning_with(
             bundle.config.planning, planning or {}, "WORLDPLAN_PLANNING"

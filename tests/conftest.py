@@ -1,12 +1,16 @@
 """Shared fixtures: a tiny PointMaze dataset and a tiny bundle trained on it through all stages."""
 
 import atexit
+import fcntl
 import os
+import pickle
 import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import jax
 import jax.numpy as jnp
@@ -27,14 +31,20 @@ from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide
 from training.planning.tasks import default_task, task_weights
 
-# Tests train the same tiny models many times, in this process and in subprocesses: a
-# compilation cache for the session makes every compilation after the first a lookup.
-_CACHE = Path(tempfile.mkdtemp(prefix="worldplan-jax-cache-"))
-atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# Tests train the same tiny models many times, in every xdist worker and in subprocesses:
+# one compilation cache for the whole run makes every compilation after the first a lookup.
+# pytest's own process makes it (its workers and their subprocesses inherit the variable)
+# and removes it at exit.
+if "WORLDPLAN_TEST_JAX_CACHE" not in os.environ:
+    os.environ["WORLDPLAN_TEST_JAX_CACHE"] = tempfile.mkdtemp(prefix="worldplan-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["WORLDPLAN_TEST_JAX_CACHE"], ignore_errors=True)
+_CACHE = Path(os.environ["WORLDPLAN_TEST_JAX_CACHE"])
 os.environ["JAX_COMPILATION_CACHE_DIR"] = str(_CACHE)
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 jax.config.update("jax_compilation_cache_dir", str(_CACHE))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+T = TypeVar("T")
 
 TINY = {
     "env": "pointmaze-umaze",
@@ -74,17 +84,39 @@ TINY = {
 TINY_STEPS = 120
 
 
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], T]) -> T:
+    """`build(folder)`, run by the first xdist worker that asks; the others wait for it and
+    read its result back, so that a fixture that trains is paid once a run, not once a
+    worker. Without xdist, the run's own temporary folder holds it."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    result = shared / f"{name}.pickle"
+    with (shared / f"{name}.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result.exists():
+            built = build(shared / name)
+            result.write_bytes(pickle.dumps(built))
+            return built
+    return pickle.loads(result.read_bytes())
+
+
 @pytest.fixture(scope="session")
 def umaze_data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("data") / "umaze"
-    collect("pointmaze-umaze", 4, out, seed=1, skew=0.3, max_episode_steps=60, progress=False)
-    return out
+    def build(out: Path) -> Path:
+        collect("pointmaze-umaze", 4, out, seed=1, skew=0.3, max_episode_steps=60, progress=False)
+        return out
+
+    return built_once(tmp_path_factory, "umaze", build)
 
 
 @pytest.fixture(scope="session")
 def trained(umaze_data, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("runs") / "tiny"
-    return train(parse_config(TINY), umaze_data, run_dir, progress=False)
+    """The tiny bundle every service and planner test shares (tests copy it to change it)."""
+    return built_once(
+        tmp_path_factory,
+        "tiny",
+        lambda run_dir: train(parse_config(TINY), umaze_data, run_dir, progress=False),
+    )
 
 
 def decide_once(run_dir) -> np.ndarray:

@@ -1,8 +1,11 @@
 """`worldplan bench` runs end to end (its figures are reported, never asserted)."""
 
+import json
+
 import pytest
 
 from service.benchmarks.bench import run_bench, write_bench
+from training.learning.checkpoint import model_version, restore_bundle
 from training.planning.planners import PLANNERS
 
 
@@ -20,4 +23,7 @@ def test_bench_measures_every_part(trained, tmp_path):
         for n in ("1", "2"):
             assert rows[n]["decisions_per_s"] > 0 and rows[n]["errors"] == {}
     json_path, png_path = write_bench(report, tmp_path)
-    assert json_path.exists() and png_path.stat().st_size > 5_000
+    assert png_path.stat().st_size > 5_000
+    origin = json.loads(json_path.read_text())["provenance"]
+    assert origin["model_version"] == model_version(restore_bundle(trained.run_dir))
+    assert origin["settings"]["sessions"] == [1, 2]

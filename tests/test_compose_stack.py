@@ -35,6 +35,15 @@ pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["-f", "docker/compose.yaml", "-f", "docker/compose.local.yaml"]
+# The replicas compile only what the test's sessions use (one planner's default shape, at
+# most 6 decisions a batch): the same failover, a third of the warm-up.
+TEST_SETTINGS = """services:
+  worldplan:
+    environment:
+      WORLDPLAN_BATCH_SIZES: "[1, 8]"
+      WORLDPLAN_MAX_BATCH: "8"
+      WORLDPLAN_SAMPLE_COUNTS: "[]"
+"""
 PLANNER = {"planner": "random_shooting"}
 SESSIONS = 6
 STEPS = 24  # per session, before Redis is stopped
@@ -102,6 +111,7 @@ class Stack:
     compose: list[str]
     project: str
     port: int
+    files: list[str]
     figures: dict = field(default_factory=dict)
     leftovers: list[str] = field(default_factory=list)  # after `down`
 
@@ -115,7 +125,7 @@ class Stack:
         return env
 
     def run(self, *args: str, timeout: float = 300) -> str:
-        argv = [*self.compose, "-p", self.project, *FILES, *args]
+        argv = [*self.compose, "-p", self.project, *self.files, *args]
         done = subprocess.run(
             argv, cwd=ROOT, env=self.env(), capture_output=True, text=True, timeout=timeout
         )
@@ -160,11 +170,17 @@ def running_stack(tmp_path: Path):
     and stops dockerd when it was started here."""
     compose = compose_command()
     dockerd = start_dockerd(tmp_path)
-    stack = Stack(compose, f"worldplantest{os.getpid()}", free_port())
+    settings = tmp_path / "compose.test.yaml"
+    settings.write_text(TEST_SETTINGS)
+    stack = Stack(
+        compose, f"worldplantest{os.getpid()}", free_port(), [*FILES, "-f", str(settings)]
+    )
     try:
         prepare_build()
         started = time.monotonic()
-        stack.run("build", timeout=BUILD_TIMEOUT_S)
+        # the three images at once (`docker compose` v2 builds so by itself)
+        parallel = ["--parallel"] if compose[0].endswith("docker-compose") else []
+        stack.run("build", *parallel, timeout=BUILD_TIMEOUT_S)
         stack.figures["build_s"] = time.monotonic() - started
         started = time.monotonic()
         try:

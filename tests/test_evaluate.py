@@ -166,7 +166,7 @@ def test_tails_command_sets_the_data_against_the_model(trained, tmp_path, capsys
     out = tmp_path / "tails"
     argv = ["tails", str(trained.run_dir), "--goals", "6", "--seed", "0", "--samples", "64"]
     assert cli_main([*argv, "--out", str(out)]) == 0
-    records = json.loads((out / "tails.json").read_text())
+    records = json.loads((out / "tails.json").read_text())["tails"]
     rare = rare_cells_of(restore_bundle(trained.run_dir))
     assert records and all(tuple(r["goal_cell"]) in rare for r in records)
     for r in records:

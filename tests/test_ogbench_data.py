@@ -41,6 +41,10 @@ PUBLISHED = {
     "pointmaze-medium-stitch-v0": ("pointmaze-medium-v0", "stitch", 5000, 201, 0.5),
     "pointmaze-large-stitch-v0": ("pointmaze-large-v0", "stitch", 5000, 201, 0.5),
     "pointmaze-giant-stitch-v0": ("pointmaze-giant-v0", "stitch", 5000, 201, 0.5),
+    # --env_name=pointmaze-teleport-v0 --dataset_type=navigate --num_episodes=1000
+    #     --max_episode_steps=1001 --noise=0.5; stitch: 5000 episodes of 201 steps
+    "pointmaze-teleport-navigate-v0": ("pointmaze-teleport-v0", "navigate", 1000, 1001, 0.5),
+    "pointmaze-teleport-stitch-v0": ("pointmaze-teleport-v0", "stitch", 5000, 201, 0.5),
 }
 
 

@@ -11,9 +11,11 @@ import pytest
 from service.cli import main as cli_main
 from tests.conftest import TINY
 from training.analysis.ogbench_suite import (
+    OFFICIAL_SEED,
     PUBLISHED,
     TASKS,
     Start,
+    check_tuning_seeds,
     episode_starts,
     official_tasks,
     reach_starts,
@@ -23,6 +25,7 @@ from training.analysis.ogbench_suite import (
 from training.config import dataset_config, parse_config
 from training.data.envs import bfs_path
 from training.data.ogbench_recipe import collect_ogbench_dataset
+from training.errors import UsageError
 from training.learning.checkpoint import restore_bundle
 from training.learning.loop import train
 
@@ -67,18 +70,35 @@ def test_official_tasks_reset_where_ogbench_says():
     env.close()
 
 
-def test_tuning_tasks_are_as_long_as_ogbench_s_but_never_them():
-    maze = gym.make(ENV).unwrapped
+@pytest.mark.parametrize("env_id", ["pointmaze-medium-v0", "pointmaze-large-v0",
+                                    "pointmaze-giant-v0"])  # fmt: skip
+def test_tuning_tasks_touch_no_cell_of_ogbench_s_tasks(env_id):
+    maze = gym.make(env_id).unwrapped
     official = [(tuple(t["init_ij"]), tuple(t["goal_ij"])) for t in maze.task_infos]
-    tasks = tuning_tasks(ENV, seed=1)
-    assert tasks == tuning_tasks(ENV, seed=1) != tuning_tasks(ENV, seed=2)
+    cells = {cell for pair in official for cell in pair}
+    tasks = tuning_tasks(env_id, seed=1)
+    assert tasks == tuning_tasks(env_id, seed=1) != tuning_tasks(env_id, seed=2)
     pairs = {(t["task_info"]["init_ij"], t["task_info"]["goal_ij"]) for t in tasks.values()}
     assert len(pairs) == len(TASKS)
+    lengths = []
     for task, (init, goal) in zip(TASKS, official, strict=True):
         info = tasks[task]["task_info"]
-        assert (info["init_ij"], info["goal_ij"]) not in {(init, goal), (goal, init)}
+        assert info["init_ij"] not in cells and info["goal_ij"] not in cells
         mine = len(bfs_path(maze.maze_map.tolist(), info["init_ij"], info["goal_ij"]))
-        assert mine == len(bfs_path(maze.maze_map.tolist(), init, goal))
+        lengths.append((mine, len(bfs_path(maze.maze_map.tolist(), init, goal))))
+    # As long as OGBench's where the maze has such a pair apart from its cells, else shorter.
+    assert all(mine <= theirs for mine, theirs in lengths)
+    assert any(mine == theirs for mine, theirs in lengths)
+
+
+def test_tuning_never_takes_the_reported_episodes_seeds(run_dir, capsys):
+    starts = episode_starts(tuning_tasks(ENV, 1), 3, seed=OFFICIAL_SEED - 2)
+    with pytest.raises(UsageError, match="reset seed 1000"):
+        check_tuning_seeds(starts)
+    check_tuning_seeds(episode_starts(tuning_tasks(ENV, 1), 3, seed=1))
+    argv = ["eval", str(run_dir), "--suite", "ogbench-tuning", "--seed", "999", "--quiet"]
+    assert cli_main([*argv, "--episodes", "2", "--max-steps", "2"]) == 2
+    assert "the reported evaluations'" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -115,6 +135,10 @@ def test_eval_suite_writes_the_table_with_the_published_baselines(run_dir, tmp_p
     assert cli_main(argv) == 0
     record = json.loads((out / "ogbench.json").read_text())
     assert (record["env"], record["dataset"], record["tasks"]) == (ENV, DATASET, "ogbench")
+    # By default OGBench's tasks run on reset seeds that tuning never takes, and say so.
+    settings = record["provenance"]["settings"]
+    assert settings["reset_seeds"] == [OFFICIAL_SEED] * len(TASKS)  # one episode a task
+    assert settings["max_steps"] == 4 and settings["planners"] == ["random_shooting"]
     (result,) = record["results"]
     assert [e["task"] for e in result["episodes"]] == list(TASKS)
     assert result["summary"]["episodes"] == 5 and set(result["summary"]["tasks"]) == {

@@ -85,8 +85,10 @@ def test_training_writes_metrics_and_curves(trained):
     assert (trained.run_dir / "loss_curves.png").stat().st_size > 10_000
 
 
-def test_rerun_of_finished_run_changes_nothing(trained, umaze_data):
-    again = train(parse_config(TINY), umaze_data, trained.run_dir, progress=False)
+def test_rerun_of_finished_run_changes_nothing(trained, umaze_data, tmp_path):
+    run_dir = tmp_path / "copy"  # the shared bundle stays as it was made
+    shutil.copytree(trained.run_dir, run_dir)
+    again = train(parse_config(TINY), umaze_data, run_dir, progress=False)
     assert again.resumed_from == TINY_STEPS
     assert params_digest(again.params) == params_digest(trained.params)
 

@@ -46,10 +46,9 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
 
 def cmd_collect_ogbench(args: argparse.Namespace) -> None:
-    """`collect ogbench/NAME`: OGBench's own recipe for one of its point-maze datasets."""
-    from training.data.ogbench_recipe import NPZ_DIR, collect_ogbench_dataset, get_recipe
+    """`collect ogbench/NAME`: OGBench's own recipe for one of its datasets."""
+    from training.data.ogbench_recipe import NPZ_DIR, collect_ogbench_dataset
 
-    recipe = get_recipe(args.env)  # an unknown name fails here, listing the known ones
     fixed = {
         "--skew": args.skew != 0.0,
         "--noise": args.noise is not None,
@@ -64,16 +63,17 @@ def cmd_collect_ogbench(args: argparse.Namespace) -> None:
         )
     started = time.perf_counter()
     path = collect_ogbench_dataset(
-        recipe.dataset_name,
+        args.env,
         args.out or f"data/{args.env}",
         seed=args.seed,
         episodes=args.episodes,
+        workers=args.workers,
         progress=not args.quiet,
     )
-    episodes = recipe.num_episodes if args.episodes is None else args.episodes
+    settings = json.loads((path / "worldplan.json").read_text())
     print(
-        f"wrote {episodes} + {recipe.val_episodes(episodes)} (validation) episodes of "
-        f"{recipe.dataset_name} to {path} (Minari) and {path / NPZ_DIR} (OGBench npz) in "
+        f"wrote {settings['episodes']} + {settings['val_episodes']} (validation) episodes of "
+        f"{settings['dataset_name']} to {path} (Minari) and {path / NPZ_DIR} (OGBench npz) in "
         f"{time.perf_counter() - started:.1f} s"
     )
 
@@ -82,12 +82,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     from training.config import dataset_config, load_config, with_overrides, with_steps
     from training.learning.loop import CURVES_FILE, METRICS_FILE, train
 
+    if args.data and args.data.endswith(".npz"):  # OGBench's own file: its Minari copy
+        from training.data.ogbench_recipe import minari_copy
+
+        args.data = str(minari_copy(args.data))
     if args.data:
         config = dataset_config(args.data, args.config)
     elif args.config:
         config = load_config(args.config)
     else:
-        raise ConfigError("pass --data DIR (and --config, unless the dataset's own will do)")
+        raise ConfigError(
+            "pass --data DIR or FILE.npz (and --config, unless the dataset's own will do)"
+        )
     config = with_steps(with_overrides(config, args.mode, args.tbptt, args.seed), args.steps)
     data = args.data or config.data.path
     if not data:
@@ -140,6 +146,16 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(json.dumps(report, indent=2))
 
 
+def episode_seed(args: argparse.Namespace) -> int:
+    """--seed, or the suite's default: OGBench's own tasks take seeds tuning never uses."""
+    from training.analysis.ogbench_suite import OFFICIAL_SEED
+
+    if args.seed is not None:
+        return args.seed
+    suite = getattr(args, "suite", "goals")
+    return {"ogbench": OFFICIAL_SEED, "ogbench-tuning": 1, "ogbench-reach": 1}.get(suite, 0)
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     from pathlib import Path
 
@@ -154,12 +170,13 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from training.learning.checkpoint import restore_bundle
 
     bundle = with_planning(restore_bundle(args.run_dir), settings(args.planning))
+    seed = episode_seed(args)
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite == "ogbench-reach":
         from training.analysis.ogbench_suite import reach_on_suite
 
-        reach_on_suite(bundle, planners, args.episodes or 40, args.seed, out, args.batch,
+        reach_on_suite(bundle, planners, args.episodes or 40, seed, out, args.batch,
                        not args.quiet)  # fmt: skip
         print((out / "reach.md").read_text())
         print(f"wrote reach.json and reach.md to {out}")
@@ -173,7 +190,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.subgoals:
             subgoals = SubgoalSettings(args.subgoals, args.edge_steps, args.subgoal_edges,
                                        args.lookahead)  # fmt: skip
-        compare_on_suite(bundle, planners, episodes, args.seed, out, args.batch, args.max_steps,
+        compare_on_suite(bundle, planners, episodes, seed, out, args.batch, args.max_steps,
                          not args.quiet, tuning, subgoals)  # fmt: skip
         print((out / "ogbench.md").read_text())
         print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
@@ -182,14 +199,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         if args.rare_only:
             raise UsageError(f"--rare-only: only for maze bundles with goals, not {bundle.env_id}")
         compare_planners_on_task(
-            bundle, planners, args.episodes or TASK_EPISODES, args.seed, out, args.max_steps,
+            bundle, planners, args.episodes or TASK_EPISODES, seed, out, args.max_steps,
             not args.quiet,
         )  # fmt: skip
         print((out / "eval.md").read_text())
         print(f"wrote {out / 'eval.json'} and {out / 'eval.md'}")
         return
     results = compare_planners(
-        bundle, planners, args.goals, args.episodes or 1, args.seed, out, args.max_steps,
+        bundle, planners, args.goals, args.episodes or 1, seed, out, args.max_steps,
         not args.quiet, args.rare_only,
     )  # fmt: skip
     print(comparison_table(bundle.env_id, results))
@@ -209,17 +226,17 @@ def cmd_ablate(args: argparse.Namespace) -> None:
         raise UsageError(f"unknown knob(s) {unknown}; known: {', '.join(ABLATION_GRID)}")
     grid = {k: ABLATION_GRID[k] for k in knobs}
     out = Path(args.out or Path(args.run_dir) / "ablation")
-    rows = ablate(bundle, args.goals, args.seed, out, grid, args.max_steps, not args.quiet)
+    rows = ablate(bundle, args.goals, episode_seed(args), out, grid, args.max_steps, not args.quiet)
     print(ablation_table(bundle.env_id, rows))
     print(f"wrote ablation.json, ablation.md and plots to {out}")
 
 
 def cmd_tails(args: argparse.Namespace) -> None:
-    import json
     from dataclasses import asdict
     from pathlib import Path
 
     from training.analysis.evaluate import evaluation_goals
+    from training.analysis.provenance import provenance, write_result
     from training.analysis.tails import outcome_tails, tails_table
     from training.learning.checkpoint import restore_bundle
 
@@ -231,9 +248,10 @@ def cmd_tails(args: argparse.Namespace) -> None:
     print(table)
     if args.out:
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+        origin = provenance(bundle, seed=args.seed, goals=args.goals, samples=args.samples,
+                            data=args.data)  # fmt: skip
+        write_result(out / "tails.json", {"tails": [asdict(t) for t in tails]}, origin)
         (out / "tails.md").write_text(table)
-        (out / "tails.json").write_text(json.dumps([asdict(t) for t in tails], indent=1))
         print(f"wrote {out / 'tails.json'} and {out / 'tails.md'}")
 
 
@@ -270,6 +288,17 @@ def cmd_subgoals(args: argparse.Namespace) -> None:
           "through it")  # fmt: skip
 
 
+def cmd_results_check(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from training.analysis.results_check import check_page
+
+    checked, problems = check_page(Path(args.page), Path(args.root))
+    if problems:
+        raise UsageError(f"{len(problems)} of {checked} figures differ:\n" + "\n".join(problems))
+    print(f"{checked} figures of {args.page} equal their result files")
+
+
 def cmd_export(args: argparse.Namespace) -> None:
     from training.learning.checkpoint import export_bundle
     from training.planning.subgoals import SUBGOALS_FILE
@@ -283,7 +312,11 @@ def add_episode_options(p: argparse.ArgumentParser, goals: int, out: str) -> Non
     """What eval and ablate share: the bundle, the goals and where results go."""
     p.add_argument("run_dir")
     p.add_argument("--goals", type=int, default=goals, help="held-out goals (half in rare cells)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the goals and episodes")
+    p.add_argument(
+        "--seed", type=int,
+        help="seed of the goals and episodes (default 0; --suite ogbench: 1000, seeds that "
+        "tuning never uses; the tuning suites: 1)",
+    )  # fmt: skip
     p.add_argument("--max-steps", type=int, help="episode length (default: the env's)")
     p.add_argument("--out", help=f"output directory (default: RUN_DIR/{out})")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -317,6 +350,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--out", help="directory the dataset is written to (default: data/ENV)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workers", type=int,
+        help="ogbench/ manipulation datasets: processes sharing the episodes (default: every "
+        "core); the files do not depend on it",
+    )  # fmt: skip
     p.add_argument(
         "--skew",
         type=float,
@@ -363,7 +401,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         help="YAML path or packaged name (pointmaze-umaze); default with --data: the packaged "
         "config of the dataset's environment, else `generic`",
     )
-    p.add_argument("--data", help="dataset directory or Minari id (overrides data.path)")
+    p.add_argument(
+        "--data",
+        help="dataset directory, Minari id, or an OGBench file NAME.npz as OGBench publishes "
+        "it (converted once into ~/.cache/worldplan/ogbench) (overrides data.path)",
+    )
     p.add_argument("--steps", type=int, help="steps for every stage (overrides the config)")
     p.add_argument(
         "--mode",
@@ -518,3 +560,14 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inspect", help="restore a bundle and print its metadata")
     p.add_argument("run_dir")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("results", help="the results page against its result files")
+    checks = p.add_subparsers(dest="action", required=True)
+    p = checks.add_parser(
+        "check", help="every figure docs/results.md quotes equals the one in the file it names"
+    )
+    p.add_argument("--page", default="docs/results.md", help="the page (default: %(default)s)")
+    p.add_argument(
+        "--root", default=".", help="where the page's results/ paths start (default: here)"
+    )
+    p.set_defaults(func=cmd_results_check)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# docs/results.md's table of training modes: every mode with and without the auxiliary
-# losses, and end_to_end with meta-learned weights, on pendulum and pointmaze-umaze, at
-# a small budget (320 steps per stage), then `worldplan compare` on each environment.
+# The small-budget table of training modes (results/end_to_end/README.md): every mode with
+# and without the auxiliary losses, and end_to_end with meta-learned weights, on pendulum and
+# pointmaze-umaze, at a small budget (320 steps per stage), then `worldplan compare` on each
+# environment.
 # Run from the repository root: bash results/end_to_end/table.sh
 set -euo pipefail
 R=results/end_to_end

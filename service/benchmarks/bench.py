@@ -15,7 +15,6 @@ Writes bench.json and bench.png. Timings are reported, never asserted.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from service.clients.loadtest import TRANSPORTS, run_loadtest
 from service.clients.local import serving_process
 from service.engine import Engine, StepInput
 from service.settings import Settings
+from training.analysis.provenance import provenance, write_result
 from training.learning.checkpoint import restore_bundle
 from training.planning.planners import PLANNERS, PlanShape, knob_values
 from training.planning.tasks import default_task, task_weights
@@ -69,6 +69,10 @@ def run_bench(model_dir: Path | None, sessions: list[int], duration_s: float, re
     in_process = {p: round(in_process_p50_ms(engine, p, repeats), 3) for p in PLANNERS}
     report = {
         "device": str(jax.devices()[0]),
+        "model_version": engine.model_version,
+        "sessions": sessions,
+        "duration_s": duration_s,
+        "repeats": repeats,
         "planner": planner,
         "in_process_p50_ms": in_process,
         "one_session_ms": {},
@@ -111,8 +115,9 @@ def write_bench(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     from service.clients.plots import plot_throughput
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "bench.json", out_dir / "bench.png"
-    json_path.write_text(json.dumps(report, indent=1))
+    origin = provenance(model_version=report["model_version"], sessions=report["sessions"],
+                        duration_s=report["duration_s"], repeats=report["repeats"])  # fmt: skip
+    write_result(json_path, report, origin)
     plot_throughput(report["throughput"], f"{report['planner']} on {report['device']}", png_path)
     return json_path, png_path

@@ -11,7 +11,6 @@ Writes memory.json. A figure to report, never asserted.
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import tracemalloc
 import uuid
@@ -25,6 +24,7 @@ import redis
 from service.app import default_model_dir
 from service.engine import Engine
 from service.sessions import MemorySessionStore, RedisSessionStore, Session, session_to_bytes
+from training.analysis.provenance import provenance, write_result
 from training.learning.checkpoint import restore_bundle
 from training.planning.planners import PlanShape, knob_values
 from training.planning.tasks import default_task, task_weights
@@ -98,7 +98,8 @@ def run_memory_bench(model_dir, n: int, redis_url: str | None) -> dict:
     bundle = restore_bundle(model_dir or default_model_dir())
     engine = Engine(bundle, (1,))
     planning = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
-    report = {"sessions": n, "planner": "online_adaptation", "bytes_per_session": {}}
+    report = {"sessions": n, "planner": "online_adaptation", "bytes_per_session": {},
+              "model_version": engine.model_version}  # fmt: skip
     for with_delta in (False, True):
         template = sample_session(engine, planning, with_delta)
         label = "with_delta" if with_delta else "without_delta"
@@ -115,8 +116,5 @@ def run_memory_bench(model_dir, n: int, redis_url: str | None) -> dict:
 
 
 def write_memory(report: dict, out_dir: str | Path) -> Path:
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "memory.json"
-    path.write_text(json.dumps(report, indent=1))
-    return path
+    origin = provenance(model_version=report["model_version"], sessions=report["sessions"])
+    return write_result(Path(out_dir) / "memory.json", report, origin)

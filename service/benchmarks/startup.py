@@ -7,7 +7,6 @@ its log says how many programs it compiled and how many compilations the cache a
 
 from __future__ import annotations
 
-import json
 import re
 import tempfile
 import time
@@ -15,8 +14,10 @@ from pathlib import Path
 
 from service.clients.local import serving_process
 from service.settings import Settings
+from training.analysis.provenance import provenance, write_result
 
 READY = re.compile(r"ready: (\d+) programs compiled in ([\d.]+) s")
+RESTORED = re.compile(r"restored (\S+) from ")
 CACHE = re.compile(r"compilation cache .*: (\d+) of (\d+) compilations read back, (\d+) compiled")
 
 
@@ -24,7 +25,9 @@ def ready_log(text: str) -> dict:
     """What a server's log says about its start: programs, warm-up seconds, cache counts."""
     ((programs, warm_up_s),) = READY.findall(text)  # one start: one line of each
     ((hits, requests, compiled),) = CACHE.findall(text)
+    (version,) = RESTORED.findall(text)
     return {
+        "model_version": version,
         "programs": int(programs),
         "warm_up_s": float(warm_up_s),
         "cache_hits": int(hits),
@@ -48,5 +51,7 @@ def run_start_bench(model_dir: Path | None, out_dir: str | Path) -> dict:
     with tempfile.TemporaryDirectory(prefix="worldplan-cache-") as cache:
         settings = Settings(model_dir=model_dir, compilation_cache=Path(cache))
         report = {start: timed_start(settings, out / f"{start}.log") for start in ("cold", "warm")}
-    (out / "start.json").write_text(json.dumps(report, indent=1))
+    origin = provenance(model_version=report["cold"]["model_version"],
+                        model_dir=str(model_dir) if model_dir else "the bundled model")  # fmt: skip
+    write_result(out / "start.json", report, origin)
     return report

@@ -57,6 +57,7 @@ async def run_loadtest(
     ms = np.asarray(latencies) if latencies else np.zeros(1)
     return {
         "url": url,
+        "model_version": model["model_version"],
         "transport": transport,
         "sessions": sessions,
         "duration_s": round(elapsed, 3),
@@ -124,11 +125,14 @@ async def stream_loop(client, url, api_key, model, planner, index, deadline, lat
 
 def write_report(report: dict, out_dir: str | Path) -> tuple[Path, Path]:
     from service.clients.plots import plot_latency_histogram
+    from training.analysis.provenance import provenance, write_result
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     json_path, png_path = out_dir / "loadtest.json", out_dir / "loadtest.png"
-    json_path.write_text(json.dumps(report, indent=1))
+    origin = provenance(model_version=report["model_version"], url=report["url"],
+                        transport=report["transport"], sessions=report["sessions"],
+                        planner=report["planner"])  # fmt: skip
+    write_result(json_path, report, origin)
     title = f"{report['sessions']} sessions, {report['throughput_rps']:.0f} req/s"
     plot_latency_histogram(report["latencies_ms"], title, png_path)
     return json_path, png_path

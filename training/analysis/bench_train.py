@@ -11,7 +11,6 @@ bench_train.json.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from training.analysis.evaluate import markdown_table
+from training.analysis.provenance import files_digest, provenance, write_result
 from training.config import Config, parse_config
 from training.errors import UsageError
 from training.learning.joint import PHASES, phase_start
@@ -136,7 +136,11 @@ def bench_train(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.md").write_text(f"{title}\n\n{markdown_table(header, body)}\n")
-    (out / "bench_train.json").write_text(
-        json.dumps({"title": title, "devices": mesh.size, "rows": rows}, indent=1)
-    )
+    origin = provenance(
+        config=config.model_dump(mode="json"), data=str(data_path),
+        data_sha256=files_digest(data_path), devices=mesh.size, steps=steps, repeats=repeats,
+        modes=list(chosen),
+    )  # fmt: skip
+    record = {"title": title, "devices": mesh.size, "rows": rows}
+    write_result(out / "bench_train.json", record, origin)
     return rows

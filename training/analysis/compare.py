@@ -10,7 +10,6 @@ steps, return per run).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -29,10 +28,11 @@ from training.analysis.evaluate import (
     wilson_interval,
 )
 from training.analysis.plots import plt, save_figure
+from training.analysis.provenance import provenance, write_result
 from training.data.datasets import load_sequences
 from training.errors import UsageError
 from training.learning import joint
-from training.learning.checkpoint import Bundle, restore_bundle
+from training.learning.checkpoint import Bundle, model_version, restore_bundle
 from training.learning.loop import read_metrics
 from training.learning.stage_inputs import device_data
 
@@ -140,7 +140,10 @@ def compare_runs(
     out.mkdir(parents=True, exist_ok=True)
     groups = by_configuration(rows)
     record = {"runs": rows, "by_configuration": groups}
-    (out / "compare.json").write_text(json.dumps(record, indent=1))
+    versions = {str(run): model_version(b) for run, b in zip(run_dirs, bundles, strict=True)}
+    origin = provenance(planner=planner, episodes=episodes, seed=seed, max_steps=max_steps,
+                        data=data, model_versions=versions)  # fmt: skip
+    write_result(out / "compare.json", record, origin)
     (out / "compare.md").write_text(compare_table(rows, groups))
     plot_comparison(rows, out / "compare.png")
     return rows

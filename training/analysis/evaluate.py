@@ -10,7 +10,6 @@ the bundle's default task (the reward weights fitted to its data's rewards).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 from scipy import stats
 from tqdm.auto import tqdm
 
+from training.analysis.provenance import provenance, write_result
 from training.config import PlanningConfig, planning_with
 from training.data.envs import (
     bfs_path,
@@ -472,12 +472,15 @@ def compare_planners(
     goals = repeat_goals(drawn, episodes_per_goal)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = {"env": bundle.env_id, "seed": seed, "goals": [asdict(g) for g in goals]}
+    origin = provenance(bundle, seed=seed, planners=planners, goals=n_goals,
+                        episodes_per_goal=episodes_per_goal, rare_only=rare_only,
+                        max_steps=max_steps)  # fmt: skip
     results = []
     for name in planners:
         planning = variant_planning(bundle, name)
         results.append(evaluate(bundle, planning, goals, max_steps, progress, label=name))
         # Written after every planner: a long evaluation that stops keeps what it measured.
-        (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
+        write_result(out_dir / "eval.json", {**record, "results": results}, origin)
     (out_dir / "eval.md").write_text(comparison_table(bundle.env_id, results))
     return results
 
@@ -580,12 +583,14 @@ def compare_planners_on_task(
         "task": task,
         "intervals": INTERVALS,
     }
+    origin = provenance(bundle, seed=seed, reset_seeds=seeds, planners=planners,
+                        max_steps=max_steps)  # fmt: skip
     results = []
     for name in planners:
         planning = variant_planning(bundle, name)
         results.append(evaluate_task(bundle, planning, seeds, weights, max_steps, progress, name))
         # Written after every planner: a long evaluation that stops keeps what it measured.
-        (out_dir / "eval.json").write_text(json.dumps({**record, "results": results}, indent=1))
+        write_result(out_dir / "eval.json", {**record, "results": results}, origin)
     (out_dir / "eval.md").write_text(task_report(bundle.env_id, results, seeds))
     return results
 
@@ -641,6 +646,7 @@ def ablate(
     goals = evaluation_goals(bundle, n_goals, seed)
     base = bundle.config.planning.model_copy(update={"planner": "online_adaptation"})
     out_dir.mkdir(parents=True, exist_ok=True)
+    origin = provenance(bundle, seed=seed, goals=n_goals, grid=grid, max_steps=max_steps)
     rows = []
     # Every knob's row at its default value is the same run: measured once, shown in each.
     summaries: dict[str, dict] = {}
@@ -655,7 +661,7 @@ def ablate(
             rows.append({"knob": knob, "value": value, "summary": summaries[key]})
             # Written after every setting: a long sweep that stops keeps what it measured.
             record = {"env": bundle.env_id, "seed": seed, "defaults": base.model_dump()}
-            (out_dir / "ablation.json").write_text(json.dumps({**record, "rows": rows}, indent=1))
+            write_result(out_dir / "ablation.json", {**record, "rows": rows}, origin)
     (out_dir / "ablation.md").write_text(ablation_table(bundle.env_id, rows))
     plot_ablation(rows, out_dir, ablation_defaults(base))
     return rows

@@ -15,7 +15,6 @@ step rule. A batch of one is the one-at-a-time evaluator.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilson_interval
+from training.analysis.provenance import provenance, write_result
 from training.config import PlanningConfig
 from training.data.envs import bfs_path, make_env
 from training.data.ogbench_recipe import cells_at_distance
@@ -51,6 +51,9 @@ from training.planning.subgoals import (
 from training.planning.tasks import task_weights
 
 TASKS = (1, 2, 3, 4, 5)  # OGBench's evaluation tasks of every maze
+# Episodes on OGBench's tasks take their reset seeds from here on by default; tuning's stay
+# below it, so that no episode a setting was chosen on is ever reported.
+OFFICIAL_SEED = 1000
 # Success %, OGBench's paper (ICLR 2025), benchmark table: 8 seeds, the five tasks.
 PUBLISHED = {
     "pointmaze-medium-navigate-v0": {"GCIQL": 53, "HIQL": 79, "QRL": 82},
@@ -91,21 +94,31 @@ def official_tasks() -> dict[int, dict]:
     return {task: {"task_id": task} for task in TASKS}
 
 
+def official_cells(env) -> set[tuple[int, int]]:
+    """Every start and goal cell of OGBench's five tasks in a maze environment."""
+    return {tuple(info[key]) for info in env.task_infos for key in ("init_ij", "goal_ij")}
+
+
 def tuning_tasks(env_id: str, seed: int = 0) -> dict[int, dict]:
-    """For each of OGBench's tasks, a start and a goal cell as many BFS steps apart, drawn
-    with `seed`: five pairs unlike each other and unlike OGBench's (either way round), to
-    choose settings on."""
+    """For each of OGBench's tasks, a start and a goal cell drawn with `seed`, neither of
+    them a start or goal cell of any of OGBench's tasks, as many BFS steps apart as the
+    task's where the maze has such a pair (else the longest distance under it that has
+    one): five pairs unlike each other, to choose settings on."""
     env = make_env(env_id).unwrapped
     maze_map = np.asarray(env.maze_map)
+    official = official_cells(env)
     free = [(int(i), int(j)) for i, j in np.argwhere(maze_map == 0)]
+    free = [cell for cell in free if cell not in official]
     rng = np.random.default_rng(seed)
-    official = [(tuple(t["init_ij"]), tuple(t["goal_ij"])) for t in env.task_infos]
-    taken = {*official, *((b, a) for a, b in official)}
+    taken: set[tuple] = set()
     tasks = {}
     for task, info in zip(TASKS, env.task_infos, strict=True):
         steps = len(bfs_path(maze_map.tolist(), info["init_ij"], info["goal_ij"])) - 1
-        pairs = [(a, b) for a in free for b in cells_at_distance(maze_map, a, steps)]
-        pairs = [pair for pair in pairs if pair not in taken]
+        for distance in range(steps, 0, -1):
+            pairs = [(a, b) for a in free for b in cells_at_distance(maze_map, a, distance)
+                     if b not in official and (a, b) not in taken]  # fmt: skip
+            if pairs:
+                break
         start, goal = pairs[rng.integers(len(pairs))]
         taken |= {(start, goal), (goal, start)}
         tasks[task] = {"task_info": {"init_ij": start, "goal_ij": goal}}
@@ -120,6 +133,15 @@ def episode_starts(tasks: dict[int, dict], episodes_per_task: int, seed: int = 0
         for task, options in tasks.items()
         for k in range(episodes_per_task)
     ]
+
+
+def check_tuning_seeds(starts: list[Start]) -> None:
+    """Tuning episodes keep below OFFICIAL_SEED, the reported episodes' seeds."""
+    if starts and max(start.seed for start in starts) >= OFFICIAL_SEED:
+        raise UsageError(
+            f"tuning episodes would reach reset seed {max(s.seed for s in starts)}; the seeds "
+            f"from {OFFICIAL_SEED} on are the reported evaluations': choose a smaller --seed"
+        )
 
 
 def dataset_name(bundle: Bundle) -> str | None:
@@ -428,10 +450,9 @@ def suite_table(name: str, results: list[dict]) -> str:
     return markdown_table(header, rows)
 
 
-def write_suite(out_dir: Path, name: str, record: dict, results: list[dict]) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "ogbench.json").write_text(json.dumps({**record, "results": results}, indent=1))
-    (out_dir / "ogbench.md").write_text(suite_table(name, results))
+def write_suite(out_dir: Path, name: str, record: dict, origin: dict) -> None:
+    write_result(out_dir / "ogbench.json", record, origin)
+    (out_dir / "ogbench.md").write_text(suite_table(name, record["results"]))
 
 
 def compare_on_suite(
@@ -458,11 +479,17 @@ def compare_on_suite(
     name = dataset_name(bundle) or bundle.env_id
     tasks = tuning_tasks(bundle.env_id, seed) if tuning else official_tasks()
     starts = episode_starts(tasks, episodes_per_task, seed)
+    if tuning:
+        check_tuning_seeds(starts)
     record = {"env": bundle.env_id, "dataset": name, "tasks": "tuning" if tuning else "ogbench",
               "task_options": tasks, "seed": seed, "batch": batch,
               "episodes_per_task": episodes_per_task,
               "subgoals": asdict(subgoals) if subgoals else None,
               "action_horizon": bundle.config.planning.action_horizon}  # fmt: skip
+    origin = provenance(bundle, seed=seed, reset_seeds=[start.seed for start in starts],
+                        planners=planners, tasks=record["tasks"], batch=batch,
+                        episodes_per_task=episodes_per_task, max_steps=max_steps,
+                        subgoals=record["subgoals"])  # fmt: skip
     search = subgoals_for(bundle, subgoals) if subgoals else None
     if tuning:
         name += " (tuning tasks)"
@@ -473,7 +500,7 @@ def compare_on_suite(
         results.append(run_suite(bundle, planning, starts, batch, max_steps, progress, label,
                                  search))  # fmt: skip
         # Written after every planner: a long evaluation that stops keeps what it measured.
-        write_suite(out_dir, name, record, results)
+        write_suite(out_dir, name, {**record, "results": results}, origin)
     plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")
     return results
 
@@ -508,21 +535,25 @@ def reach_on_suite(
 
     check_variants(planners)
     check_suite_env(bundle)
+    starts_at = {d: reach_starts(bundle.env_id, d, episodes, seed) for d in REACH_DISTANCES}
+    for starts in starts_at.values():
+        check_tuning_seeds(starts)
     rows, settings = {}, {}
     for planner in planners:
         planning = variant_planning(bundle, planner)
         settings[planner] = {"planner": planning.planner, "planning": planning.model_dump()}
         rows[planner] = {}
-        for distance in REACH_DISTANCES:
-            starts = reach_starts(bundle.env_id, distance, episodes, seed)
+        for distance, starts in starts_at.items():
             limit = REACH_STEPS_PER_CELL * distance + 20
             found = run_batches(bundle, planning, starts, batch, limit, progress)
             rows[planner][distance] = success_of(found)
     record = {"env": bundle.env_id, "seed": seed, "episodes": episodes,
               "steps_per_cell": REACH_STEPS_PER_CELL, "success": rows,
               "planning": settings}  # fmt: skip
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "reach.json").write_text(json.dumps(record, indent=1))
+    seeds = {d: [start.seed for start in starts] for d, starts in starts_at.items()}
+    origin = provenance(bundle, seed=seed, episodes=episodes, planners=planners, batch=batch,
+                        reset_seeds=seeds)  # fmt: skip
+    write_result(out_dir / "reach.json", record, origin)
     header = [f"{bundle.env_id}: planner", "samples"]
     header += [f"{d} cell(s) away" for d in REACH_DISTANCES]
     table = [[p, sample_counts(settings[p]), *(percent(r[d]) for d in REACH_DISTANCES)]

@@ -61,7 +61,7 @@ def collect(
     if episodes < 1:
         raise UsageError(f"episodes must be at least 1, got {episodes}")
     out_dir = Path(out_dir).expanduser().resolve()
-    _ensure_free(out_dir)
+    ensure_free(out_dir)
     steps = max_episode_steps or spec.default_episode_steps
     dataset_id = dataset_id or f"{NAMESPACE}/{env_name}-v0"
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,7 @@ def collect(
         built = staging / dataset_id
         (built / SIDECAR).write_text(json.dumps(sidecar, indent=2) + "\n")
         if out_dir.exists():
-            out_dir.rmdir()  # _ensure_free allowed only an empty directory
+            out_dir.rmdir()  # ensure_free allowed only an empty directory
         built.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -142,7 +142,8 @@ def _run_episode(env: Any, policy: Any, seed: int) -> None:
             return
 
 
-def _ensure_free(out_dir: Path) -> None:
+def ensure_free(out_dir: Path) -> None:
+    """Refuses an out_dir that exists and is not an empty folder."""
     if _data_dir(out_dir) is not None:
         raise FileExistsError(
             f"{out_dir} already holds a Minari dataset; delete it or collect into another directory"

@@ -22,7 +22,10 @@ afterwards.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -35,10 +38,11 @@ import gymnasium as gym
 import minari
 import numpy as np
 import ogbench.locomaze  # noqa: F401  (registers OGBench's maze environments in gymnasium)
+import ogbench.manipspace  # noqa: F401  (and its manipulation environments)
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from training.data.datasets import SIDECAR, _data_dir, _minari_root
+from training.data.datasets import SIDECAR, _data_dir, _minari_root, ensure_free
 from training.errors import UsageError
 
 SOURCE = "OGBench data_gen_scripts/generate_locomaze.py, flags from data_gen_scripts/commands.sh"
@@ -85,7 +89,7 @@ RECIPES: dict[str, Recipe] = {
     for r in (
         _recipe(maze, kind)
         for kind in ("navigate", "stitch")
-        for maze in ("medium", "large", "giant")
+        for maze in ("medium", "large", "giant", "teleport")
     )
 }
 
@@ -277,7 +281,7 @@ def collect_ogbench(
         raise UsageError(f"episodes must be at least 1, got {train_episodes}")
     val_episodes = recipe.val_episodes(train_episodes)
     out_dir = Path(out_dir).expanduser().resolve()
-    _ensure_empty(out_dir)
+    ensure_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
@@ -314,7 +318,7 @@ def collect_ogbench(
         (staging / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
         staging.chmod(0o755)  # mkdtemp's 0o700 is for the staging only
         if out_dir.exists():
-            out_dir.rmdir()  # _ensure_empty allowed only an empty directory
+            out_dir.rmdir()  # ensure_free allowed only an empty directory
         staging.rename(out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -328,13 +332,6 @@ def _concatenate(
     if not parts:
         return {k: np.zeros((0, *like[k].shape[1:]), like[k].dtype) for k in NPZ_KEYS}
     return {k: np.concatenate([p[k] for p in parts]) for k in NPZ_KEYS}
-
-
-def _ensure_empty(out_dir: Path) -> None:
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
-        raise FileExistsError(
-            f"{out_dir} exists and is not an empty directory; collect into a new directory"
-        )
 
 
 # ----- the Minari copy -----
@@ -406,10 +403,10 @@ def to_minari(
                     env=env,
                     eval_env=env_id,
                     observation_space=gym.spaces.Box(-np.inf, np.inf, obs_dim, np.float32),
-                    algorithm_name="OGBench generate_locomaze.py (oracle subgoal + noise)",
+                    algorithm_name=f"OGBench's recipe: {(info or {}).get('recipe', SOURCE)}",
                     author="worldplan",
                     description=f"{len(buffers)} episodes of OGBench's {name}, made by "
-                    f"OGBench's recipe ({SOURCE}), converted from {npz_path.name}",
+                    f"OGBench's recipe, converted from {npz_path.name}",
                     data_format="hdf5",
                     requirements=[f"ogbench=={version('ogbench')}"],
                     jpeg_encoding=False,
@@ -439,29 +436,35 @@ def collect_ogbench_dataset(
     *,
     seed: int = 0,
     episodes: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> Path:
-    """`worldplan collect ogbench/NAME`: the npz files in out_dir/ogbench/ and their train
-    split as a Minari dataset in out_dir, all appearing at once when done."""
-    recipe = get_recipe(dataset_name)
+    """`worldplan collect ogbench/NAME`: the npz files in out_dir/ogbench/ (a point maze's
+    by the locomaze recipe, a manipulation dataset's by the manipspace recipe on `workers`
+    processes) and their train split as a Minari dataset in out_dir, all appearing at once
+    when done."""
+    from training.data.ogbench_manip import MANIP_RECIPES, collect_manip
+
+    name = dataset_name.removeprefix(PREFIX)
+    if name in MANIP_RECIPES:
+        make_npz = functools.partial(collect_manip, workers=workers)
+    elif name in RECIPES:
+        make_npz = collect_ogbench
+    else:
+        known = ", ".join(PREFIX + n for n in (*RECIPES, *MANIP_RECIPES))
+        raise UsageError(f"unknown OGBench dataset {dataset_name!r}; known: {known}")
     out_dir = Path(out_dir).expanduser().resolve()
-    _ensure_empty(out_dir)
+    ensure_free(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        npz = collect_ogbench(
-            recipe.dataset_name,
-            staging / NPZ_DIR,
-            seed=seed,
-            episodes=episodes,
-            progress=progress,
-        )
+        npz = make_npz(name, staging / NPZ_DIR, seed=seed, episodes=episodes, progress=progress)
         settings = json.loads(npz.with_suffix(".json").read_text())
         settings["files"] = {k: f"{NPZ_DIR}/{v}" for k, v in settings["files"].items()}
         to_minari(
             npz,
             staging,
-            recipe.env_id,
+            settings["env_id"],
             env_kwargs=settings["env_kwargs"],
             info={**settings, "minari_split": "train"},
         )
@@ -472,3 +475,56 @@ def collect_ogbench_dataset(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+# ----- OGBench's own files -----
+
+DATASET_TYPES = ("navigate", "stitch", "explore", "play", "noisy")  # OGBench's name parts
+
+
+def npz_env_id(npz_path: str | Path) -> str:
+    """The environment of an OGBench dataset file, from its name: `pointmaze-medium-stitch-v0`
+    was recorded in `pointmaze-medium-v0`, `cube-single-play-v0` in `cube-single-v0`."""
+    name = Path(npz_path).name.removesuffix(".npz").removesuffix("-val")
+    for kind in DATASET_TYPES:
+        if f"-{kind}-" in name:
+            return name.replace(f"-{kind}-", "-", 1)
+    raise UsageError(
+        f"{npz_path}: not an OGBench dataset name (ENV-TYPE-vN.npz, TYPE one of "
+        f"{', '.join(DATASET_TYPES)})"
+    )
+
+
+def minari_copy(npz_path: str | Path, cache: str | Path | None = None) -> Path:
+    """An OGBench npz file (as `ogbench.utils.load_dataset` reads it, e.g. one downloaded to
+    ~/.ogbench/data/) as the Minari dataset `worldplan train` reads: converted once into
+    `cache` (default ~/.cache/worldplan/ogbench), under the file's name and digest, and
+    found there again after. The environment comes from the name; the sidecar records the
+    file and the validation file beside it."""
+    npz_path = Path(npz_path).expanduser().resolve()
+    if not npz_path.is_file():
+        raise FileNotFoundError(f"no file at {npz_path}")
+    env_id = npz_env_id(npz_path)
+    digest = hashlib.sha256(npz_path.read_bytes()).hexdigest()[:12]
+    root = Path(cache or os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    out = (root / "worldplan" / "ogbench" if cache is None else root) / f"{npz_path.stem}-{digest}"
+    if (out / "data").is_dir():
+        return out
+    val = npz_path.with_name(f"{npz_path.stem}-val.npz")
+    info = {
+        "dataset_name": npz_path.stem,
+        "env_id": env_id,
+        "npz_path": str(npz_path),
+        "npz_sha256_12": digest,
+        "val_path": str(val) if val.is_file() else None,
+        "minari_split": "train",
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        to_minari(npz_path, staging, env_id, info=info)
+        staging.chmod(0o755)
+        staging.rename(out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out

@@ -119,6 +119,11 @@ def params_digest(params: dict) -> str:
     return digest.hexdigest()
 
 
+def model_version(bundle: Bundle) -> str:
+    """`env@step:digest`: the name the service answers with and every result records."""
+    return f"{bundle.env_id}@{bundle.step}:{params_digest(bundle.params)[:12]}"
+
+
 def export_bundle(run_dir: str | Path, out_dir: str | Path, beside: tuple[str, ...] = ()) -> Path:
     """The latest step of a run as a serving bundle: params and metadata, no optimiser
     state (which only resuming needs), about a third of the size; and the files named in

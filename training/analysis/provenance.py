@@ -1,0 +1,106 @@
+"""Where a result came from. Every results JSON is written by `write_result`, which adds a
+`provenance` record: the command line, the commit and whether the tree was dirty, the
+machine's cores, the bundle's `model_version` (the name the service answers with), the
+dataset's settings and digest, and the settings the writer names (seeds, planners,
+limits). A figure quoted in docs/results.md can then be traced to the code, the model
+and the data that made it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from training.learning import checkpoint
+from training.learning.checkpoint import Bundle
+
+# The checkout the running code comes from (an editable install): its commit is the code's.
+SOURCE_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
+    """The commit checked out at `root` and whether tracked files differ from it; both None
+    where `root` is no git checkout (an installed wheel, an image)."""
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(root), *args], capture_output=True, text=True, timeout=10
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None}
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+
+
+def files_digest(path: str | Path) -> str | None:
+    """SHA-256 over a file's bytes, or over a folder's files (relative names and bytes, in
+    sorted order); None where nothing is there (a dataset named by its Minari id)."""
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted((str(p.relative_to(path)), p) for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def bundle_provenance(bundle: Bundle) -> dict[str, Any]:
+    """The model and the data it was trained on."""
+    data = bundle.metadata.get("dataset")
+    return {
+        "model_version": checkpoint.model_version(bundle),
+        "dataset": {
+            "path": data,
+            "settings": bundle.metadata.get("dataset_info"),
+            "sha256": files_digest(data) if data else None,
+        },
+    }
+
+
+def provenance(
+    bundle: Bundle | None = None, model_version: str | None = None, **settings: Any
+) -> dict[str, Any]:
+    """The record every result carries: `settings` are the writer's own (seeds, planners,
+    episode limits), by name. A bundle adds its model and data; a program that meets the
+    model only through a server gives the `model_version` the server answered with."""
+    return {
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **git_state(),
+        "machine": {
+            "cores": os.cpu_count(),
+            "cores_usable": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
+        **({"model_version": model_version} if model_version else {}),
+        **(bundle_provenance(bundle) if bundle is not None else {}),
+        "settings": settings,
+    }
+
+
+def write_result(path: str | Path, record: dict[str, Any], origin: dict[str, Any]) -> Path:
+    """`record` with its provenance (`origin`, from `provenance`) as JSON at `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "provenance": origin}, indent=1))
+    return path
