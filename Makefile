@@ -23,15 +23,16 @@ serve: $(INSTALLED)
 bench: $(INSTALLED)
 	$(VENV)/bin/worldplan bench --out bench
 
-# The suite on every core (pytest-xdist), then the compose stack's test alone: its two
-# replicas compile on every core, which would starve the timing-bound tests beside it.
+# The suite on every core (pytest-xdist; each test module on one worker, so that its
+# servers and bundles are made once), then the compose stack's test alone: its replicas
+# compile on the cores, which would starve the timing-bound tests beside it.
 # test-fast leaves out the tests marked slow.
 test: $(INSTALLED)
-	$(PY) -m pytest -q -n auto -m "not docker"
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not docker" --durations=10
 	$(PY) -m pytest -q -m docker
 
 test-fast: $(INSTALLED)
-	$(PY) -m pytest -q -n auto -m "not slow"
+	$(PY) -m pytest -q -n auto --dist loadscope -m "not slow"
 
 docs: $(INSTALLED)
 	$(VENV)/bin/mkdocs build --strict
