@@ -51,6 +51,22 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     if settings.compilation_cache:  # before anything compiles
         compilation_cache.enable(settings.compilation_cache)
+    # Replicas starting together on one cache compile each program once: one at a time.
+    async with compilation_cache.in_turn(settings.compilation_cache):
+        runtime = await load_and_warm_up(app, settings, loop)
+    runtime.ready = True
+    log.info("ready: %d programs compiled in %.1f s", runtime.engine.compiled, runtime.warm_up_s)
+    if settings.compilation_cache:
+        cache = compilation_cache.counts
+        log.info(
+            "compilation cache %s: %d of %d compilations read back, %d compiled",
+            settings.compilation_cache, cache.hits, cache.requests, cache.misses,
+        )  # fmt: skip
+
+
+async def load_and_warm_up(app: FastAPI, settings: Settings, loop) -> Runtime:
+    """The model restored, the runtime published (so that /readyz can say what it waits
+    for) and, unless turned off, every program compiled."""
     model_dir = settings.model_dir or default_model_dir()
     engine = await loop.run_in_executor(
         None, Engine.restore, model_dir, settings.batch_sizes, settings.planning
@@ -75,18 +91,8 @@ async def prepare(app: FastAPI, settings: Settings) -> None:
     app.state.runtime = runtime
     log.info("restored %s from %s on %s", runtime.model_version, model_dir, engine.device)
     if settings.warm_up:
-        warm_up = engine.warm_up
-        if settings.compilation_cache:
-            warm_up = compilation_cache.in_turn(settings.compilation_cache, warm_up)
-        runtime.warm_up_s = await loop.run_in_executor(None, warm_up, runtime.shapes)
-    runtime.ready = True
-    log.info("ready: %d programs compiled in %.1f s", engine.compiled, runtime.warm_up_s)
-    if settings.compilation_cache:
-        cache = compilation_cache.counts
-        log.info(
-            "compilation cache %s: %d of %d compilations read back, %d compiled",
-            settings.compilation_cache, cache.hits, cache.requests, cache.misses,
-        )  # fmt: skip
+        runtime.warm_up_s = await loop.run_in_executor(None, engine.warm_up, runtime.shapes)
+    return runtime
 
 
 async def prepare_or_report(app: FastAPI, settings: Settings) -> None:

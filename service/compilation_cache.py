@@ -10,19 +10,19 @@ ready.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import fcntl
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar
 
 import jax
 from jax import monitoring
 
 log = logging.getLogger("worldplan")
-T = TypeVar("T")
 REQUESTS = "/jax/compilation_cache/compile_requests_use_cache"
 WARM_UP_LOCK = "warm-up.lock"  # held by the process warming up on the directory
 HITS = "/jax/compilation_cache/cache_hits"
@@ -65,19 +65,25 @@ def enable(directory: Path) -> None:
         _listening = True
 
 
-def in_turn(directory: Path, work: Callable[..., T]) -> Callable[..., T]:
-    """`work`, run while no other process warms up on the cache `directory`: it waits for
-    the one that does, then reads that one's programs back. The lock is the kernel's, so a
-    replica that dies while warming up releases it."""
-
-    def run(*args) -> T:
-        with (directory / WARM_UP_LOCK).open("a") as lock:
+@contextlib.asynccontextmanager
+async def in_turn(directory: Path | None) -> AsyncIterator[None]:
+    """While no other process loads and warms up on the cache `directory`: a replica that
+    finds one doing so waits (polling, so that the event loop goes on answering /healthz),
+    then reads that one's programs back. The lock is the kernel's, so a replica that dies
+    while warming up releases it. No directory, no waiting."""
+    if directory is None:
+        yield
+        return
+    with (directory / WARM_UP_LOCK).open("a") as lock:
+        waited = False
+        while True:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
             except BlockingIOError:
-                log.info("another replica warms up on %s: waiting to read its programs back",
-                         directory)  # fmt: skip
-                fcntl.flock(lock, fcntl.LOCK_EX)
-            return work(*args)
-
-    return run
+                if not waited:
+                    log.info("another replica warms up on %s: waiting to read its programs "
+                             "back", directory)  # fmt: skip
+                    waited = True
+                await asyncio.sleep(0.2)
+        yield  # the lock goes with the file
