@@ -41,6 +41,7 @@ ERRORS = {
     "503": "not ready, shutting down, the session store unreachable (Retry-After), or "
     "(/healthz) the model failed to load",
     "504": "deadline exceeded",
+    "426": "(/stream) a plain GET: the stream needs `Upgrade: websocket`",
 }
 # The errors each operation can answer.
 COMMON = ("401", "500", "503")
@@ -56,6 +57,7 @@ OPERATION_ERRORS = {
     ("/metrics", "get"): COMMON,
     ("/readyz", "get"): ("503",),
     ("/healthz", "get"): ("503",),
+    ("/stream", "get"): ("426",),
 }
 OBS = [-1.0, 1.0, 0.0, 0.0]
 SID = "kTq4vQb0TnS3yWmF1cXh2A"
@@ -150,6 +152,7 @@ def build_openapi(app: FastAPI) -> dict:
         "description": "Prometheus text",
         "content": {"text/plain": {"schema": {"type": "string"}}},
     }
+    doc["paths"]["/stream"] = {"get": {**STREAM, "responses": dict(STREAM["responses"])}}
     for (path, method), statuses in OPERATION_ERRORS.items():
         responses = doc["paths"][path][method]["responses"]
         if "422" not in statuses:
@@ -159,7 +162,6 @@ def build_openapi(app: FastAPI) -> dict:
                 "description": ERRORS[status],
                 "content": {"application/json": {"schema": ref(schemas.ErrorBody)}},
             }
-    doc["paths"]["/stream"] = {"get": STREAM}
     components = doc["components"]["schemas"]
     for name in ("HTTPValidationError", "ValidationError"):
         if f"#/components/schemas/{name}" not in json.dumps(doc["paths"]):

@@ -118,6 +118,17 @@ def reply(response: dict) -> bytes:
     })  # fmt: skip
 
 
+@router.get("/stream", include_in_schema=False)  # documented by service.openapi.STREAM
+async def stream_needs_an_upgrade() -> None:
+    """A plain GET (curl, a browser) learns what the address is, instead of a 404."""
+    raise ApiError(
+        426, "upgrade_required",
+        "/stream is a WebSocket: connect with `Upgrade: websocket` (openpi-client's "
+        "WebsocketClientPolicy, or any WebSocket client); /act is the same step over HTTP",
+        headers={"Upgrade": "websocket", "Connection": "Upgrade"},
+    )  # fmt: skip
+
+
 @router.websocket("/stream")
 async def stream(websocket: WebSocket) -> None:
     await websocket.accept()

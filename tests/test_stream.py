@@ -105,6 +105,16 @@ def test_the_stream_refuses_as_openpi_servers_do(server):
         assert http.get(f"/sessions/{session_id}").json()["step"] == -1
 
 
+def test_a_plain_get_of_the_stream_is_told_to_upgrade(server):
+    """curl on /stream: 426 in the API's error shape and `Upgrade: websocket`, not a 404,
+    with or without a key."""
+    for headers in ({}, {"X-API-Key": KEY}):
+        answer = httpx.get(f"{server}/stream?seed=1", headers=headers)
+        assert answer.status_code == 426 and answer.headers["upgrade"] == "websocket"
+        assert answer.json()["error"]["code"] == "upgrade_required"
+        assert "WebSocket" in answer.json()["error"]["message"]
+
+
 def test_action_chunks_over_the_stream_and_http(server):
     """A session asking for action_horizon 3 gets 3 actions a step, the first one `action`;
     a horizon that is not published is refused."""
