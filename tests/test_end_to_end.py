@@ -451,6 +451,7 @@ def test_meta_learnings_validation_measures_the_policy(pendulum_data):
     assert float(measure) == pytest.approx(-float(metrics["imagined_return"]) / horizon)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("trainer", ["reinforce", "imagination"])
 def test_the_controllers_window_trainers_move_c_alone(trainer, pendulum_data, tmp_path):
     """C's stage by REINFORCE or the imagined return, after a joint stage: C moves from where

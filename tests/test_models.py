@@ -237,6 +237,7 @@ def test_history_dropout_hides_the_lstm_state_from_the_psi_loss():
     assert psi_loss(0.0, 0.0) != psi_loss(0.0, 3.0)  # the history conditions the loss
 
 
+@pytest.mark.slow
 def test_without_history_the_psi_model_and_readout_read_z_alone():
     def outputs(history: bool, h_value: float) -> tuple[np.ndarray, np.ndarray]:
         model, params = tiny_successor_model({"history": history})

@@ -82,6 +82,7 @@ def test_the_files_do_not_depend_on_the_workers_and_ogbench_reads_them(tmp_path)
     assert data["terminals"].sum() == 2
 
 
+@pytest.mark.slow
 def test_an_ogbench_file_trains_as_it_is(tmp_path, capsys, monkeypatch):
     """`worldplan train --data FILE.npz` on a file in OGBench's layout, named as OGBench
     names it, with its validation file beside it: the environment comes from the name."""

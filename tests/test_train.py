@@ -289,6 +289,7 @@ def test_cli_inspect_prints_the_bundle(trained, capsys):
     assert (trained.run_dir / METRICS_FILE).exists()
 
 
+@pytest.mark.slow
 def test_a_least_squares_goal_fit_is_the_ridge_optimum_and_peaks_at_its_goal(umaze_data, tmp_path):
     """`value.goal_weights: least_squares`: the bundle keeps states of the data and the ridge
     map from rewards there to weights, which the value stage's steps leave as fitted: no
