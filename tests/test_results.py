@@ -107,6 +107,15 @@ def test_eval_records_where_its_result_came_from(trained, umaze_data, tmp_path):
     assert origin["machine"]["cores"] >= 1
 
 
+def test_only_the_project_s_own_checkout_names_a_commit(tmp_path):
+    """Installed inside another repository (a venv in someone's project), the code's commit
+    is not that repository's."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / "inner").mkdir()
+    assert git_state(tmp_path / "inner") == {"commit": None, "dirty": None}
+    assert git_state(tmp_path)["commit"] is None  # the top, with no commit yet
+
+
 def test_a_dataset_digest_follows_its_bytes(tmp_path):
     (tmp_path / "d" / "data").mkdir(parents=True)
     (tmp_path / "d" / "data" / "main.bin").write_bytes(b"abc")

@@ -26,7 +26,7 @@ SOURCE_ROOT = Path(__file__).resolve().parents[2]
 
 def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
     """The commit checked out at `root` and whether tracked files differ from it; both None
-    where `root` is no git checkout (an installed wheel, an image)."""
+    where `root` is not the top of a git checkout (an installed wheel, an image)."""
 
     def git(*args: str) -> str | None:
         try:
@@ -37,11 +37,16 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
             return None
         return done.stdout if done.returncode == 0 else None
 
-    commit = git("rev-parse", "HEAD")
-    if commit is None:
+    top = git("rev-parse", "--show-toplevel")
+    # Only the project's own checkout: an installed copy inside another repository is not it.
+    if top is None or Path(top.strip()).resolve() != root.resolve():
         return {"commit": None, "dirty": None}
+    commit = git("rev-parse", "HEAD")  # None in a repository with no commit yet
     status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit.strip(), "dirty": None if status is None else bool(status.strip())}
+    return {
+        "commit": commit and commit.strip(),
+        "dirty": None if status is None else bool(status.strip()),
+    }
 
 
 def files_digest(path: str | Path) -> str | None:
