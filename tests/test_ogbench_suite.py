@@ -23,7 +23,7 @@ from training.analysis.ogbench_suite import (
     tuning_tasks,
 )
 from training.config import dataset_config, parse_config
-from training.data.envs import bfs_path
+from training.data.envs import Shift, ShiftedDrive, bfs_path, make_env
 from training.data.ogbench_recipe import collect_ogbench_dataset
 from training.errors import UsageError
 from training.learning.checkpoint import restore_bundle
@@ -264,3 +264,50 @@ def test_the_service_aims_goal_tasks_through_the_subgoal_graph_saved_with_the_bu
 
         info = httpx.get(f"{url}/model").json()
     assert info["subgoals"] == {"nodes": 24, "max_edge_steps": 40, "lookahead": 8.0}
+
+
+@pytest.mark.parametrize(
+    ("items", "first", "second"),
+    [
+        ([], [0.2, 0.0], [0.2, 0.0]),
+        (["rotate=90"], [0.0, 0.2], [0.0, 0.2]),  # the robot turns what it is told by 90°
+        (["gain=0.5"], [0.1, 0.0], [0.1, 0.0]),
+        (["delay=1"], [0.0, 0.0], [0.2, 0.0]),  # a step late: it stands still first
+        (["bias=-1,0.5"], [0.0, 0.1], [0.0, 0.1]),
+    ],
+)
+def test_a_shifted_drive_moves_the_point_as_the_shift_says(items, first, second):
+    env = ShiftedDrive(make_env(ENV), Shift.parse(items))
+    env.reset(seed=0)
+    moves = []
+    for _ in range(2):
+        before = env.unwrapped.get_xy().copy()
+        env.step(np.array([1.0, 0.0], np.float32))  # what the planner asked for
+        moves.append(env.unwrapped.get_xy() - before)
+    np.testing.assert_allclose(moves, [first, second], atol=1e-3)
+    env.close()
+
+
+def test_bad_shifts_are_refused_by_name():
+    assert Shift.parse(["rotate=45", "gain=0.4", "delay=2"]) == Shift(45.0, 0.4, (), 2)
+    for items, message in (
+        (["tilt=3"], "the keys are"),
+        (["gain=x"], "takes numbers"),
+        (["delay=1.5"], "whole number"),
+        (["rotate=1,2"], "one number"),
+    ):
+        with pytest.raises(UsageError, match=message):
+            Shift.parse(items)
+
+
+def test_eval_runs_ogbench_s_tasks_with_a_shifted_drive(run_dir, tmp_path, capsys):
+    out = tmp_path / "shifted"
+    argv = ["eval", str(run_dir), "--suite", "ogbench", "--planner", "random_shooting",
+            "--episodes", "1", "--max-steps", "2", "--batch", "5", "--quiet",
+            "--shift", "rotate=90", "--shift", "delay=1", "--out", str(out)]  # fmt: skip
+    assert cli_main(argv) == 0
+    record = json.loads((out / "ogbench.json").read_text())
+    shift = {"rotate_deg": 90.0, "gain": 1.0, "bias": [], "delay": 1}
+    assert record["shift"] == record["provenance"]["settings"]["shift"] == shift
+    assert cli_main(["eval", str(run_dir), "--shift", "rotate=90", "--quiet"]) == 2
+    assert "--shift runs with --suite ogbench" in capsys.readouterr().err

@@ -167,10 +167,14 @@ def cmd_eval(args: argparse.Namespace) -> None:
         has_goal_episodes,
         with_planning,
     )
+    from training.data.envs import Shift
     from training.learning.checkpoint import restore_bundle
 
     bundle = with_planning(restore_bundle(args.run_dir), settings(args.planning))
     seed = episode_seed(args)
+    shift = Shift.parse(args.shift)
+    if shift and args.suite not in ("ogbench", "ogbench-tuning"):
+        raise UsageError("--shift runs with --suite ogbench or ogbench-tuning")
     planners = list(EVAL_ORDER) if args.planner == "all" else args.planner.split(",")
     out = Path(args.out or Path(args.run_dir) / "eval")
     if args.suite == "ogbench-reach":
@@ -191,7 +195,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
             subgoals = SubgoalSettings(args.subgoals, args.edge_steps, args.subgoal_edges,
                                        args.lookahead)  # fmt: skip
         compare_on_suite(bundle, planners, episodes, seed, out, args.batch, args.max_steps,
-                         not args.quiet, tuning, subgoals)  # fmt: skip
+                         not args.quiet, tuning, subgoals, shift)  # fmt: skip
         print((out / "ogbench.md").read_text())
         print(f"wrote ogbench.json, ogbench.md and ogbench.png to {out}")
         return
@@ -504,6 +508,15 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         metavar="KEY=VALUE",
         help="a setting of the planning section over the bundle's (repeatable), e.g. "
         "action_horizon=4, imagination_steps=10, imagination_value=off, n_samples=128",
+    )
+    p.add_argument(
+        "--shift",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--suite ogbench: a robot whose drive differs from the data's, unknown to the "
+        "planner (repeatable): rotate=DEGREES (the action's first two dimensions), gain=G, "
+        "bias=B1,B2,..., delay=STEPS",
     )
     p.set_defaults(func=cmd_eval)
 

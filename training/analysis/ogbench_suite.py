@@ -28,7 +28,7 @@ from tqdm import tqdm
 from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilson_interval
 from training.analysis.provenance import provenance, write_result
 from training.config import PlanningConfig
-from training.data.envs import bfs_path, make_env
+from training.data.envs import NO_SHIFT, Shift, ShiftedDrive, bfs_path, make_env
 from training.data.ogbench_recipe import cells_at_distance
 from training.errors import UsageError
 from training.learning.checkpoint import Bundle
@@ -281,15 +281,18 @@ def run_lockstep(
     max_steps: int | None = None,
     progress: bool = False,
     subgoals: ValueSubgoals | DataSubgoals | None = None,
+    shift: Shift = NO_SHIFT,
 ) -> list[SuiteEpisode]:
     """The episodes of `starts` in lockstep, one batched decision per time step; with
     `subgoals`, each episode aims at the subgoal its search picks, searched every
-    `subgoals.every` steps."""
+    `subgoals.every` steps; with a `shift`, every episode's robot drives shifted."""
     model, params = bundle.model, bundle.params
     shape, knobs = PlanShape.of(planning), Knobs.of(planning)
     n = len(starts)
     decide = compile_decide(model, shape, batched=True)
     envs = [make_env(bundle.env_id, max_episode_steps=max_steps) for _ in starts]
+    if shift:
+        envs = [ShiftedDrive(env, shift) for env in envs]
     observations, goals, weights = [], [], []
     for env, start in zip(envs, starts, strict=True):
         obs, info = reset_episode(env, start)
@@ -371,12 +374,13 @@ def run_batches(
     max_steps: int | None,
     progress: bool,
     subgoals: ValueSubgoals | DataSubgoals | None = None,
+    shift: Shift = NO_SHIFT,
 ) -> list[SuiteEpisode]:
     """The episodes of `starts`, `batch` at a time in lockstep."""
     episodes = []
     for first in range(0, len(starts), batch):
         episodes += run_lockstep(bundle, planning, starts[first : first + batch], max_steps,
-                                 progress, subgoals)  # fmt: skip
+                                 progress, subgoals, shift)  # fmt: skip
     return episodes
 
 
@@ -389,11 +393,13 @@ def run_suite(
     progress: bool = True,
     label: str | None = None,
     subgoals: ValueSubgoals | DataSubgoals | None = None,
+    shift: Shift = NO_SHIFT,
 ) -> dict:
     """The episodes of `starts`, `batch` at a time in lockstep; the per-task and overall
     success with their intervals."""
     started = time.perf_counter()
-    episodes = run_batches(bundle, planning, starts, batch, max_steps, progress, subgoals)
+    episodes = run_batches(bundle, planning, starts, batch, max_steps, progress, subgoals,
+                           shift)  # fmt: skip
     return {
         "label": label or planning.planner,
         "planner": planning.planner,
@@ -466,11 +472,13 @@ def compare_on_suite(
     progress: bool = True,
     tuning: bool = False,
     subgoals: SubgoalSettings | None = None,
+    shift: Shift = NO_SHIFT,
 ) -> list[dict]:
     """Every planner (or variant) on the same episodes of OGBench's five tasks (or of the
     tuning tasks, drawn with `seed`); writes ogbench.json, ogbench.md and ogbench.png into
     out_dir after each planner. With `subgoals`, every planner aims through that subgoal
-    graph over states of the data."""
+    graph over states of the data; with a `shift`, the robot's drive is shifted (the planner
+    is not told)."""
     from training.analysis.evaluate import check_variants, variant_planning
     from training.analysis.plots import plot_suite
 
@@ -485,11 +493,12 @@ def compare_on_suite(
               "task_options": tasks, "seed": seed, "batch": batch,
               "episodes_per_task": episodes_per_task,
               "subgoals": asdict(subgoals) if subgoals else None,
-              "action_horizon": bundle.config.planning.action_horizon}  # fmt: skip
+              "action_horizon": bundle.config.planning.action_horizon,
+              "shift": asdict(shift)}  # fmt: skip
     origin = provenance(bundle, seed=seed, reset_seeds=[start.seed for start in starts],
                         planners=planners, tasks=record["tasks"], batch=batch,
                         episodes_per_task=episodes_per_task, max_steps=max_steps,
-                        subgoals=record["subgoals"])  # fmt: skip
+                        subgoals=record["subgoals"], shift=record["shift"])  # fmt: skip
     search = subgoals_for(bundle, subgoals) if subgoals else None
     if tuning:
         name += " (tuning tasks)"
@@ -498,7 +507,7 @@ def compare_on_suite(
         planning = variant_planning(bundle, planner)
         label = f"{planner} + subgoals ({subgoals.edges})" if subgoals else planner
         results.append(run_suite(bundle, planning, starts, batch, max_steps, progress, label,
-                                 search))  # fmt: skip
+                                 search, shift))  # fmt: skip
         # Written after every planner: a long evaluation that stops keeps what it measured.
         write_suite(out_dir, name, {**record, "results": results}, origin)
     plot_suite(results, {} if tuning else PUBLISHED.get(name, {}), name, out_dir / "ogbench.png")

@@ -161,6 +161,84 @@ def make_env(name: str, max_episode_steps: int | None = None, **kwargs: Any) -> 
     return env
 
 
+@dataclass(frozen=True)
+class Shift:
+    """A robot whose drive differs from the data's: each action is rotated in its first two
+    dimensions (the plane), scaled, offset, and run `delay` steps late."""
+
+    rotate_deg: float = 0.0
+    gain: float = 1.0
+    bias: tuple[float, ...] = ()
+    delay: int = 0
+
+    KEYS = ("rotate", "gain", "bias", "delay")
+
+    @classmethod
+    def parse(cls, items: Sequence[str]) -> Shift:
+        """`--shift rotate=90 --shift gain=0.4 --shift bias=0.3,0.0 --shift delay=1`."""
+        fields: dict[str, Any] = {}
+        for item in items:
+            key, _, value = item.partition("=")
+            if key not in cls.KEYS:
+                raise UsageError(f"--shift {item!r}: the keys are {', '.join(cls.KEYS)}")
+            try:
+                numbers = [float(v) for v in value.split(",")]
+            except ValueError:
+                raise UsageError(f"--shift {item!r}: {key} takes numbers") from None
+            if key == "bias":
+                fields["bias"] = tuple(numbers)
+            elif len(numbers) != 1:
+                raise UsageError(f"--shift {item!r}: {key} takes one number")
+            elif key == "delay":
+                if not numbers[0].is_integer() or numbers[0] < 0:
+                    raise UsageError(f"--shift {item!r}: a delay is a whole number of steps")
+                fields["delay"] = int(numbers[0])
+            else:
+                fields["rotate_deg" if key == "rotate" else "gain"] = numbers[0]
+        return cls(**fields)
+
+    def __bool__(self) -> bool:
+        return self != Shift()
+
+    def transform(self, action: np.ndarray) -> np.ndarray:
+        """The action the robot runs for `action` (before the delay)."""
+        out = np.asarray(action, np.float64) * self.gain
+        if self.rotate_deg:
+            angle = np.deg2rad(self.rotate_deg)
+            c, s = np.cos(angle), np.sin(angle)
+            out[:2] = [c * out[0] - s * out[1], s * out[0] + c * out[1]]
+        if self.bias:
+            if len(self.bias) != len(out):
+                raise UsageError(f"--shift bias has {len(self.bias)} numbers, actions {len(out)}")
+            out = out + np.asarray(self.bias)
+        return out
+
+
+NO_SHIFT = Shift()  # the drive as in the data
+
+
+class ShiftedDrive(gym.Wrapper):
+    """The environment behind a shifted drive: every action goes through `shift` (and its
+    delay; zeros run first) and is clipped to the action space before the environment
+    runs it. Nothing of it reaches the planner."""
+
+    def __init__(self, env: gym.Env, shift: Shift):
+        super().__init__(env)
+        self.shift = shift
+        self.pending: deque = deque()
+
+    def reset(self, **kwargs):
+        zero = np.zeros(self.action_space.shape, np.float64)
+        self.pending = deque([zero] * self.shift.delay)
+        return self.env.reset(**kwargs)
+
+    def step(self, action):
+        self.pending.append(self.shift.transform(action))
+        run = self.pending.popleft()
+        space = self.action_space
+        return self.env.step(np.clip(run, space.low, space.high).astype(space.dtype))
+
+
 class BehaviourPolicy(Protocol):
     def reset_options(self) -> dict | None: ...
 
