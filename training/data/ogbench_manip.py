@@ -18,11 +18,8 @@ worker processes and the files do not depend on how many there were.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -32,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from training.data.datasets import ensure_free
+from training.data.ogbench_files import write_split
 from training.errors import UsageError
 
 SOURCE = "OGBench data_gen_scripts/generate_manipspace.py, flags from data_gen_scripts/commands.sh"
@@ -198,65 +196,38 @@ def collect_manip(
     val_episodes = train_episodes // 10
     total = train_episodes + val_episodes
     workers = max(1, min(workers or os.cpu_count() or 1, total))
-    out_dir = Path(out_dir).expanduser().resolve()
-    ensure_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        tasks = [(recipe, seed, index) for index in range(total)]
-        bar = tqdm(total=total, desc=recipe.dataset_name, unit="ep", disable=not progress)
-        episodes_run, draws = [], 0
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            for rows, tries in pool.imap(collect_episode, tasks):  # in index order
-                episodes_run.append(rows)
-                draws += tries
-                bar.update()
-        bar.close()
-        name = recipe.dataset_name
-        for file_name, chunk in (
-            (f"{name}.npz", episodes_run[:train_episodes]),
-            (f"{name}-val.npz", episodes_run[train_episodes:]),
-        ):
-            np.savez_compressed(staging / file_name, **concatenate(chunk, episodes_run[0]))
-        settings = {
-            "dataset_name": name,
-            "env_id": recipe.env_id,
-            "env_kwargs": {
-                "terminate_at_goal": False,
-                "mode": "data_collection",
-                "max_episode_steps": recipe.max_episode_steps,
-            },
-            "dataset_type": "play",
-            **{k: v for k, v in asdict(recipe).items() if k not in ("dataset_name", "env_id")},
-            "seed": seed,
-            "episodes": train_episodes,
-            "val_episodes": val_episodes,
-            "published_episodes": recipe.num_episodes,
-            "redrawn_episodes": draws - total,
-            "train_rows": sum(len(e["terminals"]) for e in episodes_run[:train_episodes]),
-            "val_rows": sum(len(e["terminals"]) for e in episodes_run[train_episodes:]),
-            "recipe": SOURCE,
-            "seeding": "each episode seeds numpy.random and env.reset with "
-            "SeedSequence([seed, index, attempt]), so the files do not depend on the workers",
-            "workers": workers,
-            "ogbench_version": version("ogbench"),
-            "files": {"train": f"{name}.npz", "val": f"{name}-val.npz"},
-        }
-        (staging / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
-        staging.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir / f"{recipe.dataset_name}.npz"
-
-
-def concatenate(parts: list[dict], like: dict) -> dict[str, np.ndarray]:
-    """The episodes' rows as one array per key (empty, of the right shape, for none)."""
-    if not parts:
-        return {k: np.zeros((0, *v.shape[1:]), v.dtype) for k, v in like.items()}
-    return {k: np.concatenate([p[k] for p in parts]) for k in like}
+    ensure_free(Path(out_dir).expanduser())  # before the collection, not after it
+    tasks = [(recipe, seed, index) for index in range(total)]
+    bar = tqdm(total=total, desc=recipe.dataset_name, unit="ep", disable=not progress)
+    episodes_run, draws = [], 0
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for rows, tries in pool.imap(collect_episode, tasks):  # in index order
+            episodes_run.append(rows)
+            draws += tries
+            bar.update()
+    bar.close()
+    settings = {
+        "dataset_name": recipe.dataset_name,
+        "env_id": recipe.env_id,
+        "env_kwargs": {
+            "terminate_at_goal": False,
+            "mode": "data_collection",
+            "max_episode_steps": recipe.max_episode_steps,
+        },
+        "dataset_type": "play",
+        **{k: v for k, v in asdict(recipe).items() if k not in ("dataset_name", "env_id")},
+        "seed": seed,
+        "episodes": train_episodes,
+        "val_episodes": val_episodes,
+        "published_episodes": recipe.num_episodes,
+        "redrawn_episodes": draws - total,
+        "recipe": SOURCE,
+        "seeding": "each episode seeds numpy.random and env.reset with "
+        "SeedSequence([seed, index, attempt]), so the files do not depend on the workers",
+        "workers": workers,
+        "ogbench_version": version("ogbench"),
+    }
+    return write_split(out_dir, recipe.dataset_name, episodes_run, train_episodes, settings)
 
 
 def get_manip_recipe(dataset_name: str) -> ManipRecipe:

@@ -43,6 +43,7 @@ from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
 from training.data.datasets import SIDECAR, _data_dir, _minari_root, ensure_free
+from training.data.ogbench_files import write_split
 from training.errors import UsageError
 
 SOURCE = "OGBench data_gen_scripts/generate_locomaze.py, flags from data_gen_scripts/commands.sh"
@@ -280,58 +281,29 @@ def collect_ogbench(
     if train_episodes < 1:
         raise UsageError(f"episodes must be at least 1, got {train_episodes}")
     val_episodes = recipe.val_episodes(train_episodes)
-    out_dir = Path(out_dir).expanduser().resolve()
-    ensure_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        episodes_run = rollouts(recipe, train_episodes + val_episodes, seed=seed, progress=progress)
-        parts = [r.rows for r in episodes_run]
-        name = recipe.dataset_name
-        for file_name, chunk in (
-            (f"{name}.npz", parts[:train_episodes]),
-            (f"{name}-val.npz", parts[train_episodes:]),
-        ):
-            np.savez_compressed(staging / file_name, **_concatenate(chunk, parts[0]))
-        settings = {
-            "dataset_name": name,
-            "env_id": recipe.env_id,
-            "env_kwargs": {
-                "terminate_at_goal": False,
-                "max_episode_steps": recipe.max_episode_steps,
-            },
-            "dataset_type": recipe.dataset_type,
-            "seed": seed,
-            "episodes": train_episodes,
-            "val_episodes": val_episodes,
-            "published_episodes": recipe.num_episodes,
+    ensure_free(Path(out_dir).expanduser())  # before the collection, not after it
+    episodes_run = rollouts(recipe, train_episodes + val_episodes, seed=seed, progress=progress)
+    settings = {
+        "dataset_name": recipe.dataset_name,
+        "env_id": recipe.env_id,
+        "env_kwargs": {
+            "terminate_at_goal": False,
             "max_episode_steps": recipe.max_episode_steps,
-            "noise": recipe.noise,
-            "train_rows": sum(len(p["terminals"]) for p in parts[:train_episodes]),
-            "val_rows": sum(len(p["terminals"]) for p in parts[train_episodes:]),
-            "recipe": SOURCE,
-            "seeding": "numpy.random.seed(seed) for the recipe's draws (restored afterwards); "
-            "env.reset(seed=seed) and env.action_space.seed(seed) once, for the first episode",
-            "ogbench_version": version("ogbench"),
-            "files": {"train": f"{name}.npz", "val": f"{name}-val.npz"},
-        }
-        (staging / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp's 0o700 is for the staging only
-        if out_dir.exists():
-            out_dir.rmdir()  # ensure_free allowed only an empty directory
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return out_dir / f"{recipe.dataset_name}.npz"
-
-
-def _concatenate(
-    parts: list[dict[str, np.ndarray]], like: dict[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """The episodes' rows as one array per key (empty, with the right shape, for no episodes)."""
-    if not parts:
-        return {k: np.zeros((0, *like[k].shape[1:]), like[k].dtype) for k in NPZ_KEYS}
-    return {k: np.concatenate([p[k] for p in parts]) for k in NPZ_KEYS}
+        },
+        "dataset_type": recipe.dataset_type,
+        "seed": seed,
+        "episodes": train_episodes,
+        "val_episodes": val_episodes,
+        "published_episodes": recipe.num_episodes,
+        "max_episode_steps": recipe.max_episode_steps,
+        "noise": recipe.noise,
+        "recipe": SOURCE,
+        "seeding": "numpy.random.seed(seed) for the recipe's draws (restored afterwards); "
+        "env.reset(seed=seed) and env.action_space.seed(seed) once, for the first episode",
+        "ogbench_version": version("ogbench"),
+    }
+    rows = [r.rows for r in episodes_run]
+    return write_split(out_dir, recipe.dataset_name, rows, train_episodes, settings)
 
 
 # ----- the Minari copy -----
