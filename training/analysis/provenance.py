@@ -93,7 +93,10 @@ def provenance(
         **git_state(),
         "machine": {
             "cores": os.cpu_count(),
-            "cores_usable": len(os.sched_getaffinity(0)),
+            # the cores this process may run on (taskset); not every system can say
+            "cores_usable": len(os.sched_getaffinity(0))
+            if hasattr(os, "sched_getaffinity")
+            else None,
             "platform": platform.platform(),
             "python": platform.python_version(),
         },
