@@ -7,8 +7,9 @@ import subprocess
 from pathlib import Path
 
 from service.cli import main as cli_main
-from training.analysis.provenance import files_digest, git_state
+from training.analysis.provenance import git_state
 from training.analysis.results_check import check_page, mismatch, quoted_figures, resolve
+from training.data.datasets import files_digest
 from training.learning.checkpoint import model_version, restore_bundle
 
 ROOT = Path(__file__).resolve().parents[1]

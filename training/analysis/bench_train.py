@@ -19,8 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from training.analysis.evaluate import markdown_table
-from training.analysis.provenance import files_digest, provenance, write_result
+from training.analysis.provenance import provenance, write_result
 from training.config import Config, parse_config
+from training.data.datasets import files_digest
 from training.errors import UsageError
 from training.learning.joint import PHASES, phase_start
 from training.learning.loop import initial_opt_states, new_run

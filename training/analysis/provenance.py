@@ -7,7 +7,6 @@ and the data that made it."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from training.data.datasets import files_digest
 from training.learning import checkpoint
 from training.learning.checkpoint import Bundle
 
@@ -47,25 +47,6 @@ def git_state(root: Path = SOURCE_ROOT) -> dict[str, Any]:
         "commit": commit and commit.strip(),
         "dirty": None if status is None else bool(status.strip()),
     }
-
-
-def files_digest(path: str | Path) -> str | None:
-    """SHA-256 over a file's bytes, or over a folder's files (relative names and bytes, in
-    sorted order); None where nothing is there (a dataset named by its Minari id)."""
-    path = Path(path)
-    if path.is_file():
-        files = [(path.name, path)]
-    elif path.is_dir():
-        files = sorted((str(p.relative_to(path)), p) for p in path.rglob("*") if p.is_file())
-    else:
-        return None
-    digest = hashlib.sha256()
-    for name, file in files:
-        digest.update(name.encode() + b"\0")
-        with file.open("rb") as handle:
-            while chunk := handle.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
 
 
 def bundle_provenance(bundle: Bundle) -> dict[str, Any]:

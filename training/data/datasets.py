@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -140,6 +141,25 @@ def _run_episode(env: Any, policy: Any, seed: int) -> None:
         obs, _, terminated, truncated, _ = env.step(policy.act(obs))
         if terminated or truncated:
             return
+
+
+def files_digest(path: str | Path) -> str | None:
+    """SHA-256 over a file's bytes, or over a folder's files (relative names and bytes, in
+    sorted order); None where nothing is there (a dataset named by its Minari id)."""
+    path = Path(path)
+    if path.is_file():
+        files = [(path.name, path)]
+    elif path.is_dir():
+        files = sorted((str(p.relative_to(path)), p) for p in path.rglob("*") if p.is_file())
+    else:
+        return None
+    digest = hashlib.sha256()
+    for name, file in files:
+        digest.update(name.encode() + b"\0")
+        with file.open("rb") as handle:
+            while chunk := handle.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
 
 
 def ensure_free(out_dir: Path) -> None:

@@ -23,7 +23,6 @@ afterwards.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ import ogbench.manipspace  # noqa: F401  (and its manipulation environments)
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from training.data.datasets import SIDECAR, _data_dir, _minari_root, ensure_free
+from training.data.datasets import SIDECAR, _data_dir, _minari_root, ensure_free, files_digest
 from training.data.ogbench_files import write_split
 from training.errors import UsageError
 
@@ -477,7 +476,7 @@ def minari_copy(npz_path: str | Path, cache: str | Path | None = None) -> Path:
     if not npz_path.is_file():
         raise FileNotFoundError(f"no file at {npz_path}")
     env_id = npz_env_id(npz_path)
-    digest = hashlib.sha256(npz_path.read_bytes()).hexdigest()[:12]
+    digest = files_digest(npz_path)[:12]  # read in chunks: these files run to 100s of MB
     root = Path(cache or os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
     out = (root / "worldplan" / "ogbench" if cache is None else root) / f"{npz_path.stem}-{digest}"
     if (out / "data").is_dir():
@@ -487,7 +486,7 @@ def minari_copy(npz_path: str | Path, cache: str | Path | None = None) -> Path:
         "dataset_name": npz_path.stem,
         "env_id": env_id,
         "npz_path": str(npz_path),
-        "npz_sha256_12": digest,
+        "npz_digest_12": digest,  # datasets.files_digest
         "val_path": str(val) if val.is_file() else None,
         "minari_split": "train",
     }
