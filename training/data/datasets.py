@@ -162,6 +162,22 @@ def files_digest(path: str | Path) -> str | None:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def staged(out_dir: Path) -> Iterator[Path]:
+    """A new folder beside `out_dir` to write into: renamed to `out_dir` (absent or empty)
+    when the block ends, so that what it holds appears all at once; removed if it fails."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield staging
+        staging.chmod(0o755)  # mkdtemp's 0o700 is for the staging only
+        if out_dir.exists():
+            out_dir.rmdir()  # ensure_free allowed only an empty directory
+        staging.rename(out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 def ensure_free(out_dir: Path) -> None:
     """Refuses an out_dir that exists and is not an empty folder."""
     if _data_dir(out_dir) is not None:

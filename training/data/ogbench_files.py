@@ -5,14 +5,12 @@ every setting of the collection. Both recipes (ogbench_recipe, ogbench_manip) wr
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from training.data.datasets import ensure_free
+from training.data.datasets import ensure_free, staged
 
 
 def concatenate(parts: list[dict[str, np.ndarray]], like: dict[str, np.ndarray]) -> dict:
@@ -36,10 +34,8 @@ def write_split(
     training file."""
     out_dir = Path(out_dir).expanduser().resolve()
     ensure_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        train, val = episodes[:train_episodes], episodes[train_episodes:]
+    train, val = episodes[:train_episodes], episodes[train_episodes:]
+    with staged(out_dir) as staging:
         for file_name, chunk in ((f"{name}.npz", train), (f"{name}-val.npz", val)):
             np.savez_compressed(staging / file_name, **concatenate(chunk, episodes[0]))
         settings = {
@@ -49,10 +45,4 @@ def write_split(
             "files": {"train": f"{name}.npz", "val": f"{name}-val.npz"},
         }
         (staging / f"{name}.json").write_text(json.dumps(settings, indent=2) + "\n")
-        staging.chmod(0o755)  # mkdtemp's 0o700 is for the staging only
-        if out_dir.exists():
-            out_dir.rmdir()  # ensure_free allowed only an empty directory
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir / f"{name}.npz"

@@ -41,7 +41,14 @@ import ogbench.manipspace  # noqa: F401  (and its manipulation environments)
 from minari.data_collector import EpisodeBuffer
 from tqdm import tqdm
 
-from training.data.datasets import SIDECAR, _data_dir, _minari_root, ensure_free, files_digest
+from training.data.datasets import (
+    SIDECAR,
+    _data_dir,
+    _minari_root,
+    ensure_free,
+    files_digest,
+    staged,
+)
 from training.data.ogbench_files import write_split
 from training.errors import UsageError
 
@@ -426,9 +433,7 @@ def collect_ogbench_dataset(
         raise UsageError(f"unknown OGBench dataset {dataset_name!r}; known: {known}")
     out_dir = Path(out_dir).expanduser().resolve()
     ensure_free(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with staged(out_dir) as staging:
         npz = make_npz(name, staging / NPZ_DIR, seed=seed, episodes=episodes, progress=progress)
         settings = json.loads(npz.with_suffix(".json").read_text())
         settings["files"] = {k: f"{NPZ_DIR}/{v}" for k, v in settings["files"].items()}
@@ -439,12 +444,6 @@ def collect_ogbench_dataset(
             env_kwargs=settings["env_kwargs"],
             info={**settings, "minari_split": "train"},
         )
-        staging.chmod(0o755)
-        if out_dir.exists():
-            out_dir.rmdir()
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
@@ -490,12 +489,6 @@ def minari_copy(npz_path: str | Path, cache: str | Path | None = None) -> Path:
         "val_path": str(val) if val.is_file() else None,
         "minari_split": "train",
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged(out) as staging:
         to_minari(npz_path, staging, env_id, info=info)
-        staging.chmod(0o755)
-        staging.rename(out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return out
