@@ -39,14 +39,15 @@ from training.planning.planners import (
 )
 from training.planning.step_rule import Carried, after_act, after_adapt, starting_delta
 from training.planning.subgoals import (
-    AIM_REACH,
     SUBGOALS_FILE,
     DataGraph,
     DataRoute,
     data_aim,
     data_route,
     goal_weights,
+    graph_lengths,
     load_data_graph,
+    point_function,
 )
 from training.planning.tasks import TaskError, default_task, task_weights
 
@@ -157,6 +158,9 @@ class Engine:
         # A subgoal graph over the data and its lookahead: goal tasks then aim through it.
         self.subgoals = subgoals
         self._routes: dict[tuple[float, ...], DataRoute] = {}
+        # Where the graph measures a state and a goal (the learned map's are jitted once).
+        self._state_point = point_function(self.model)
+        self._goal_point = point_function(self.model, goal=True)
         self._routes_lock = threading.Lock()
 
     @property
@@ -242,7 +246,8 @@ class Engine:
         with self._routes_lock:
             if key in self._routes:
                 return self._routes[key]
-        route = data_route(self.subgoals[0], np.asarray(key, np.float32))
+        point = self._goal_point(self.params, np.asarray(key, np.float32)[None])[0]
+        route = data_route(self.subgoals[0], np.asarray(point))
         with self._routes_lock:
             if len(self._routes) >= MAX_ROUTES:
                 self._routes.pop(next(iter(self._routes)))
@@ -257,10 +262,9 @@ class Engine:
         if self.subgoals is None or task.get("kind") != "goal":
             return weights
         graph, lookahead = self.subgoals
-        value = self.model.config.value
-        position = np.asarray(observation)[list(value.goal_dims)]
-        aim = data_aim(graph, self.route(task["goal"]), position, lookahead,
-                       AIM_REACH * value.goal_sigma)  # fmt: skip
+        point = np.asarray(self._state_point(self.params, np.asarray(observation)[None])[0])
+        aim = data_aim(graph, self.route(task["goal"]), point, lookahead,
+                       graph_lengths(self.model).aim_reach)  # fmt: skip
         if aim is None:
             return weights
         return as_float32(goal_weights(self.model, self.params, aim[None])[0])

@@ -4,7 +4,9 @@ the next subgoal, on graphs whose answers are known."""
 import numpy as np
 
 from training.planning.subgoals import (
+    POSITION_LENGTHS,
     DataGraph,
+    GraphLengths,
     Route,
     SubgoalGraph,
     data_aim,
@@ -18,6 +20,7 @@ from training.planning.subgoals import (
 )
 
 GAMMA = 0.99
+MAZE = GraphLengths(*POSITION_LENGTHS, aim_reach=4.0)  # the point mazes' lengths, in units
 INF = np.inf
 
 
@@ -110,7 +113,7 @@ def u_graph(max_edge_steps: int = 40) -> DataGraph:
     episode = np.repeat([0, 1], len(path))
     nodes = np.array([0, 10, 20, 28, 38, 47])  # (0,0) (0,5) (0,10) (4,10) (4,5) (4,0.5)
     return data_graph(trajectory, episode, nodes, trajectory[nodes], np.zeros((6, 3)),
-                      radius=0.3, max_edge_steps=max_edge_steps)  # fmt: skip
+                      lengths=MAZE, max_edge_steps=max_edge_steps)  # fmt: skip
 
 
 def test_data_edges_are_the_steps_the_data_took_never_through_the_wall():
@@ -173,7 +176,7 @@ def test_the_node_a_decision_starts_from_is_one_the_data_joins_to_here_not_one_a
     episode = np.repeat([0, 1], len(path))
     nodes = np.array([0, 10, 20, 23, 33, 42])
     graph = data_graph(trajectory, episode, nodes, trajectory[nodes], np.zeros((6, 3)),
-                       radius=0.3, max_edge_steps=12)  # fmt: skip
+                       lengths=MAZE, max_edge_steps=12)  # fmt: skip
     route = data_route(graph, trajectory[42])
     # At (0.1, 2.4) the nearest node is the goal's, through the wall; the data joins (0, 0)
     # and (0, 5) to here within 6 steps, so the path starts at (0, 0), up the left arm.

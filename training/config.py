@@ -19,12 +19,12 @@ from pydantic import (
 from training.errors import UsageError
 
 CONFIG_DIR = Path(__file__).parent / "configs"
-STAGES = ("vae", "mdn", "controller", "psi", "readout", "value")
+STAGES = ("vae", "mdn", "controller", "geometry", "psi", "readout", "value")
 # The world-model stages of each mode, before the successor-feature stages: staged ends with
 # C's own stage, the joint modes with one only when train.controller names a trainer.
 WORLD_STAGES = {"staged": ("vae", "mdn", "controller"), "end_to_end": ("joint",),
                 "alternating": ("joint",)}  # fmt: skip
-SUCCESSOR_STAGES = ("psi", "readout", "value")
+SUCCESSOR_STAGES = ("geometry", "psi", "readout", "value")
 # How the controller stage trains C, V and M held fixed: cloning the data's actions weighted
 # by their returns, REINFORCE on the data's windows, the imagined return backpropagated
 # through M, or CMA-ES on C's weights by its return in M's dream or in the real environment.
@@ -88,7 +88,9 @@ class SuccessorConfig(Strict):
         None, description="observation dimensions phi reads (all when unset)"
     )
     n_features: int = Field(64, gt=0, le=4096, description="random Fourier features (+1 bias)")
-    lengthscale: float = Field(0.5, gt=0.0)
+    lengthscale: float = Field(
+        0.5, gt=0.0, description="of the Fourier features: normalised units, or steps (geometry)"
+    )
     gamma: float = Field(0.99, gt=0.0, lt=1.0)
     hidden: int = Field(256, gt=0)
     depth: int = Field(3, gt=0)
@@ -125,11 +127,34 @@ class ReadoutConfig(Strict):
     )
 
 
+class GeometryConfig(Strict):
+    space: Literal["position", "steps"] = Field(
+        "position",
+        description="where goals, the cumulants and the subgoal graph measure: `position`, "
+        "the observation's own dimensions (value.goal_dims, successor.feature_dims) in its "
+        "own units; `steps`, a map of the whole observation learned from the data, in which "
+        "distance counts the steps between states (the geometry stage), so that goal "
+        "widths and every length of the graph are counted in steps",
+    )
+    dim: int = Field(16, gt=0, le=256, description="steps: the learned map's dimensions")
+    hidden: int = Field(256, gt=0)
+    depth: int = Field(3, gt=0)
+    expectile: float = Field(
+        0.2,
+        gt=0.0,
+        lt=1.0,
+        description="steps: the distance between two states of a window fits this expectile "
+        "of the steps the data took between them (below a half: the quicker ways count)",
+    )
+
+
 class ValueConfig(Strict):
     goal_dims: tuple[int, ...] | None = Field(
         None, description="observation dimensions a goal names; unset: no goal tasks"
     )
-    goal_sigma: float = Field(0.5, gt=0.0, description="width of the goal reward")
+    goal_sigma: float = Field(
+        0.5, gt=0.0, description="width of the goal reward: goal units, or steps (geometry)"
+    )
     goal_weights: Literal["decoder", "least_squares"] = Field(
         "decoder",
         description="a goal's cumulant weights: from a learned decoder of the goal, or by "
@@ -300,6 +325,7 @@ class TrainConfig(Strict):
     vae_steps: int = Field(2000, ge=0)
     mdn_steps: int = Field(2000, ge=0)
     controller_steps: int = Field(1000, ge=0)
+    geometry_steps: int = Field(0, ge=0, description="geometry.space steps: the map's steps")
     psi_steps: int = Field(4000, ge=0)
     readout_steps: int = Field(2000, ge=0)
     value_steps: int = Field(0, ge=0)
@@ -350,6 +376,7 @@ class Config(Strict):
     controller: ControllerConfig = ControllerConfig()
     successor: SuccessorConfig = SuccessorConfig()
     readout: ReadoutConfig = ReadoutConfig()
+    geometry: GeometryConfig = GeometryConfig()
     value: ValueConfig = ValueConfig()
     planning: PlanningConfig = PlanningConfig()
     joint: JointConfig = JointConfig()
@@ -367,8 +394,21 @@ class Config(Strict):
             raise UsageError(
                 f"unknown env {self.env!r}; known: {known}, or a registered gymnasium id"
             ) from None
-        if self.train.value_steps and self.value.goal_dims is None:
-            raise UsageError("train.value_steps > 0 needs value.goal_dims (the goal's dimensions)")
+        steps = self.geometry.space == "steps"
+        if self.train.value_steps and self.value.goal_dims is None and not steps:
+            raise UsageError(
+                "train.value_steps > 0 needs goal tasks: value.goal_dims (the goal's "
+                "dimensions) or geometry.space: steps (goals are whole observations)"
+            )
+        if steps != (self.train.geometry_steps > 0):
+            raise UsageError("geometry.space: steps and train.geometry_steps > 0 go together")
+        if steps and (self.value.goal_dims is not None or self.successor.feature_dims
+                      or self.successor.cumulant_input != "observation"):  # fmt: skip
+            raise UsageError(
+                "geometry.space: steps measures goals and cumulants in the learned map of the "
+                "whole observation: leave value.goal_dims and successor.feature_dims unset "
+                "and successor.cumulant_input at observation"
+            )
         tbptt = self.train.tbptt
         if tbptt is not None and self.data.seq_len % tbptt:
             raise UsageError(f"train.tbptt {tbptt} must divide data.seq_len {self.data.seq_len}")

@@ -36,7 +36,6 @@ from training.models.mdn_rnn import initial_state
 from training.planning.planners import Knobs, PlanShape, compile_decide, session_key, zero_delta
 from training.planning.step_rule import NOTHING, after_act, starting_delta
 from training.planning.subgoals import (
-    AIM_REACH,
     DataGraph,
     SubgoalGraph,
     build_data_graph,
@@ -45,8 +44,11 @@ from training.planning.subgoals import (
     data_aim,
     data_route,
     goal_weights,
+    graph_lengths,
     next_target,
+    point_function,
     route_to,
+    state_points,
 )
 from training.planning.tasks import task_weights
 
@@ -63,10 +65,6 @@ PUBLISHED = {
     "pointmaze-large-stitch-v0": {"GCIQL": 31, "HIQL": 13, "QRL": 84},
     "pointmaze-giant-stitch-v0": {"GCIQL": 0, "HIQL": 0, "QRL": 50},
 }
-# A position within this of a node counts as at it (data-edged graphs): under two steps of
-# the data's travel, so that a passage's step count runs from node to node, and far less
-# than a wall's thickness (a whole 4-unit cell), so that it never counts across one.
-NODE_RADIUS = 0.3
 
 
 @dataclass(frozen=True)
@@ -75,7 +73,7 @@ class SuiteEpisode:
     seed: int
     success: bool
     steps: int
-    final_distance: float  # from the last position to the goal
+    final_distance: float  # from the last state to the goal, where goals measure
     plan_ms: float  # median wall time of the batched decisions it took part in
     value_gain: float  # mean over steps of V after - V before adaptation
 
@@ -179,13 +177,11 @@ class ValueSubgoals:
     def __init__(self, graph: SubgoalGraph, reach, every: int):
         self.graph, self.reach, self.every = graph, reach, every
         self.routes: list = []
-        self.dims: list[int] = []
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
         key = jax.random.key(0)
         self.routes = [route_to(self.graph, self.reach, bundle.params, bundle.model, g, key)
                        for g in goals]  # fmt: skip
-        self.dims = list(bundle.model.config.value.goal_dims)
 
     def aims(self, params, observations, lstm_h, own_weights, step) -> list | None:
         """Each episode's point to aim at (a node; None: its goal); None for all: keep the
@@ -197,39 +193,40 @@ class ValueSubgoals:
         k = len(self.graph.weights)
         targets = [next_target(self.graph, route, values[i, :k], values[i, k + i])
                    for i, route in enumerate(self.routes)]  # fmt: skip
-        return [None if t is None else self.graph.observations[t][self.dims] for t in targets]
+        return [None if t is None else self.graph.weights[t] for t in targets]
 
 
 class DataSubgoals:
     """Subgoal search over a graph whose edges the data's own trajectories give
     (subgoals.DataGraph): at every decision, the node `lookahead` steps on along the
     shortest path from the node nearest to the agent, or a point of the data's way to it
-    within AIM_REACH goal widths."""
+    within reach (graph_lengths)."""
 
-    def __init__(self, graph: DataGraph, lookahead: float):
-        self.graph, self.lookahead = graph, lookahead
+    def __init__(self, graph: DataGraph, lookahead: float, reach: float):
+        self.graph, self.lookahead, self.reach = graph, lookahead, reach
         self.routes: list = []
-        self.dims: list[int] = []
-        self.reach = 0.0
+        self.model, self.point = None, None
 
     def start(self, bundle: Bundle, goals: list[np.ndarray]) -> None:
-        self.routes = [data_route(self.graph, g) for g in goals]
-        value = bundle.model.config.value
-        self.dims, self.reach = list(value.goal_dims), AIM_REACH * value.goal_sigma
+        self.model, self.point = bundle.model, point_function(bundle.model)
+        points = state_points(bundle.model, bundle.params, np.stack(goals), goal=True)
+        self.routes = [data_route(self.graph, point) for point in points]
 
     def aims(self, params, observations, lstm_h, own_weights, step) -> list:
-        episodes = zip(observations, self.routes, strict=True)
-        return [data_aim(self.graph, route, np.asarray(obs)[self.dims], self.lookahead,
-                         self.reach) for obs, route in episodes]  # fmt: skip
+        points = state_points(self.model, params, observations, point=self.point)
+        aims = [data_aim(self.graph, route, point, self.lookahead, self.reach)
+                for point, route in zip(points, self.routes, strict=True)]  # fmt: skip
+        return [None if aim is None else goal_weights(self.model, params, aim[None])[0]
+                for aim in aims]  # fmt: skip
 
 
-def aim_weights(model, params, aims: list, own_weights: np.ndarray) -> np.ndarray:
-    """Each episode's task weights [n, P]: its goal's own where its aim is None, else the
-    goal fit's at its aim, in one call."""
-    rows = [i for i, aim in enumerate(aims) if aim is not None]
+def aim_weights(aims: list, own_weights: np.ndarray) -> np.ndarray:
+    """Each episode's task weights [n, P]: its goal's own where its aim is None, else its
+    aim's."""
     weights = own_weights.copy()
-    if rows:
-        weights[rows] = goal_weights(model, params, np.stack([aims[i] for i in rows]))
+    for i, aim in enumerate(aims):
+        if aim is not None:
+            weights[i] = aim
     return weights
 
 
@@ -266,8 +263,8 @@ def subgoals_for(
     episodes = dataset_episodes(bundle, data)
     if settings.edges == "data":
         graph = build_data_graph(bundle.model, bundle.params, episodes, settings.nodes,
-                                 int(settings.edge_steps), NODE_RADIUS)  # fmt: skip
-        return DataSubgoals(graph, settings.lookahead)
+                                 int(settings.edge_steps))  # fmt: skip
+        return DataSubgoals(graph, settings.lookahead, graph_lengths(bundle.model).aim_reach)
     sample_steps = bundle.config.planning.sample_steps
     graph = build_graph(bundle.model, bundle.params, np.concatenate(episodes), settings.nodes,
                         settings.edge_steps, n_samples, sample_steps)  # fmt: skip
@@ -326,7 +323,7 @@ def run_lockstep(
         if subgoals is not None:
             aims = subgoals.aims(params, np.stack(observations), lstm[1], own_weights, step)
         if aims is not None:
-            weights = jnp.asarray(aim_weights(model, params, aims, own_weights))
+            weights = jnp.asarray(aim_weights(aims, own_weights))
         keys = jax.vmap(session_key)(seeds, jnp.full(n, step, jnp.uint32))
         started = time.perf_counter()
         out = decide(params, lstm, jnp.asarray(np.stack(observations)), weights, keys,
@@ -352,13 +349,15 @@ def run_lockstep(
                     break
         step += 1
     bar.close()
+    left = state_points(model, params, np.stack(observations))
+    goal_points = state_points(model, params, np.stack(goals), goal=True)
     return [
         SuiteEpisode(
             task=start.task,
             seed=start.seed,
             success=bool(success[i]),
             steps=int(steps[i]),
-            final_distance=float(np.linalg.norm(observations[i][:2] - goals[i])),
+            final_distance=float(np.linalg.norm(left[i] - goal_points[i])),
             plan_ms=float(np.median(plan_ms[i])),
             value_gain=float(np.mean(gains[i])),
         )

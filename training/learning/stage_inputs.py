@@ -174,7 +174,7 @@ def build_transitions(model: Networks, params: dict, data: DeviceData, episode: 
     returns = discounted_returns(data.rewards, data.dones, cfg.controller.gamma)
     weights = return_weights(returns, data.mask, cfg.controller.return_temperature)
     observations = data.observations[:, :-1]
-    if cfg.value.goal_dims is None:
+    if model.goal_decoder is None:
         observations = jnp.zeros((*observations.shape[:2], 0))
     valid = np.asarray(data.mask) > 0
     phi, dones = np.asarray(phi[valid]), np.asarray(data.dones[valid])
@@ -227,6 +227,8 @@ def prepare_stage(
         return params, controller_inputs(model, params, data, episode)
     if stage == "vae":
         return params, (data.frames,)
+    if stage == "geometry":
+        return params, (data.observations, data.mask)
     if stage == "mdn":
         mu, logvar = encode_sequences(model, params, data.observations)
         return params, (mu, logvar, data.actions, data.rewards, data.dones, data.mask)
@@ -240,24 +242,25 @@ def prepare_stage(
 
 
 def fit_goal_weights(model: Networks, params: dict, observations: jax.Array) -> dict:
-    """The least-squares goal fit (GoalFit's params): the data's states it keeps, half of
-    them moved anywhere in the box the goal dimensions span grown by a goal's width (the
-    goal reward is known everywhere, so the fit need not stop where the data thins out),
-    and the ridge map from the rewards at those states to cumulant weights. Drawn by the
-    config's seed.
+    """The least-squares goal fit (GoalFit's params): the data's states it keeps and the
+    ridge map from the rewards at those states to cumulant weights. Drawn by the config's
+    seed. With goal dimensions, half of the states are moved anywhere in the box the goal
+    dimensions span grown by a goal's width (the goal reward is known everywhere, so the
+    fit need not stop where the data thins out).
 
     The margin matters at the outer walls: without states beyond the data the fit is free
     there, overshoots, and a goal near a wall rewards pressing into it, where M imagines
     the agent going on."""
     n_states = model.goal_decoder.n_states
     value = model.config.value
-    dims = jnp.asarray(value.goal_dims)
     k_rows, k_moved = jax.random.split(jax.random.fold_in(jax.random.key(model.config.seed), 7))
     obs = observations[jax.random.randint(k_rows, (n_states,), 0, observations.shape[0])]
-    low, high = goal_box(observations, dims)
-    obs = half_moved(k_moved, obs, dims, low - value.goal_sigma, high + value.goal_sigma)
+    if model.step_map is None:
+        dims = jnp.asarray(value.goal_dims)
+        low, high = goal_box(observations, dims)
+        obs = half_moved(k_moved, obs, dims, low - value.goal_sigma, high + value.goal_sigma)
     phi = model.phi(params, obs, model.encode(params, obs))
-    return {"positions": obs[:, dims], "solve": ridge_solve(phi)}
+    return {"positions": model.state_point(params, obs), "solve": ridge_solve(phi)}
 
 
 def goal_box(observations: jax.Array, dims: jax.Array) -> tuple[jax.Array, jax.Array]:

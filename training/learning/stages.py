@@ -25,6 +25,7 @@ from training.learning.stage_inputs import (
     with_aux,
 )
 from training.models.diffusion import v_loss
+from training.models.geometry import distance, step_losses
 from training.models.mdn_rnn import initial_state
 from training.models.networks import GOAL_DECODER, Networks, denormalise, normalise
 from training.models.successor import ema_update
@@ -158,26 +159,54 @@ def readout_objective(model: Networks, params, trans: Transitions, key, step):
 
 
 def value_objective(model: Networks, params, trans: Transitions, key, step):
-    """phi(s) . w(g) regressed on the goal reward r_g(s), for goals spread uniformly over
-    the box the data's goal dimensions span, at the data's states and at the same states
-    moved anywhere in that box: the reward is known everywhere, so its fit need not stop
-    where the data thins out. A least-squares fit (set when the stage starts) is exact and
-    learns nothing here: its steps only measure it."""
+    """phi(s) . w(g) regressed on the goal reward r_g(s). With goal dimensions, goals are
+    spread uniformly over the box the data's span, at the data's states and at the same
+    states moved anywhere in that box: the reward is known everywhere, so its fit need not
+    stop where the data thins out. In the learned step space, goals are the data's own
+    states. A least-squares fit (set when the stage starts) is exact and learns nothing
+    here: its steps only measure it."""
     cfg, n = model.config, trans.states.shape[0]
     k_rows, k_goals, k_moved = jax.random.split(key, 3)
-    dims = jnp.asarray(cfg.value.goal_dims)
-    low, high = goal_box(trans.observations, dims)
     batch = cfg.successor.batch_size
-    obs = half_moved(k_moved, trans.observations[sample_rows(k_rows, n, batch)], dims, low, high)
-    goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
+    obs = trans.observations[sample_rows(k_rows, n, batch)]
+    if model.step_map is None:
+        dims = jnp.asarray(cfg.value.goal_dims)
+        low, high = goal_box(trans.observations, dims)
+        obs = half_moved(k_moved, obs, dims, low, high)
+        goals = jax.random.uniform(k_goals, (batch, dims.shape[0]), minval=low, maxval=high)
+    else:
+        goals = model.state_point(params, trans.observations[sample_rows(k_goals, n, batch)])
     phi = model.phi(params, obs, model.encode(params, obs))
     goal_params = params[GOAL_DECODER]
     if cfg.value.goal_weights == "least_squares":
         goal_params = jax.lax.stop_gradient(goal_params)
     weights = model.goal_decoder.apply({"params": goal_params}, goals)  # [B, P]
     predicted = phi @ weights.T  # [states, goals]
-    reward = goal_reward(obs[:, dims][:, None], goals[None], cfg.value.goal_sigma)
+    points = model.state_point(params, obs)
+    reward = goal_reward(points[:, None], goals[None], cfg.value.goal_sigma)
     return jnp.mean(jnp.square(predicted - reward)), {"reward_mean": jnp.mean(reward)}
+
+
+def geometry_objective(model: Networks, params, inputs, key, step):
+    """The step map's fit on the data's windows (training/models/geometry.py): two
+    observations of one window, and one of another window as the far one."""
+    observations, mask = inputs  # [N, L+1, *obs], [N, L]
+    n, length = observations.shape[:2]
+    k_rows, k_times, k_other = jax.random.split(key, 3)
+    batch = model.config.successor.batch_size
+    rows = sample_rows(k_rows, n, batch)
+    times = jax.random.randint(k_times, (batch, 2), 0, length)
+    real = jnp.concatenate([jnp.ones_like(mask[:, :1]), mask], axis=1) > 0  # [N, L+1]
+    valid = (real[rows, times[:, 0]] & real[rows, times[:, 1]]).astype(jnp.float32)
+    first = model.steps_point(params, observations[rows, times[:, 0]])
+    second = model.steps_point(params, observations[rows, times[:, 1]])
+    other = model.steps_point(params, observations[sample_rows(k_other, n, batch), 0])
+    near = distance(first, second)
+    gaps = jnp.abs(times[:, 0] - times[:, 1]).astype(jnp.float32)
+    fit, hinge = step_losses(near, gaps, valid, distance(first, other), length - 1,
+                             model.config.geometry.expectile)  # fmt: skip
+    error = jnp.sum(jnp.abs(near - gaps) * valid) / jnp.maximum(jnp.sum(valid), 1.0)
+    return fit + hinge, {"fit": fit, "hinge": hinge, "steps_error": error}
 
 
 CONTROLLER_OBJECTIVES = {
@@ -188,6 +217,7 @@ CONTROLLER_OBJECTIVES = {
 OBJECTIVES = {
     "vae": vae_objective,
     "mdn": mdn_objective,
+    "geometry": geometry_objective,
     "psi": psi_objective,
     "readout": readout_objective,
     "value": value_objective,

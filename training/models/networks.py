@@ -7,6 +7,7 @@ The parameter tree of a bundle:
     psi, psi_ema                 the psi noise model and its EMA (the EMA plans)
     readout                      pi(a | s, psi)
     value                        the goal decoder (only with goal tasks): GOAL_DECODER
+    geometry                     the step map e (only with geometry.space steps)
     value_head                   the value of z (only when training with auxiliary losses)
     cumulants                    the fixed random Fourier projection {W, b}
     normaliser                   observation {mean, std}
@@ -25,6 +26,7 @@ from training.config import Config
 from training.errors import UsageError
 from training.models.controller import Controller
 from training.models.diffusion import Schedule, cosine_schedule, ddim_sample
+from training.models.geometry import StepMap
 from training.models.mdn_rnn import MDNRNN
 from training.models.readout import Readout
 from training.models.successor import PsiNoiseModel, cumulants, random_fourier_projection
@@ -92,13 +94,14 @@ class Networks:
     readout: Readout
     goal_decoder: GoalDecoder | GoalFit | None
     value_head: LatentValueHead | None = None
+    step_map: StepMap | None = None
 
     @classmethod
     def build(cls, config: Config, spaces: Spaces) -> Networks:
         if spaces.obs_kind == "pixels":
             if config.successor.cumulant_input != "latent":
                 raise UsageError("pixel observations need successor.cumulant_input: latent")
-            if config.value.goal_dims is not None:
+            if config.value.goal_dims is not None or config.geometry.space == "steps":
                 raise UsageError("goal tasks need vector observations, not pixels")
             vae = ConvVAE(latent_dim=config.vae.latent_dim)
         else:
@@ -106,8 +109,9 @@ class Networks:
             vae = VectorVAE(obs_dim, config.vae.latent_dim, tuple(config.vae.hidden))
         mdn = MDNRNN(config.vae.latent_dim, config.mdn.hidden, config.mdn.n_mixtures)
         hidden = config.controller.hidden if config.controller.kind == "mlp" else 0
-        sf = config.successor
-        goals = config.value.goal_dims is not None
+        sf, geometry = config.successor, config.geometry
+        steps = geometry.space == "steps"
+        goals = config.value.goal_dims is not None or steps
         return cls(
             config=config,
             spaces=spaces,
@@ -120,6 +124,7 @@ class Networks:
             ),
             goal_decoder=goal_weights_module(config) if goals else None,
             value_head=LatentValueHead() if config.joint.aux_losses else None,
+            step_map=StepMap(geometry.dim, geometry.hidden, geometry.depth) if steps else None,
         )
 
     # --- sizes --------------------------------------------------------------------------
@@ -138,10 +143,26 @@ class Networks:
         return self.config.successor.n_features + 1
 
     @property
+    def goal_size(self) -> int | None:
+        """The length of a goal as a task names it (None: no goal tasks): the goal's
+        dimensions of an observation, or with a learned geometry a whole observation."""
+        if self.step_map is not None:
+            return self.spaces.obs_shape[0]
+        dims = self.config.value.goal_dims
+        return None if dims is None else len(dims)
+
+    @property
+    def goal_space_dim(self) -> int:
+        """The size of a goal's point, where goal rewards and the subgoal graph measure."""
+        return self.step_map.dim if self.step_map is not None else len(self.config.value.goal_dims)
+
+    @property
     def cumulant_in_dim(self) -> int:
         sf = self.config.successor
         if sf.cumulant_input == "latent":
             return self.latent_dim
+        if self.step_map is not None:
+            return self.step_map.dim
         return len(sf.feature_dims) if sf.feature_dims else self.spaces.obs_shape[0]
 
     @property
@@ -179,8 +200,10 @@ class Networks:
             },
             "psi_norm": {"mean": jnp.zeros(self.psi_dim), "std": jnp.ones(self.psi_dim)},
         }
+        if self.step_map is not None:
+            params["geometry"] = self.step_map.init(keys[7], obs)["params"]
         if self.goal_decoder is not None:
-            goal = jnp.zeros((1, len(self.config.value.goal_dims)))
+            goal = jnp.zeros((1, self.goal_space_dim))
             params[GOAL_DECODER] = self.goal_decoder.init(keys[6], goal)["params"]
         if self.value_head is not None:
             params["value_head"] = self.value_head.init(jax.random.fold_in(key, 8), z)["params"]
@@ -193,11 +216,31 @@ class Networks:
         x = normalise(obs, params["normaliser"])
         return self.vae.apply({"params": params["vae"]}, x, method="encode")[0]
 
+    def steps_point(self, params: dict, obs: jax.Array) -> jax.Array:
+        """An observation's point in the learned step space (geometry.space steps)."""
+        x = normalise(obs, params["normaliser"])
+        return self.step_map.apply({"params": params["geometry"]}, x)
+
+    def state_point(self, params: dict, obs: jax.Array) -> jax.Array:
+        """Where goal rewards and the subgoal graph measure an observation: its point in
+        the learned step space, or its goal dimensions."""
+        if self.step_map is not None:
+            return self.steps_point(params, obs)
+        return obs[..., list(self.config.value.goal_dims)]
+
+    def goal_point(self, params: dict, goal: jax.Array) -> jax.Array:
+        """The same for a goal as a task names it: a whole observation, mapped; or its
+        goal dimensions, as they are."""
+        return self.steps_point(params, goal) if self.step_map is not None else goal
+
     def cumulant_input(self, params: dict, obs: jax.Array, z: jax.Array) -> jax.Array:
-        """What phi reads: V's latent, or (vector observations) the normalised observation."""
+        """What phi reads: V's latent, the step-space point, or (vector observations) the
+        normalised observation."""
         sf = self.config.successor
         if sf.cumulant_input == "latent":
             return z
+        if self.step_map is not None:
+            return self.steps_point(params, obs)
         x = normalise(obs, params["normaliser"])
         return x[..., list(sf.feature_dims)] if sf.feature_dims else x
 

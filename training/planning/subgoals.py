@@ -11,6 +11,10 @@ For a goal, a shortest-path search gives every node's steps to the goal; a decis
 aims at the goal itself when it is near, else at the node that minimises the steps to it
 plus its steps to the goal. The planner is unchanged: only the task weights it is given
 are the subgoal's.
+
+Both graphs measure states where the goals do (`Networks.state_point`): in the learned
+step space, every length below is counted in steps (`graph_lengths`); the goal dimensions
+of the observation, in their own units, remain as `geometry.space: position`.
 """
 
 from __future__ import annotations
@@ -29,15 +33,55 @@ from training.models.networks import GOAL_DECODER, Networks, denormalise
 
 VALUE_FLOOR = 1e-6  # of V(s, g) / V(g, g): below it a goal counts as out of reach
 MIN_HOP_FRACTION = 0.25  # of max_edge_steps: a subgoal nearer than this counts as reached
-# Data graphs: the data's positions within NEAR of a point stand for it (far less than a
-# wall's 4 units), at most LOCAL_POINTS of them; a node the data's trajectories join to
-# them within LOCAL_STEPS is a node near the point.
-NEAR = 1.0
+# Data graphs: the data's states near a point (GraphLengths.near) stand for it, at most
+# LOCAL_POINTS of them; a node the data's trajectories join to them within LOCAL_STEPS is
+# a node near the point.
 LOCAL_POINTS = 16
 LOCAL_STEPS = 8
 # A data graph's aim lies at most AIM_REACH goal widths away: farther, a goal's reward is
 # flat wherever a planner's imagined steps lead.
 AIM_REACH = 2.0
+
+
+@dataclass(frozen=True)
+class GraphLengths:
+    """The lengths a data graph measures with, in its space's units."""
+
+    node_radius: float  # a state this near a node is at it
+    near: float  # the data's states this near a point stand for it
+    aim_reach: float  # an aim lies at most this far
+
+
+# In the step space: a node is passed within two steps of the data's travel, so that a
+# passage's step count runs from node to node; the data within six steps of a point stands
+# for it. The goal dimensions' lengths are OGBench's point mazes' in their units (a cell is
+# 4 wide, the data travels about 0.17 a step): the same two and six steps, far less than a
+# wall's thickness.
+STEPS_LENGTHS = (2.0, 6.0)
+POSITION_LENGTHS = (0.3, 1.0)
+
+
+def graph_lengths(model: Networks) -> GraphLengths:
+    """A model's data-graph lengths: in steps with a learned geometry, else in the goal
+    dimensions' units; aims within AIM_REACH goal widths either way."""
+    node_radius, near = STEPS_LENGTHS if model.step_map is not None else POSITION_LENGTHS
+    return GraphLengths(node_radius, near, AIM_REACH * model.config.value.goal_sigma)
+
+
+def point_function(model: Networks, goal: bool = False):
+    """(params, observations [N, *obs]) -> their points where goals measure
+    (Networks.state_point), or with `goal` of goals as tasks name them (goal_point):
+    jitted for the learned map, NumPy indexing for the goal dimensions."""
+    function = model.goal_point if goal else model.state_point
+    return jax.jit(function) if model.step_map is not None else function
+
+
+def state_points(model: Networks, params: dict, observations: np.ndarray, goal: bool = False,
+                 point=None, chunk: int = 65536) -> np.ndarray:  # fmt: skip
+    """[N, D]: every observation's point (point_function's, or `point`'s when given)."""
+    point = point or point_function(model, goal)
+    return np.concatenate([np.asarray(point(params, observations[i : i + chunk]))
+                           for i in range(0, len(observations), chunk)])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -62,7 +106,10 @@ def spread_indices(points: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 
 def goal_observation(model: Networks, params: dict, goal: np.ndarray) -> np.ndarray:
-    """An observation at a goal: the goal's dimensions set, the others at the data's mean."""
+    """An observation at a goal: the goal itself where it is a whole observation, else
+    the goal's dimensions set and the others at the data's mean."""
+    if model.step_map is not None:
+        return np.asarray(goal, np.float32)
     obs = np.array(params["normaliser"]["mean"], np.float32)
     obs[list(model.config.value.goal_dims)] = goal
     return obs
@@ -84,7 +131,7 @@ def compile_reach(model: Networks, n_samples: int, sample_steps: int):
 
 
 def goal_weights(model: Networks, params: dict, goals: np.ndarray) -> np.ndarray:
-    """The goal decoder's task weights [G, P] of goals [G, D]."""
+    """The goal decoder's task weights [G, P] of goal points [G, D] (where goals measure)."""
     apply = model.goal_decoder.apply
     return np.asarray(apply({"params": params[GOAL_DECODER]}, jnp.asarray(goals, jnp.float32)))
 
@@ -108,9 +155,10 @@ def build_graph(
 ) -> SubgoalGraph:
     """The graph over `n_nodes` states of `observations` (the data's), each seen with a
     fresh LSTM state."""
-    dims = list(model.config.value.goal_dims)
-    nodes = observations[spread_indices(observations[:, dims], n_nodes, seed)]
-    weights = goal_weights(model, params, nodes[:, dims])
+    points = state_points(model, params, observations)
+    chosen = spread_indices(points, n_nodes, seed)
+    nodes = observations[chosen]
+    weights = goal_weights(model, params, points[chosen])
     reach = compile_reach(model, n_samples, sample_steps)
     h0 = np.broadcast_to(initial_state((), model.mdn.hidden)[1], (len(nodes), model.mdn.hidden))
     values = np.asarray(reach(params, nodes, h0, weights, jax.random.key(seed)))  # [K, K]
@@ -134,7 +182,7 @@ class Route:
 
 def route_to(graph: SubgoalGraph, reach, params, model: Networks, goal: np.ndarray, key) -> Route:
     """Every node's steps to `goal` through the graph (Dijkstra from the goal backwards)."""
-    weights = goal_weights(model, params, goal[None])[0]
+    weights = goal_weights(model, params, np.asarray(model.goal_point(params, goal))[None])[0]
     obs = goal_observation(model, params, goal)[None]
     h0 = np.zeros((1, model.mdn.hidden), np.float32)
     self_value = float(np.asarray(reach(params, obs, h0, weights[None], key))[0, 0])
@@ -193,28 +241,31 @@ def next_target(
 
 @dataclass(frozen=True)
 class DataGraph:
-    """Nodes spread over the data's positions; an edge i -> j wherever a trajectory of the
-    data passed within `radius` of node i and then of node j at most `max_edge_steps`
-    later, its cost the fewest steps it took. The data never crossed a wall, so neither
-    does an edge. The ψ-model then only has to reach a node a few steps away."""
+    """Nodes spread over the data's states (their points where goals measure); an edge i
+    -> j wherever a trajectory of the data passed within `radius` of node i and then of
+    node j at most `max_edge_steps` later, its cost the fewest steps it took. The data
+    never crossed a wall, so neither does an edge. The ψ-model then only has to reach a
+    node a few steps away."""
 
-    positions: np.ndarray  # [K, D]: the nodes on the goal dimensions
+    positions: np.ndarray  # [K, D]: the nodes' points
     observations: np.ndarray  # [K, *obs]
     weights: np.ndarray  # [K, P]: each node's task weights as a goal
     steps: np.ndarray  # [K, K]: fewest steps the data took from node i to node j (inf: never)
-    trajectory: np.ndarray  # [T, D]: the data's positions, episodes one after another
+    trajectory: np.ndarray  # [T, D]: the data's points, episodes one after another
     episode: np.ndarray  # [T]: each position's episode
     node_at: np.ndarray  # [T]: the node each position is within `radius` of (-1: none)
     radius: float
     max_edge_steps: int
-    tree: cKDTree  # over `trajectory`: the data's positions near a point
+    tree: cKDTree  # over `trajectory`: the data's points near a point
+    near: float  # the data's points this near a point stand for it
 
 
 def nearest_within(points: np.ndarray, centres: np.ndarray, radius: float) -> np.ndarray:
     """For each point, the index of its nearest centre if within `radius`, else -1."""
     out = np.full(len(points), -1, np.int64)
-    for start in range(0, len(points), 65536):  # bounded memory: [chunk, K] distances
-        chunk = points[start : start + 65536]
+    size = max(1, 2**26 // (centres.shape[0] * centres.shape[1]))  # [chunk, K, D] bounded
+    for start in range(0, len(points), size):
+        chunk = points[start : start + size]
         dist = np.linalg.norm(chunk[:, None] - centres[None], axis=-1)
         nearest = np.argmin(dist, axis=1)
         out[start : start + len(chunk)] = np.where(dist.min(axis=1) <= radius, nearest, -1)
@@ -244,33 +295,33 @@ def build_data_graph(
     episodes: list[np.ndarray],
     n_nodes: int,
     max_edge_steps: int,
-    radius: float,
     seed: int = 0,
 ) -> DataGraph:
-    """The graph over `n_nodes` states of `episodes` (each [T, *obs], the data's)."""
-    dims = list(model.config.value.goal_dims)
+    """The graph over `n_nodes` states of `episodes` (each [T, *obs], the data's), with
+    the model's lengths (graph_lengths)."""
     observations = np.concatenate(episodes)
-    trajectory = observations[:, dims]
+    trajectory = state_points(model, params, observations)
     episode = np.concatenate([np.full(len(e), i) for i, e in enumerate(episodes)])
     nodes = spread_indices(trajectory, n_nodes, seed)
     weights = goal_weights(model, params, trajectory[nodes])
-    return data_graph(trajectory, episode, nodes, observations[nodes], weights, radius,
-                      max_edge_steps)  # fmt: skip
+    return data_graph(trajectory, episode, nodes, observations[nodes], weights,
+                      graph_lengths(model), max_edge_steps)  # fmt: skip
 
 
 def data_graph(
     trajectory: np.ndarray, episode: np.ndarray, nodes: np.ndarray, observations: np.ndarray,
-    weights: np.ndarray, radius: float, max_edge_steps: int,
+    weights: np.ndarray, lengths: GraphLengths, max_edge_steps: int,
 ) -> DataGraph:  # fmt: skip
     """The graph whose nodes are the rows `nodes` of `trajectory` [T, D] (episode ids
     `episode` [T]), with their observations and task weights."""
     positions = trajectory[nodes]
-    node_at = nearest_within(trajectory, positions, radius)
+    node_at = nearest_within(trajectory, positions, lengths.node_radius)
     k = len(nodes)
     steps = passage_steps(node_at, episode, node_at, node_at, k, k, max_edge_steps)
     np.fill_diagonal(steps, 0.0)
     return DataGraph(positions, observations, weights, steps, trajectory, episode, node_at,
-                     radius, max_edge_steps, cKDTree(trajectory))  # fmt: skip
+                     lengths.node_radius, max_edge_steps, cKDTree(trajectory),
+                     lengths.near)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -279,13 +330,13 @@ class DataRoute:
 
     remaining: np.ndarray  # [K]: steps from each node to the goal (inf: no path)
     next_hop: np.ndarray  # [K]: the next node on each node's path (K: the goal; -1: none)
-    at_goal: np.ndarray  # [T]: the data's positions that count as at the goal
+    at_goal: np.ndarray  # [T]: the data's points that count as at the goal
 
 
 def data_route(graph: DataGraph, goal: np.ndarray) -> DataRoute:
-    """Every node's steps to `goal` over the data's edges, and its next node. The goal
-    joins the graph where the data passed within NEAR of it."""
-    within = np.linalg.norm(graph.trajectory - goal, axis=1) <= NEAR
+    """Every node's steps to the goal point `goal` over the data's edges, and its next
+    node. The goal joins the graph where the data passed near it (graph.near)."""
+    within = np.linalg.norm(graph.trajectory - goal, axis=1) <= graph.near
     at_goal = np.where(within, 0, -1)
     k = len(graph.positions)
     direct = passage_steps(graph.node_at, graph.episode, graph.node_at, at_goal, k, 1,
@@ -298,11 +349,11 @@ def data_route(graph: DataGraph, goal: np.ndarray) -> DataRoute:
 def steps_from_here(graph: DataGraph, route: DataRoute, position: np.ndarray,
                     horizon: int) -> tuple[np.ndarray, float]:  # fmt: skip
     """Where the data went to and came from near `position`: from its LOCAL_POINTS
-    nearest positions of the data within NEAR, the fewest steps of the data's trajectories,
+    nearest points of the data within graph.near, the fewest steps of the data's trajectories,
     before or after, to each node [K] and to the goal, within `horizon` (inf: not within).
     Only the data's trajectories count, so a node across a wall, however near, is not near
     here."""
-    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=NEAR)
+    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=graph.near)
     nearest = nearest[nearest < len(graph.trajectory)]  # the missing ones come as n
     offsets = np.arange(-horizon, horizon + 1)
     other = np.clip(nearest[:, None] + offsets, 0, len(graph.trajectory) - 1)  # [P, S]
@@ -352,7 +403,7 @@ def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int
                reach: float) -> np.ndarray:  # fmt: skip
     """Where a decision at `position` aims for node `target`: the node itself when within
     `reach`; else the last point within `reach` of `position` along the one of the data's
-    trajectories from near here (its LOCAL_POINTS nearest positions within NEAR) that
+    trajectories from near here (its LOCAL_POINTS nearest points within graph.near) that
     passes the node soonest, within `horizon` steps; where none does (the data seldom
     came this way), the point `reach` along the straight line to the node. A farther
     aim's reward is about as flat at every state a planner can reach in its imagined
@@ -361,7 +412,7 @@ def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int
     distance = np.linalg.norm(node - position)
     if distance <= reach:
         return node
-    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=NEAR)
+    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=graph.near)
     nearest = nearest[nearest < len(graph.trajectory)]
     later = np.clip(nearest[:, None] + np.arange(1, horizon + 1), 0, len(graph.trajectory) - 1)
     passes = (graph.episode[later] == graph.episode[nearest][:, None]) & (
@@ -402,6 +453,8 @@ def load_data_graph(path: Path) -> tuple[DataGraph, float]:
     with np.load(path) as saved:
         arrays = {name: saved[name] for name in saved.files}
     lookahead = float(arrays.pop("lookahead"))
+    # A graph saved before its `near` was kept is in the point mazes' units.
     scalars = {"radius": float(arrays.pop("radius")),
-               "max_edge_steps": int(arrays.pop("max_edge_steps"))}  # fmt: skip
+               "max_edge_steps": int(arrays.pop("max_edge_steps")),
+               "near": float(arrays.pop("near", POSITION_LENGTHS[1]))}  # fmt: skip
     return DataGraph(**arrays, **scalars, tree=cKDTree(arrays["trajectory"])), lookahead

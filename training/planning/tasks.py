@@ -2,7 +2,8 @@
 
 - `reward_weights`: w given directly (length = number of cumulants);
 - `embedding`: the same, named as the task embedding z*;
-- `goal`: w = GoalDecoder(goal), the weights of the goal's reward;
+- `goal`: w = GoalDecoder(goal's point), the weights of the goal's reward (the goal names
+  the goal dimensions of an observation, or with a learned geometry a whole observation);
 - `reward_samples`: (observation, reward) pairs, w by least squares on phi(observation)
   (the zero-shot transfer of distributional successor features).
 """
@@ -45,9 +46,9 @@ def task_weights(model: Networks, params: dict, task: dict) -> np.ndarray:
     if kind == "goal":
         if model.goal_decoder is None:
             raise TaskError("this model was trained without goal tasks")
-        goal = _vector(task.get("goal"), "goal", len(model.config.value.goal_dims))
-        w = model.goal_decoder.apply({"params": params[GOAL_DECODER]}, jnp.asarray(goal))
-        return np.asarray(w)
+        goal = _vector(task.get("goal"), "goal", model.goal_size)
+        point = model.goal_point(params, jnp.asarray(goal))
+        return np.asarray(model.goal_decoder.apply({"params": params[GOAL_DECODER]}, point))
     if kind == "reward_samples":
         return fit_reward_weights(model, params, task.get("observations"), task.get("rewards"))
     raise TaskError(f"unknown task kind {kind!r}; known: {', '.join(TASK_KINDS)}")
@@ -73,11 +74,13 @@ def fit_reward_weights(model: Networks, params: dict, observations, rewards) -> 
 
 def default_task(model: Networks, params: dict, recorded: dict | None = None) -> dict:
     """The task of a session that names none: with goal tasks, a goal at the data's mean
-    position; else the task the bundle recorded (the reward weights fitted to its data's
-    rewards); else the all-zero embedding (every outcome of equal value)."""
-    goal_dims = model.config.value.goal_dims
-    if model.goal_decoder is not None and goal_dims is not None:
-        mean = np.asarray(params["normaliser"]["mean"])[list(goal_dims)]
+    (of the goal dimensions, or the whole observation); else the task the bundle recorded
+    (the reward weights fitted to its data's rewards); else the all-zero embedding (every
+    outcome of equal value)."""
+    if model.goal_decoder is not None:
+        mean = np.asarray(params["normaliser"]["mean"])
+        if model.step_map is None:
+            mean = mean[list(model.config.value.goal_dims)]
         return {"kind": "goal", "goal": [round(float(x), 4) for x in mean]}
     if recorded is not None:
         return recorded
