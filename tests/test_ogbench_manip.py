@@ -11,9 +11,18 @@ import pytest
 
 from service.cli import main as cli_main
 from tests.conftest import TINY
+from training.analysis.ogbench_suite import (
+    CUBE_MARGIN,
+    TASKS,
+    Start,
+    reset_episode,
+    tuning_tasks,
+)
 from training.data.datasets import dataset_info, open_dataset
+from training.data.envs import make_env
 from training.data.ogbench_manip import MANIP_RECIPES, collect_manip, healthy_scene
 from training.data.ogbench_recipe import collect_ogbench, minari_copy, npz_env_id
+from training.errors import UsageError
 from training.learning.checkpoint import restore_bundle
 
 CUBE = "cube-single-play-v0"
@@ -111,3 +120,31 @@ def test_an_ogbench_file_trains_as_it_is(tmp_path, capsys, monkeypatch):
     missing = ["train", "--data", str(tmp_path / "missing-play-v0.npz"), "--out", "x"]
     assert cli_main(missing) == 2
     assert "no file at" in capsys.readouterr().err
+
+
+def test_cube_tuning_tasks_are_ogbench_s_moves_elsewhere():
+    """Each of OGBench's cube tasks turned and moved: the same distances, every start and
+    goal where the environment draws cubes and apart from each of OGBench's."""
+    env = gymnasium.make("cube-double-v0").unwrapped
+    low, high = np.asarray(env._object_sampling_bounds)
+    official = np.concatenate([np.concatenate([t["init_xyzs"], t["goal_xyzs"]])[:, :2]
+                               for t in env.task_infos])  # fmt: skip
+    tasks = tuning_tasks("cube-double-v0", seed=1)
+    assert tasks == tuning_tasks("cube-double-v0", seed=1) != tuning_tasks("cube-double-v0", 2)
+    for task, info in zip(TASKS, env.task_infos, strict=True):
+        mine = tasks[task]["task_info"]
+        points = np.concatenate([mine["init_xyzs"], mine["goal_xyzs"]])
+        theirs = np.concatenate([info["init_xyzs"], info["goal_xyzs"]])
+        gaps = np.linalg.norm(points[:, None] - points[None], axis=-1)
+        np.testing.assert_allclose(gaps, np.linalg.norm(theirs[:, None] - theirs[None], axis=-1),
+                                   atol=1e-3)  # fmt: skip
+        assert np.all((points[:, :2] >= low) & (points[:, :2] <= high))
+        nearest = np.linalg.norm(points[:, None, :2] - official[None], axis=-1).min()
+        assert nearest >= CUBE_MARGIN - 1e-3
+    single = make_env("cube-single-v0")
+    start = tuning_tasks("cube-single-v0", seed=1)[3]
+    _, info = reset_episode(single, Start(3, start, seed=0))
+    init = np.asarray(start["task_info"]["init_xyzs"][0])
+    assert np.abs(info["privileged/block_0_pos"][:2] - init[:2]).max() <= 0.011  # ±1 cm noise
+    with pytest.raises(UsageError, match="no tuning tasks"):
+        tuning_tasks("puzzle-3x3-v0")

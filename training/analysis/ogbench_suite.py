@@ -98,11 +98,58 @@ def official_cells(env) -> set[tuple[int, int]]:
 
 
 def tuning_tasks(env_id: str, seed: int = 0) -> dict[int, dict]:
+    """Five tasks like OGBench's but none of them, drawn with `seed`, to choose settings
+    on: in a maze, start and goal cells; with cubes, the cubes' starts and goals."""
+    env = make_env(env_id).unwrapped
+    try:
+        if hasattr(env, "maze_map"):
+            return maze_tuning_tasks(env, seed)
+        if env.task_infos and "goal_xyzs" in env.task_infos[0]:
+            return cube_tuning_tasks(env, seed)
+    finally:
+        env.close()
+    raise UsageError(f"{env_id!r} has no tuning tasks yet: only the mazes' and the cubes'")
+
+
+# Tuning cubes start and end at least this far (metres) from every start and goal of
+# OGBench's tasks: more than a cube's width (4 cm), OGBench's success distance.
+CUBE_MARGIN = 0.06
+
+
+def cube_tuning_tasks(env, seed: int) -> dict[int, dict]:
+    """For each of OGBench's cube tasks, the same task turned by a random angle and moved
+    (every cube's start and goal together, so that a stack stays a stack), drawn with
+    `seed` until every start and goal lies where the environment draws cubes and at least
+    CUBE_MARGIN from each start and goal of OGBench's tasks."""
+    low, high = np.asarray(env._object_sampling_bounds)
+    official = np.concatenate([np.concatenate([info["init_xyzs"], info["goal_xyzs"]])[:, :2]
+                               for info in env.task_infos])  # fmt: skip
+    rng = np.random.default_rng(seed)
+    tasks = {}
+    for task, info in zip(TASKS, env.task_infos, strict=True):
+        points = np.concatenate([info["init_xyzs"], info["goal_xyzs"]])
+        centre = points[:, :2].mean(axis=0)
+        while True:
+            angle = rng.uniform(0, 2 * np.pi)
+            turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+            xy = (points[:, :2] - centre) @ turn.T + rng.uniform(low, high)
+            inside = np.all((xy >= low) & (xy <= high))
+            apart = np.linalg.norm(xy[:, None] - official[None], axis=-1).min() >= CUBE_MARGIN
+            if inside and apart:
+                break
+        moved = np.concatenate([xy, points[:, 2:]], axis=1).round(4)
+        n = len(info["init_xyzs"])
+        tasks[task] = {"task_info": {"task_name": f"tuning{task}",
+                                     "init_xyzs": moved[:n].tolist(),
+                                     "goal_xyzs": moved[n:].tolist()}}  # fmt: skip
+    return tasks
+
+
+def maze_tuning_tasks(env, seed: int) -> dict[int, dict]:
     """For each of OGBench's tasks, a start and a goal cell drawn with `seed`, neither of
     them a start or goal cell of any of OGBench's tasks, as many BFS steps apart as the
     task's where the maze has such a pair (else the longest distance under it that has
-    one): five pairs unlike each other, to choose settings on."""
-    env = make_env(env_id).unwrapped
+    one): five pairs unlike each other."""
     maze_map = np.asarray(env.maze_map)
     official = official_cells(env)
     free = [(int(i), int(j)) for i, j in np.argwhere(maze_map == 0)]
@@ -120,7 +167,6 @@ def tuning_tasks(env_id: str, seed: int = 0) -> dict[int, dict]:
         start, goal = pairs[rng.integers(len(pairs))]
         taken |= {(start, goal), (goal, start)}
         tasks[task] = {"task_info": {"init_ij": start, "goal_ij": goal}}
-    env.close()
     return tasks
 
 
@@ -164,8 +210,13 @@ def reset_episode(env: gym.Env, start: Start) -> tuple[np.ndarray, dict]:
     state = np.random.get_state()
     np.random.seed(start.seed)
     env.action_space.seed(start.seed)
+    options = start.options
+    if "task_info" in options:  # kept as JSON lists; the cube environments index arrays
+        info = {k: np.asarray(v) if k.endswith("_xyzs") else v
+                for k, v in options["task_info"].items()}  # fmt: skip
+        options = {**options, "task_info": info}
     try:
-        return env.reset(seed=start.seed, options=start.options)
+        return env.reset(seed=start.seed, options=options)
     finally:
         np.random.set_state(state)
 
