@@ -144,10 +144,14 @@ def test_the_data_route_goes_round_the_wall_and_aims_ahead_along_it():
     assert data_target(graph, route, start, lookahead=5.0) == 1
     # Where the data went on to the goal within the lookahead, the goal itself.
     assert data_target(graph, route, np.array([4.0, 5.2]), 15.0) is None
-    # A goal the data never passed has no path: the goal itself, and hope.
+    # A goal the data never came within a unit of (inside the wall) joins where it came
+    # closest: the middle of both arms, 2 units away, where nodes 1 and 4 lie.
     route = data_route(graph, np.array([2.0, 5.0]))
-    assert not np.isfinite(route.remaining).any()
-    assert data_target(graph, route, start, 15.0) is None
+    assert route.remaining[1] == route.remaining[4] <= 1.0
+    assert route.at_goal.sum() > 0 and np.isfinite(route.remaining).all()
+    # A graph whose edges reach no node of the goal's: the goal itself, and hope.
+    route = data_route(u_graph(max_edge_steps=1), np.array([2.0, 5.0]))
+    assert data_target(u_graph(max_edge_steps=1), route, start, 15.0) is None
 
 
 def test_an_aim_beyond_reach_is_brought_near_along_the_datas_own_way_to_it():

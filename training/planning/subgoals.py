@@ -335,8 +335,11 @@ class DataRoute:
 
 def data_route(graph: DataGraph, goal: np.ndarray) -> DataRoute:
     """Every node's steps to the goal point `goal` over the data's edges, and its next
-    node. The goal joins the graph where the data passed near it (graph.near)."""
-    within = np.linalg.norm(graph.trajectory - goal, axis=1) <= graph.near
+    node. The goal joins the graph where the data passed near it (within_near: a goal the
+    data never quite reached, such as an arm's rest pose beside a cube's goal, joins where
+    the data came closest)."""
+    distance = np.linalg.norm(graph.trajectory - goal, axis=1)
+    within = distance <= within_near(distance.min(), graph.near)
     at_goal = np.where(within, 0, -1)
     k = len(graph.positions)
     direct = passage_steps(graph.node_at, graph.episode, graph.node_at, at_goal, k, 1,
@@ -346,15 +349,27 @@ def data_route(graph: DataGraph, goal: np.ndarray) -> DataRoute:
     return DataRoute(remaining, next_hop, within)
 
 
+def within_near(nearest: float, near: float) -> float:
+    """How far the data may lie from a point and stand for it: `near`; where the data
+    passed no nearer than that, `near` beyond its nearest pass."""
+    return near if nearest <= near else nearest + near
+
+
+def near_points(graph: DataGraph, point: np.ndarray) -> np.ndarray:
+    """The data's states that stand for `point`: of its LOCAL_POINTS nearest, those
+    within_near of it."""
+    distances, nearest = graph.tree.query(point, k=LOCAL_POINTS)
+    return nearest[distances <= within_near(distances[0], graph.near)]
+
+
 def steps_from_here(graph: DataGraph, route: DataRoute, position: np.ndarray,
                     horizon: int) -> tuple[np.ndarray, float]:  # fmt: skip
     """Where the data went to and came from near `position`: from its LOCAL_POINTS
-    nearest points of the data within graph.near, the fewest steps of the data's trajectories,
+    nearest points of the data (near_points), the fewest steps of the data's trajectories,
     before or after, to each node [K] and to the goal, within `horizon` (inf: not within).
     Only the data's trajectories count, so a node across a wall, however near, is not near
     here."""
-    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=graph.near)
-    nearest = nearest[nearest < len(graph.trajectory)]  # the missing ones come as n
+    nearest = near_points(graph, position)
     offsets = np.arange(-horizon, horizon + 1)
     other = np.clip(nearest[:, None] + offsets, 0, len(graph.trajectory) - 1)  # [P, S]
     same = graph.episode[other] == graph.episode[nearest][:, None]
@@ -403,7 +418,7 @@ def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int
                reach: float) -> np.ndarray:  # fmt: skip
     """Where a decision at `position` aims for node `target`: the node itself when within
     `reach`; else the last point within `reach` of `position` along the one of the data's
-    trajectories from near here (its LOCAL_POINTS nearest points within graph.near) that
+    trajectories from near here (near_points) that
     passes the node soonest, within `horizon` steps; where none does (the data seldom
     came this way), the point `reach` along the straight line to the node. A farther
     aim's reward is about as flat at every state a planner can reach in its imagined
@@ -412,8 +427,7 @@ def on_the_way(graph: DataGraph, position: np.ndarray, target: int, horizon: int
     distance = np.linalg.norm(node - position)
     if distance <= reach:
         return node
-    _, nearest = graph.tree.query(position, k=LOCAL_POINTS, distance_upper_bound=graph.near)
-    nearest = nearest[nearest < len(graph.trajectory)]
+    nearest = near_points(graph, position)
     later = np.clip(nearest[:, None] + np.arange(1, horizon + 1), 0, len(graph.trajectory) - 1)
     passes = (graph.episode[later] == graph.episode[nearest][:, None]) & (
         graph.node_at[later] == target)  # fmt: skip
