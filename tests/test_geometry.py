@@ -6,8 +6,18 @@ import pytest
 from scipy.stats import spearmanr
 
 from tests.conftest import TINY
-from training.analysis.ogbench_suite import DataSubgoals
+from training.analysis.ogbench_suite import (
+    DataSubgoals,
+    Start,
+    dataset_episodes,
+    reset_episode,
+    run_lockstep,
+    suite_env,
+)
 from training.config import parse_config
+from training.data.datasets import dataset_info, open_dataset
+from training.data.observation_map import ObservationMap
+from training.data.ogbench_recipe import collect_ogbench_dataset
 from training.errors import UsageError
 from training.learning.checkpoint import restore_bundle
 from training.learning.loop import train
@@ -49,8 +59,6 @@ def bundle(umaze_data, tmp_path_factory):
 
 
 def test_the_map_counts_the_data_s_steps(bundle, umaze_data):
-    from training.analysis.ogbench_suite import dataset_episodes
-
     model, params = bundle.model, bundle.params
     episode = dataset_episodes(bundle)[0]
     points = np.asarray(model.steps_point(params, episode))
@@ -70,8 +78,6 @@ def test_goals_are_whole_observations_and_the_graph_counts_in_steps(bundle):
     with pytest.raises(TaskError, match="length 4"):
         task_weights(model, params, {"kind": "goal", "goal": [0.0, 0.0]})
 
-    from training.analysis.ogbench_suite import dataset_episodes
-
     episodes = dataset_episodes(bundle)
     graph = build_data_graph(model, params, episodes, n_nodes=12, max_edge_steps=10)
     assert (graph.radius, graph.near) == STEPS_LENGTHS
@@ -85,3 +91,43 @@ def test_goals_are_whole_observations_and_the_graph_counts_in_steps(bundle):
     assert aim is None or np.linalg.norm(aim - here) <= 6.0 + 1e-4
     weights = subgoals.aims(params, episodes[0][:1], None, None, 0)
     assert len(weights) == 1 and (weights[0] is None or weights[0].shape == (model.psi_dim,))
+
+
+def test_the_learned_geometry_sees_through_a_random_linear_map(tmp_path):
+    """The invariance test, small: one tiny dataset as it is and through a random linear
+    map (rotated, ×10, six noise dimensions), one config: the two step maps count the same
+    steps between the same states, and the suite's environment sees through the map."""
+    plain, mapped = (
+        collect_ogbench_dataset(
+            "pointmaze-medium-stitch-v0",
+            tmp_path / name,
+            seed=2,
+            episodes=2,
+            progress=False,
+            map_seed=seed,
+        )  # fmt: skip
+        for name, seed in (("plain", None), ("mapped", 7))
+    )
+    recorded = dataset_info(open_dataset(mapped))["observation_map"]
+    assert (recorded["dim"], recorded["noise_dims"], recorded["scale"]) == (2, 6, 10.0)
+    maze = {**STEPS, "env": "pointmaze-medium-v0"}
+    bundles = [restore_bundle(train(parse_config(maze), data, tmp_path / f"run{i}",
+                                    progress=False).run_dir)  # fmt: skip
+               for i, data in enumerate((plain, mapped))]  # fmt: skip
+    assert bundles[1].model.spaces.obs_shape == (8,)
+    episodes = [dataset_episodes(b)[0] for b in bundles]
+    np.testing.assert_allclose(episodes[1][:, :2] / 10, episodes[0] @ ObservationMap(
+        **recorded).matrix[:2].T / 10, atol=1e-3)  # fmt: skip
+    first = np.arange(0, len(episodes[0]) - 8)
+    gaps = np.random.default_rng(0).integers(1, 8, len(first))
+    counts = []
+    for bundle, episode in zip(bundles, episodes, strict=True):
+        points = np.asarray(bundle.model.steps_point(bundle.params, episode))
+        counts.append(np.linalg.norm(points[first] - points[first + gaps], axis=1))
+    assert spearmanr(counts[0], counts[1]).statistic > 0.6
+    assert all(spearmanr(c, gaps).statistic > 0.5 for c in counts)
+    start = Start(1, {"task_id": 1}, seed=0)
+    (episode,) = run_lockstep(bundles[1], bundles[1].config.planning, [start], max_steps=3)
+    assert episode.steps == 3 and np.isfinite(episode.final_distance)
+    obs, info = reset_episode(suite_env(bundles[1]), start)
+    assert obs.shape == (8,) and np.asarray(info["goal"]).shape == (8,)

@@ -25,6 +25,8 @@ def cmd_collect(args: argparse.Namespace) -> None:
 
     if args.episodes is None:
         raise UsageError("collect needs --episodes N (only ogbench/ datasets have a default)")
+    if args.map_observations is not None:
+        raise UsageError("--map-observations is for ogbench/ datasets")
     started = time.perf_counter()
     path = collect(
         args.env,
@@ -69,6 +71,7 @@ def cmd_collect_ogbench(args: argparse.Namespace) -> None:
         episodes=args.episodes,
         workers=args.workers,
         progress=not args.quiet,
+        map_seed=args.map_observations,
     )
     settings = json.loads((path / "worldplan.json").read_text())
     print(
@@ -360,6 +363,12 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "core); the files do not depend on it",
     )  # fmt: skip
     p.add_argument(
+        "--map-observations", type=int, metavar="SEED",
+        help="ogbench/ datasets: every observation through a random linear map drawn from "
+        "SEED (rotated, scaled x10, 6 dimensions of small noise added); the evaluation's "
+        "environment sees through the same map (the invariance test)",
+    )  # fmt: skip
+    p.add_argument(
         "--skew",
         type=float,
         default=0.0,
@@ -464,10 +473,10 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
         "--suite",
         choices=("goals", "ogbench", "ogbench-tuning", "ogbench-reach"),
         default="goals",
-        help="goals: held-out goals of our mazes; ogbench: OGBench's five tasks of the maze "
-        "the bundle was trained on; ogbench-tuning: five other tasks as long (drawn with "
-        "--seed), to choose settings on; ogbench-reach: the planner alone, from a cell to "
-        "one 1 or 2 cells away (--episodes pairs each)",
+        help="goals: held-out goals of our mazes; ogbench: OGBench's five tasks of the "
+        "environment the bundle was trained in (a maze, or the cubes); ogbench-tuning: five "
+        "other tasks like them (drawn with --seed), to choose settings on; ogbench-reach: "
+        "the planner alone, from a cell to one 1 or 2 cells away (--episodes pairs each)",
     )
     p.add_argument(
         "--batch", type=int, default=50, help="--suite ogbench: episodes run in lockstep"

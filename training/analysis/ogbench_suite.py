@@ -29,6 +29,7 @@ from training.analysis.evaluate import fmt, markdown_table, sample_counts, wilso
 from training.analysis.provenance import provenance, write_result
 from training.config import PlanningConfig
 from training.data.envs import NO_SHIFT, Shift, ShiftedDrive, bfs_path, make_env
+from training.data.observation_map import MappedObservations, ObservationMap
 from training.data.ogbench_recipe import cells_at_distance
 from training.errors import UsageError
 from training.learning.checkpoint import Bundle
@@ -203,6 +204,14 @@ def check_suite_env(bundle: Bundle) -> None:
         )
 
 
+def suite_env(bundle: Bundle, max_steps: int | None = None) -> gym.Env:
+    """The bundle's environment as its data saw it: through the data's observation map,
+    where the dataset records one (`collect --map-observations`)."""
+    env = make_env(bundle.env_id, max_episode_steps=max_steps)
+    recorded = (bundle.metadata.get("dataset_info") or {}).get("observation_map")
+    return MappedObservations(env, ObservationMap(**recorded)) if recorded else env
+
+
 def reset_episode(env: gym.Env, start: Start) -> tuple[np.ndarray, dict]:
     """OGBench's reset, made repeatable: it draws the start and goal noise from NumPy's
     global generator and its settling steps from the action space, so both are seeded
@@ -338,7 +347,7 @@ def run_lockstep(
     shape, knobs = PlanShape.of(planning), Knobs.of(planning)
     n = len(starts)
     decide = compile_decide(model, shape, batched=True)
-    envs = [make_env(bundle.env_id, max_episode_steps=max_steps) for _ in starts]
+    envs = [suite_env(bundle, max_steps) for _ in starts]
     if shift:
         envs = [ShiftedDrive(env, shift) for env in envs]
     observations, goals, weights = [], [], []

@@ -416,11 +416,13 @@ def collect_ogbench_dataset(
     episodes: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    map_seed: int | None = None,
 ) -> Path:
     """`worldplan collect ogbench/NAME`: the npz files in out_dir/ogbench/ (a point maze's
     by the locomaze recipe, a manipulation dataset's by the manipspace recipe on `workers`
     processes) and their train split as a Minari dataset in out_dir, all appearing at once
-    when done."""
+    when done. With `map_seed`, every observation is seen through a random linear map
+    drawn from it (observation_map.py), which the settings record."""
     from training.data.ogbench_manip import MANIP_RECIPES, collect_manip
 
     name = dataset_name.removeprefix(PREFIX)
@@ -436,6 +438,9 @@ def collect_ogbench_dataset(
     with staged(out_dir) as staging:
         npz = make_npz(name, staging / NPZ_DIR, seed=seed, episodes=episodes, progress=progress)
         settings = json.loads(npz.with_suffix(".json").read_text())
+        if map_seed is not None:
+            settings["observation_map"] = map_files(npz, settings["files"], map_seed)
+            npz.with_suffix(".json").write_text(json.dumps(settings, indent=2) + "\n")
         settings["files"] = {k: f"{NPZ_DIR}/{v}" for k, v in settings["files"].items()}
         to_minari(
             npz,
@@ -445,6 +450,17 @@ def collect_ogbench_dataset(
             info={**settings, "minari_split": "train"},
         )
     return out_dir
+
+
+def map_files(npz: Path, files: dict[str, str], seed: int) -> dict:
+    """Every npz file of a collection (`files`, beside `npz`) through one map drawn from
+    `seed`, each file's noise its own; the map, as recorded."""
+    from training.data.observation_map import data_map, map_npz
+
+    observation_map = data_map(npz, seed)
+    for index, name in enumerate(files.values()):
+        map_npz(npz.parent / name, observation_map, seed=index)
+    return observation_map.to_json()
 
 
 # ----- OGBench's own files -----

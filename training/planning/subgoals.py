@@ -55,7 +55,7 @@ class GraphLengths:
 # In the step space: a node is passed within two steps of the data's travel, so that a
 # passage's step count runs from node to node; the data within six steps of a point stands
 # for it. The goal dimensions' lengths are OGBench's point mazes' in their units (a cell is
-# 4 wide, the data travels about 0.17 a step): the same two and six steps, far less than a
+# 4 wide, the data travels about 0.2 a step): about the same steps, far less than a
 # wall's thickness.
 STEPS_LENGTHS = (2.0, 6.0)
 POSITION_LENGTHS = (0.3, 1.0)
