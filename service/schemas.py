@@ -30,7 +30,10 @@ class RewardWeightsTask(Body):
 
 class GoalTask(Body):
     kind: Literal["goal"]
-    goal: list[Float32]
+    goal: list[Float32] = Field(
+        description="as long as /model's default_task goal: the goal's dimensions of an "
+        "observation, or a whole observation (a bundle with a learned geometry)"
+    )
 
 
 class RewardSamplesTask(Body):

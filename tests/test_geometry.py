@@ -95,8 +95,9 @@ def test_goals_are_whole_observations_and_the_graph_counts_in_steps(bundle):
 
 def test_the_learned_geometry_sees_through_a_random_linear_map(tmp_path):
     """The invariance test, small: one tiny dataset as it is and through a random linear
-    map (rotated, ×10, six noise dimensions), one config: the two step maps count the same
-    steps between the same states, and the suite's environment sees through the map."""
+    map (rotated, ×10, six noise dimensions), one config: the two step maps measure the
+    same distances between the same states, and the suite's environment sees through the
+    map. The full-size test trains and evaluates on OGBench's whole dataset (docs)."""
     plain, mapped = (
         collect_ogbench_dataset(
             "pointmaze-medium-stitch-v0",
@@ -110,22 +111,27 @@ def test_the_learned_geometry_sees_through_a_random_linear_map(tmp_path):
     )
     recorded = dataset_info(open_dataset(mapped))["observation_map"]
     assert (recorded["dim"], recorded["noise_dims"], recorded["scale"]) == (2, 6, 10.0)
-    maze = {**STEPS, "env": "pointmaze-medium-v0"}
+    maze = {**STEPS, "env": "pointmaze-medium-v0",
+            "train": {**STEPS["train"], "geometry_steps": 1000}}  # fmt: skip
     bundles = [restore_bundle(train(parse_config(maze), data, tmp_path / f"run{i}",
                                     progress=False).run_dir)  # fmt: skip
                for i, data in enumerate((plain, mapped))]  # fmt: skip
     assert bundles[1].model.spaces.obs_shape == (8,)
-    episodes = [dataset_episodes(b)[0] for b in bundles]
-    np.testing.assert_allclose(episodes[1][:, :2] / 10, episodes[0] @ ObservationMap(
+    observations = [np.concatenate(dataset_episodes(b)) for b in bundles]
+    np.testing.assert_allclose(observations[1][:, :2] / 10, observations[0] @ ObservationMap(
         **recorded).matrix[:2].T / 10, atol=1e-3)  # fmt: skip
-    first = np.arange(0, len(episodes[0]) - 8)
-    gaps = np.random.default_rng(0).integers(1, 8, len(first))
+    # Random pairs of the data's states: each map's distances follow the positions', through
+    # the rotation, the scale and the noise, and the two maps agree.
+    pairs = np.random.default_rng(1).integers(0, len(observations[0]), (3000, 2))
+    positions = observations[0]
+    apart = np.linalg.norm(positions[pairs[:, 0]] - positions[pairs[:, 1]], axis=1)
     counts = []
-    for bundle, episode in zip(bundles, episodes, strict=True):
-        points = np.asarray(bundle.model.steps_point(bundle.params, episode))
-        counts.append(np.linalg.norm(points[first] - points[first + gaps], axis=1))
-    assert spearmanr(counts[0], counts[1]).statistic > 0.6
-    assert all(spearmanr(c, gaps).statistic > 0.5 for c in counts)
+    for bundle, obs in zip(bundles, observations, strict=True):
+        points = np.asarray(bundle.model.steps_point(bundle.params, obs))
+        counts.append(np.linalg.norm(points[pairs[:, 0]] - points[pairs[:, 1]], axis=1))
+    assert spearmanr(counts[0], apart).statistic > 0.8  # 0.98 when written
+    assert spearmanr(counts[1], apart).statistic > 0.6  # 0.74
+    assert spearmanr(counts[0], counts[1]).statistic > 0.6  # 0.79
     start = Start(1, {"task_id": 1}, seed=0)
     (episode,) = run_lockstep(bundles[1], bundles[1].config.planning, [start], max_steps=3)
     assert episode.steps == 3 and np.isfinite(episode.final_distance)

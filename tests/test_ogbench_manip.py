@@ -11,19 +11,31 @@ import pytest
 
 from service.cli import main as cli_main
 from tests.conftest import TINY
+from tests.test_geometry import STEPS
 from training.analysis.ogbench_suite import (
     CUBE_MARGIN,
+    OFFICIAL_SEED,
     TASKS,
     Start,
+    SubgoalSettings,
     reset_episode,
+    run_lockstep,
+    subgoals_for,
     tuning_tasks,
 )
+from training.config import parse_config
 from training.data.datasets import dataset_info, open_dataset
 from training.data.envs import make_env
 from training.data.ogbench_manip import MANIP_RECIPES, collect_manip, healthy_scene
-from training.data.ogbench_recipe import collect_ogbench, minari_copy, npz_env_id
+from training.data.ogbench_recipe import (
+    collect_ogbench,
+    collect_ogbench_dataset,
+    minari_copy,
+    npz_env_id,
+)
 from training.errors import UsageError
 from training.learning.checkpoint import restore_bundle
+from training.learning.loop import train
 
 CUBE = "cube-single-play-v0"
 
@@ -148,3 +160,25 @@ def test_cube_tuning_tasks_are_ogbench_s_moves_elsewhere():
     assert np.abs(info["privileged/block_0_pos"][:2] - init[:2]).max() <= 0.011  # ±1 cm noise
     with pytest.raises(UsageError, match="no tuning tasks"):
         tuning_tasks("puzzle-3x3-v0")
+
+
+@pytest.mark.slow
+def test_an_arm_plans_for_ogbench_s_cube_tasks_in_lockstep(tmp_path):
+    """A tiny bundle of the learned geometry on a tiny cube-single dataset: OGBench's tasks
+    and the tuning tasks run in lockstep through a data graph, their goals whole
+    observations, success from the environment, distances in steps."""
+    data = collect_ogbench_dataset(CUBE, tmp_path / "cube", seed=1, episodes=2, workers=1,
+                                   progress=False)  # fmt: skip
+    raw = {**STEPS, "env": "cube-single-v0"}
+    bundle = restore_bundle(
+        train(parse_config(raw), data, tmp_path / "run", progress=False).run_dir
+    )
+    assert bundle.model.goal_size == 28
+    settings = SubgoalSettings(nodes=16, edge_steps=10, edges="data", lookahead=5.0)
+    search = subgoals_for(bundle, settings)
+    starts = [Start(1, {"task_id": 1}, seed=OFFICIAL_SEED),
+              Start(2, tuning_tasks("cube-single-v0", seed=1)[2], seed=1)]  # fmt: skip
+    episodes = run_lockstep(bundle, bundle.config.planning, starts, max_steps=4, subgoals=search)
+    for episode in episodes:
+        assert episode.steps == 4 and not episode.success  # no cube moves that far in 4 steps
+        assert 0.0 < episode.final_distance < np.inf  # in steps, from the goal observation

@@ -232,6 +232,8 @@ def prepare_stage(
     if stage == "mdn":
         mu, logvar = encode_sequences(model, params, data.observations)
         return params, (mu, logvar, data.actions, data.rewards, data.dones, data.mask)
+    if model.step_map is not None and stage in TRANSITION_STAGES:
+        params = {**params, "step_scale": step_scale(model, params, data)}
     if trans is None:
         trans = build_transitions(model, params, data, episode)
     if stage == "psi":
@@ -239,6 +241,16 @@ def prepare_stage(
     if stage == "value" and model.config.value.goal_weights == "least_squares":
         params = {**params, GOAL_DECODER: fit_goal_weights(model, params, trans.observations)}
     return params, trans
+
+
+def step_scale(model: Networks, params: dict, data: DeviceData, windows: int = 4096):
+    """The trained step map's median length of one step of the data (consecutive real
+    observations of up to `windows` windows): dividing by it makes a unit one step. The
+    map's fit counts steps only up to a scale, which its far pairs' hinge inflates."""
+    raw = model.steps_point({**params, "step_scale": jnp.ones(())}, data.observations[:windows])
+    lengths = jnp.linalg.norm(raw[:, 1:] - raw[:, :-1], axis=-1)  # [N, L]
+    real = np.asarray(data.mask[:windows]) > 0
+    return jnp.asarray(np.median(np.asarray(lengths)[real]), jnp.float32)
 
 
 def fit_goal_weights(model: Networks, params: dict, observations: jax.Array) -> dict:

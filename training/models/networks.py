@@ -8,6 +8,7 @@ The parameter tree of a bundle:
     readout                      pi(a | s, psi)
     value                        the goal decoder (only with goal tasks): GOAL_DECODER
     geometry                     the step map e (only with geometry.space steps)
+    step_scale                   e's length of one step of the data (the same)
     value_head                   the value of z (only when training with auxiliary losses)
     cumulants                    the fixed random Fourier projection {W, b}
     normaliser                   observation {mean, std}
@@ -202,6 +203,7 @@ class Networks:
         }
         if self.step_map is not None:
             params["geometry"] = self.step_map.init(keys[7], obs)["params"]
+            params["step_scale"] = jnp.ones(())
         if self.goal_decoder is not None:
             goal = jnp.zeros((1, self.goal_space_dim))
             params[GOAL_DECODER] = self.goal_decoder.init(keys[6], goal)["params"]
@@ -217,9 +219,10 @@ class Networks:
         return self.vae.apply({"params": params["vae"]}, x, method="encode")[0]
 
     def steps_point(self, params: dict, obs: jax.Array) -> jax.Array:
-        """An observation's point in the learned step space (geometry.space steps)."""
+        """An observation's point in the learned step space (geometry.space steps), in
+        steps of the data (step_scale: set once the map is trained)."""
         x = normalise(obs, params["normaliser"])
-        return self.step_map.apply({"params": params["geometry"]}, x)
+        return self.step_map.apply({"params": params["geometry"]}, x) / params["step_scale"]
 
     def state_point(self, params: dict, obs: jax.Array) -> jax.Array:
         """Where goal rewards and the subgoal graph measure an observation: its point in
