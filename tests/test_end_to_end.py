@@ -269,9 +269,10 @@ def test_joint_configs_are_checked():
     with pytest.raises(ConfigError, match="train.mode"):
         parse_config(joint_config("jointly"))
     staged = parse_config(TINY).train
-    assert list(staged.stage_steps()) == ["vae", "mdn", "controller", "psi", "readout", "value"]
+    stages = ["vae", "mdn", "controller", "geometry", "psi", "readout", "value"]
+    assert list(staged.stage_steps()) == stages
     e2e = parse_config(joint_config("end_to_end")).train
-    assert list(e2e.stage_steps()) == ["joint", "psi", "readout", "value"]
+    assert list(e2e.stage_steps()) == ["joint", "geometry", "psi", "readout", "value"]
 
 
 # --- each mode trains into a bundle the planners load ----------------------------------
