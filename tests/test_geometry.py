@@ -93,6 +93,7 @@ def test_goals_are_whole_observations_and_the_graph_counts_in_steps(bundle):
     assert len(weights) == 1 and (weights[0] is None or weights[0].shape == (model.psi_dim,))
 
 
+@pytest.mark.slow
 def test_the_learned_geometry_sees_through_a_random_linear_map(tmp_path):
     """The invariance test, small: one tiny dataset as it is and through a random linear
     map (rotated, ×10, six noise dimensions), one config: the two step maps measure the
