@@ -276,8 +276,11 @@ class DataSubgoals:
         points = state_points(self.model, params, observations, point=self.point)
         aims = [data_aim(self.graph, route, point, self.lookahead, self.reach)
                 for point, route in zip(points, self.routes, strict=True)]  # fmt: skip
-        return [None if aim is None else goal_weights(self.model, params, aim[None])[0]
-                for aim in aims]  # fmt: skip
+        rows = [i for i, aim in enumerate(aims) if aim is not None]
+        if not rows:
+            return aims
+        weights = goal_weights(self.model, params, np.stack([aims[i] for i in rows]))  # one call
+        return [None if aim is None else weights[rows.index(i)] for i, aim in enumerate(aims)]
 
 
 def aim_weights(aims: list, own_weights: np.ndarray) -> np.ndarray:
